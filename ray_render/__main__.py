@@ -1,0 +1,3 @@
+from ray_render.cli import main
+
+raise SystemExit(main())

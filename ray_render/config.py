@@ -1,0 +1,241 @@
+"""Job settings and render presets as dataclasses, validated in one place.
+
+Precedence of a render parameter, lowest first: the model's own defaults, the job's `--preset`, the job's explicit
+options (`--width`, `--cfg`, ...), the row's `preset` column, the row's own columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# The per-row render parameters a manifest column or a job option may set, with their types.
+RENDER_PARAMS: dict[str, type] = {
+    "negative_prompt": str,
+    "positive_prompt": str,
+    "width": int,
+    "height": int,
+    "cfg": float,
+    "cfg_img": float,
+    "cfg_schedule": str,
+    "use_norm": bool,
+    "timesteps_shift": float,
+    "num_sampling_steps": int,
+    "num_images": int,
+}
+
+CFG_SCHEDULES = ("constant", "linear")
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+NOISE_MODES = ("fast", "reference")
+MAX_SIDE = 4096  # pixels; 4096x4096 is 65,536 image tokens, far past anything NextStep was trained on
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named bundle of defaults. `steps_factor` scales the model's own step count, so one preset name means
+    "cheaper" or "better" for every model; `overrides` sets parameters outright."""
+
+    steps_factor: float = 1.0
+    overrides: dict = field(default_factory=dict)
+
+
+BUILTIN_PRESETS: dict[str, Preset] = {
+    "draft": Preset(steps_factor=0.4),  # layout checks and previews
+    "standard": Preset(),  # the model's published defaults
+    "premium": Preset(steps_factor=1.5),  # final assets
+}
+
+
+class ConfigError(ValueError):
+    """A job setting is wrong: the job stops before any rendering, with this message."""
+
+
+def check_render_param(name: str, value: Any) -> Any:
+    """Return `value` converted to the parameter's type, or raise ValueError naming the allowed values.
+
+    Used for job options and manifest cells alike, so both report the same ranges.
+    """
+    if name not in RENDER_PARAMS:
+        raise ValueError(f"unknown render parameter {name!r}; known: {', '.join(RENDER_PARAMS)}")
+    kind = RENDER_PARAMS[name]
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+        if name == "cfg_schedule" and value not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        value = int(value)
+        if name in ("width", "height") and (value < 16 or value > MAX_SIDE or value % 16):
+            raise ValueError(f"{name} must be a multiple of 16 from 16 to {MAX_SIDE}, got {value}")
+        if name == "num_sampling_steps" and not 2 <= value <= 1000:
+            raise ValueError(f"num_sampling_steps must be from 2 to 1000, got {value}")
+        if name == "num_images" and not 1 <= value <= 64:
+            raise ValueError(f"num_images must be from 1 to 64, got {value}")
+        return value
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if name in ("cfg", "cfg_img") and not 1.0 <= value <= 100.0:
+        raise ValueError(f"{name} must be from 1 to 100 (1 turns guidance off), got {value}")
+    if name == "timesteps_shift" and not 0.0 < value <= 100.0:
+        raise ValueError(f"timesteps_shift must be greater than 0 and at most 100, got {value}")
+    return value
+
+
+@dataclass
+class JobConfig:
+    """Everything `ray-render run` needs; the command line, a `--config` file and `jobs/render.py` build one."""
+
+    manifests: list[str]
+    out: str
+    model: str = "tiny"  # "tiny" (embedded), "placeholder", a snapshot dir, a hub repo id, or an fsspec URL
+    vae: str | None = None  # overrides the VAE path in the model's config.json
+    revision: str | None = None  # hub revision when `model` is a repo id
+    preset: str | None = None
+    params: dict = field(default_factory=dict)  # explicit job-level render parameters (RENDER_PARAMS names)
+    presets: dict = field(default_factory=dict)  # the job's own named presets: name -> {param: value}
+    format: str = "png"
+    quality: int = 95  # jpeg / webp quality
+    actors: int | None = None  # default: one per GPU, or 1 on CPU
+    batch_size: int = 8  # requests per model call
+    shard_size: int = 1000  # manifest rows per shard
+    max_in_flight: int = 2  # shards queued per actor (backpressure)
+    retries: int = 3  # attempts per row and per shard beyond the first
+    max_failed_fraction: float = 0.1  # abort once more than this fraction of finished rows failed
+    device: str = "auto"
+    dtype: str = "auto"
+    noise: str = "fast"
+    address: str | None = None  # Ray address; default RAY_ADDRESS or a local Ray for this run
+    storage_options: dict = field(default_factory=dict)  # fsspec options; never logged or recorded
+    limit: int | None = None  # render only the first N rows of the plan
+    resume: bool = True
+    overwrite: bool = False
+    progress: bool = True
+    cpus_per_actor: float = 0.5  # small on purpose: leave CPU for Ray's own tasks on small machines
+    gpus_per_actor: float = 1.0  # used when device resolves to cuda
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.manifests:
+            raise ConfigError("no manifest given: pass one or more Parquet files, directories, globs or URLs")
+        if not self.out:
+            raise ConfigError("no output given: pass --out PATH_OR_URL")
+        choices = {"format": IMAGE_FORMATS, "device": DEVICES, "dtype": DTYPES, "noise": NOISE_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        positive = {"batch_size": self.batch_size, "shard_size": self.shard_size, "max_in_flight": self.max_in_flight}
+        if self.actors is not None:
+            positive["actors"] = self.actors
+        if self.limit is not None:
+            positive["limit"] = self.limit
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ConfigError(f"--retries must be a whole number >= 0, got {self.retries!r}")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise ConfigError(f"--max-failed-fraction must be from 0 to 1, got {self.max_failed_fraction}")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"--quality must be from 1 to 100, got {self.quality}")
+        for name, value in list(self.params.items()):
+            try:
+                self.params[name] = check_render_param(name, value)
+            except ValueError as exc:
+                raise ConfigError(f"job option: {exc}") from None
+        for name, values in self.presets.items():
+            for param, value in values.items():
+                try:
+                    check_render_param(param, value)
+                except ValueError as exc:
+                    raise ConfigError(f"preset {name!r}: {exc}") from None
+        if self.preset is not None and self.preset not in self.all_presets():
+            raise ConfigError(f"--preset must be one of {', '.join(self.all_presets())}, got {self.preset!r}")
+
+    def all_presets(self) -> dict[str, Preset]:
+        custom = {name: Preset(overrides=dict(values)) for name, values in self.presets.items()}
+        return {**BUILTIN_PRESETS, **custom}
+
+    def record(self) -> dict:
+        """The settings as written to the job record: storage options are left out, they may hold secrets."""
+        settings = asdict(self)
+        settings["storage_options"] = sorted(self.storage_options)  # the option names only
+        return settings
+
+
+def resolve_params(model_defaults: dict, presets: dict[str, Preset], job_preset: str | None, job_params: dict,
+                   row_preset: str | None = None, row_params: dict | None = None) -> dict:
+    """Merge render parameters by precedence (see the module docstring). Unknown preset names raise ValueError."""
+    resolved = dict(model_defaults)
+    for preset_name, explicit in ((job_preset, job_params), (row_preset, row_params or {})):
+        if preset_name is not None:
+            if preset_name not in presets:
+                raise ValueError(f"preset must be one of {', '.join(presets)}, got {preset_name!r}")
+            preset = presets[preset_name]
+            steps = resolved.get("num_sampling_steps")
+            if steps is not None and preset.steps_factor != 1.0:
+                resolved["num_sampling_steps"] = max(2, round(steps * preset.steps_factor))
+            resolved.update(preset.overrides)
+        resolved.update(explicit)
+    return resolved
+
+
+def load_config_file(path: str) -> dict:
+    """Read a YAML or TOML job file into option names (dashes become underscores)."""
+    text = Path(path).read_text()
+    if path.endswith(".toml"):
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job file must be a mapping of option names to values")
+    known = {f.name for f in fields(JobConfig)} | set(RENDER_PARAMS)
+    options = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return options
+
+
+def job_from_options(options: dict) -> JobConfig:
+    """Build a JobConfig from a flat mapping of option names, render parameters split out into `params`."""
+    options = dict(options)
+    params = dict(options.pop("params", None) or {})
+    for name in RENDER_PARAMS:
+        if options.get(name) is not None:
+            params[name] = options.pop(name)
+        else:
+            options.pop(name, None)
+    if isinstance(options.get("manifests"), str):
+        options["manifests"] = [options["manifests"]]
+    if isinstance(options.get("storage_options"), str):
+        try:
+            options["storage_options"] = json.loads(options["storage_options"])
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--storage-options must be a JSON object: {exc}") from None
+    if not isinstance(options.get("storage_options", {}), dict):
+        raise ConfigError("--storage-options must be a JSON object")
+    address = options.get("address") or os.environ.get("RAY_ADDRESS") or None
+    options["address"] = address
+    return JobConfig(params=params, **options)
