@@ -1,0 +1,333 @@
+"""RenderActor: holds one resident model and turns a shard descriptor into committed images and metadata.
+
+A plain class; `pool.py` wraps it with `ray.remote`, and tests may call it directly. The actor reads its own rows,
+so prompts and images never travel through the driver: it receives a `manifest.Shard` and returns a small
+`ShardResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from ray_render import manifest, storage, writer
+from ray_render.config import JobConfig
+from ray_render.manifest import InvalidRow, RowTask
+from ray_render.models import ModelOutOfMemory, RenderRequest, RowError, load_model
+from ray_render.progress import RenderMetrics, empty_counts
+
+log = logging.getLogger("ray_render")
+
+UPLOAD_THREADS = 8  # encode + upload run here while the model renders the next batch
+MAX_PENDING_IMAGES = 256  # rendered images waiting for encode/upload; bounds the actor's memory
+
+
+class ShardCancelled(Exception):
+    """The driver cancelled this copy of the shard (another copy finished first): stop without committing."""
+
+
+@dataclass
+class ShardResult:
+    """What the driver learns about a finished shard: counts and timings, never rows or images."""
+
+    shard_id: str
+    attempt: int
+    rows: int  # input rows in the shard
+    counts: dict = field(default_factory=empty_counts)  # input rows by final status
+    images: int = 0  # images written
+    render_ms: float = 0.0  # model time
+    wall_ms: float = 0.0
+    worker: str = ""
+    model: dict = field(default_factory=dict)  # ModelInfo as a dict
+    batch_size: int = 0  # the actor's batch size when it finished (smaller after an out-of-memory)
+
+
+@dataclass
+class _Item:
+    """One request on its way through the model: which row and image it is, and how it went."""
+
+    row: int  # position of its RowTask in the shard
+    image_index: int
+    request: RenderRequest
+    calls: int = 0  # render calls that included it
+    render_ms: float | None = None
+    error: str | None = None
+    stored: Future | None = None  # -> (image_uri, sha256, width, height)
+
+
+def _worker_name(index: int) -> str:
+    """hostname/node id prefix/actor index (+ GPU ids): enough to find the machine and device that rendered."""
+    name = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            name += f"/{context.get_node_id()[:8]}"
+            gpus = context.get_accelerator_ids().get("GPU", [])
+            if gpus:
+                return f"{name}/actor{index}/gpu{','.join(str(g) for g in gpus)}"
+    except Exception:  # noqa: BLE001 - the name is informational; never fail a job over it
+        pass
+    return f"{name}/actor{index}"
+
+
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class RenderActor:
+    """One resident model on one device; `render_shard` does a whole shard from reading rows to the commit."""
+
+    def __init__(self, job: JobConfig, index: int = 0, passthrough_schema: pa.Schema | None = None) -> None:
+        """`passthrough_schema` is the plan's (all manifest files): every shard then writes the same columns."""
+        self.job = job
+        self.index = index
+        self.root = job.out
+        self.so = job.storage_options  # reaches the actor as a constructor argument, never through logs
+        self.model = load_model(job.model, vae=job.vae, revision=job.revision, device=job.device, dtype=job.dtype,
+                                noise=job.noise, storage_options=job.storage_options)
+        self.schema = writer.metadata_schema(passthrough_schema)
+        self.batch_size = job.batch_size
+        self.worker = _worker_name(index)
+        self._in_ray = _in_ray_actor()
+        self._metrics = RenderMetrics(job.model) if self._in_ray else None
+        self._uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
+
+    def ping(self) -> str:
+        return self.worker
+
+    def info(self) -> dict:
+        """The model's info plus this actor's worker name and current batch size."""
+        return {**asdict(self.model.info), "worker": self.worker, "batch_size": self.batch_size}
+
+    def defaults(self) -> dict:
+        return self.model.defaults()
+
+    # -- one shard ---------------------------------------------------------------------------------------------
+
+    def render_shard(self, shard: manifest.Shard, attempt: int = 1) -> ShardResult:
+        """Render every row of `shard`, write its metadata Parquet, then commit it; returns the counts."""
+        start = time.monotonic()
+        info = asdict(self.model.info)
+
+        # 1. Read and validate the shard's own rows
+        rows = manifest.read_shard_rows(shard, self.so)
+        checked = manifest.validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job)
+        del rows
+
+        # 2. Expand valid rows into requests; fetch input images; let the model reject what it cannot render
+        items: list[_Item] = []
+        row_errors: dict[int, str] = {}  # position in `checked` -> why the row is failed without rendering
+        inputs = self._fetch_inputs(checked)
+        for position, task in enumerate(checked):
+            if isinstance(task, InvalidRow):
+                continue
+            data = inputs.get(position)
+            if isinstance(data, BaseException):
+                if isinstance(data, FileNotFoundError):
+                    checked[position] = self._invalid(task, "input_image", f"no such file {task.input_image!r}")
+                else:
+                    row_errors[position] = self._redact(f"input_image {task.input_image!r}: "
+                                                        f"{type(data).__name__}: {data}")
+                continue
+            requests = task.requests(data)
+            try:
+                for request in requests:
+                    self.model.check(request)
+            except RowError as exc:
+                checked[position] = self._invalid(task, "", str(exc))
+                continue
+            items += [_Item(position, k, request) for k, request in enumerate(requests)]
+
+        # 3. Render batches of compatible requests; encode and upload in the background meanwhile
+        groups: dict = {}
+        for item in items:
+            groups.setdefault(self.model.batch_key(item.request), []).append(item)
+        pending: deque[Future] = deque()
+        render_ms = 0.0
+        try:
+            for group in groups.values():
+                done = 0
+                while done < len(group):
+                    if self._cancelled():
+                        raise ShardCancelled(f"shard {shard.shard_id} cancelled")
+                    batch = group[done:done + self.batch_size]
+                    done += len(batch)
+                    render_ms += self._render(batch, shard.shard_id, pending)
+            for future in pending:
+                future.result()  # storage errors fail the shard: the driver retries it, nothing is committed
+        finally:
+            for future in pending:
+                future.cancel()
+        if self._cancelled():
+            raise ShardCancelled(f"shard {shard.shard_id} cancelled")
+
+        # 4. Metadata rows in manifest order: one per image, one per row that produced none
+        meta = []
+        stale: list[str] = []
+        counts = empty_counts()
+        images = 0
+        by_row: dict[int, list[_Item]] = {}
+        for item in items:
+            by_row.setdefault(item.row, []).append(item)
+        common = {"model": self.model.info.name, "model_revision": self.model.info.revision, "worker": self.worker}
+        for position, task in enumerate(checked):
+            if isinstance(task, InvalidRow):
+                meta.append(writer.invalid_row(task, **common))
+                counts["invalid"] += 1
+                continue
+            if position in row_errors:
+                meta.append(writer.failed_row(task, row_errors[position], 1, **common))
+                counts["failed"] += 1
+                continue
+            row_ok = True
+            for item in by_row[position]:
+                if item.error is None:
+                    uri, digest, width, height = item.stored.result()
+                    meta.append(writer.ok_row(task, item.image_index, image_uri=uri, sha256=digest, width=width,
+                                              height=height, fmt=self.job.format, render_ms=item.render_ms,
+                                              attempts=item.calls, model=common["model"],
+                                              model_revision=common["model_revision"], worker=self.worker))
+                    images += 1
+                else:
+                    meta.append(writer.failed_row(task, item.error, item.calls, image_index=item.image_index,
+                                                  render_ms=item.render_ms, **common))
+                    # An earlier attempt of this shard may have stored this image: no image without an ok row.
+                    stale.append(writer.image_url(self.root, shard.shard_id, task.id, item.image_index,
+                                                  self.job.format))
+                    row_ok = False
+            counts["ok" if row_ok else "failed"] += 1
+        for _ in self._uploads.map(lambda url: storage.delete(url, self.so), stale):
+            pass
+
+        # 5. Write the metadata, then commit: the marker is written last, so a crash before it leaves no commit
+        table = writer.metadata_table(meta, self.schema)
+        writer.write_shard_metadata(self.root, shard.shard_id, table, self.so)
+        wall_ms = (time.monotonic() - start) * 1000.0
+        result = ShardResult(shard_id=shard.shard_id, attempt=attempt, rows=len(checked), counts=counts,
+                             images=images, render_ms=render_ms, wall_ms=wall_ms, worker=self.worker, model=info,
+                             batch_size=self.batch_size)
+        writer.commit_shard(self.root, shard.shard_id, {**asdict(result), "file": shard.file,
+                                                        "row_start": shard.row_start, "row_stop": shard.row_stop},
+                            self.so)
+        if self._metrics is not None:
+            self._metrics.shard_done(counts)
+        return result
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _render(self, batch: list[_Item], shard_id: str, pending: deque[Future]) -> float:
+        """Render one batch; split it when it raises, halve the batch size on out-of-memory. Returns model ms."""
+        for item in batch:
+            item.calls += 1
+        started = time.monotonic()
+        try:
+            arrays = self.model.render([item.request for item in batch])
+            if len(arrays) != len(batch):
+                raise RuntimeError(f"model returned {len(arrays)} images for {len(batch)} requests")
+        except ModelOutOfMemory as exc:
+            spent = (time.monotonic() - started) * 1000.0
+            self._count_error("out_of_memory")
+            if len(batch) == 1:
+                return spent + self._retry_alone(batch[0], shard_id, pending, exc)
+            smaller = max(1, min(self.batch_size, len(batch)) // 2)
+            if smaller < self.batch_size:
+                log.warning("%s: out of memory with a batch of %d; batch size is now %d for this actor",
+                            self.worker, len(batch), smaller)
+                self.batch_size = smaller
+            return spent + sum(self._render(batch[i:i + smaller], shard_id, pending)
+                               for i in range(0, len(batch), smaller))
+        except Exception as exc:  # noqa: BLE001 - any model error: isolate the row that raised
+            spent = (time.monotonic() - started) * 1000.0
+            self._count_error("render")
+            if len(batch) == 1:
+                return spent + self._retry_alone(batch[0], shard_id, pending, exc)
+            middle = len(batch) // 2
+            return spent + self._render(batch[:middle], shard_id, pending) + \
+                self._render(batch[middle:], shard_id, pending)
+        spent = (time.monotonic() - started) * 1000.0
+        if self._metrics is not None:
+            self._metrics.render_call(spent)
+        for item, array in zip(batch, arrays):
+            item.render_ms = spent / len(batch)
+            self._queue_store(item, array, shard_id, pending)
+        return spent
+
+    def _retry_alone(self, item: _Item, shard_id: str, pending: deque[Future], error: BaseException) -> float:
+        """A request that raised on its own: try it `retries` more times, then it ends failed with its error."""
+        spent = 0.0
+        for _ in range(self.job.retries):
+            item.calls += 1
+            started = time.monotonic()
+            try:
+                (array,) = self.model.render([item.request])
+            except Exception as exc:  # noqa: BLE001
+                spent += (time.monotonic() - started) * 1000.0
+                self._count_error("render")
+                error = exc
+                continue
+            spent += (time.monotonic() - started) * 1000.0
+            item.render_ms = spent
+            self._queue_store(item, array, shard_id, pending)
+            return spent
+        item.error = self._redact(f"{type(error).__name__}: {error}"[:2000])
+        log.warning("%s: %s failed after %d render calls: %s", self.worker, item.request.key, item.calls, item.error)
+        return spent
+
+    def _queue_store(self, item: _Item, array, shard_id: str, pending: deque[Future]) -> None:
+        row_id = item.request.key.rsplit("#", 1)[0]
+        item.stored = self._uploads.submit(self._store, array, shard_id, row_id, item.image_index)
+        pending.append(item.stored)
+        # Bound the images held in memory: wait for the oldest upload when the model runs ahead of storage.
+        while len(pending) > MAX_PENDING_IMAGES:
+            pending.popleft().result()
+
+    def _store(self, array, shard_id: str, row_id: str, image_index: int) -> tuple[str, str, int, int]:
+        data = writer.encode_image(array, self.job.format, self.job.quality)
+        uri = writer.write_image(self.root, shard_id, row_id, image_index, self.job.format, data, self.so)
+        return uri, writer.sha256_hex(data), int(array.shape[1]), int(array.shape[0])
+
+    def _fetch_inputs(self, checked: list) -> dict[int, bytes | BaseException]:
+        """Input images of edit rows, fetched concurrently: position -> bytes, or the error that stopped it."""
+        wanted = {position: task.input_image for position, task in enumerate(checked)
+                  if isinstance(task, RowTask) and task.input_image}
+        futures = {position: self._uploads.submit(storage.read_bytes, uri, self.so) for position, uri in wanted.items()}
+        fetched: dict[int, bytes | BaseException] = {}
+        for position, future in futures.items():
+            try:
+                fetched[position] = future.result()
+            except Exception as exc:  # noqa: BLE001 - the row fails, not the shard
+                fetched[position] = exc
+        return fetched
+
+    def _invalid(self, task: RowTask, column: str, message: str) -> InvalidRow:
+        where = f"manifest {task.source_file} row {task.row_index} (id {task.id!r})"
+        return InvalidRow(row_index=task.row_index, id=task.id, column=column,
+                          error=f"{where}: {column + ': ' if column else ''}{message}", passthrough=task.passthrough,
+                          source_file=task.source_file, prompt=task.prompt)
+
+    def _redact(self, text: str) -> str:
+        return storage.redact(text, self.so)
+
+    def _count_error(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.error(kind)
+
+    def _cancelled(self) -> bool:
+        if not self._in_ray:
+            return False
+        import ray
+
+        return ray.get_runtime_context().is_canceled()

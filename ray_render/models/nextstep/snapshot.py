@@ -1,0 +1,246 @@
+"""Reading and writing a NextStep snapshot directory in the official layout.
+
+    config.json                          NextStep-1 (or 1.1) field names, model_type "nextstep"
+    model.safetensors                    un-prefixed tensor names ...
+    model-00001-of-0000N.safetensors     ... or shards plus model.safetensors.index.json
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json (or vocab.json + merges.txt)
+    vae/config.json, vae/checkpoint.pt   official VAE params and a plain state dict (torch.save)
+    render_defaults.json                 optional, ours: the snapshot's native render defaults
+
+Every error names the file and what was expected. Weights are read with safetensors or
+torch.load(weights_only=True) only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ray_render.models.nextstep.config import NextStepConfig
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+RENDER_DEFAULTS_FILE = "render_defaults.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json")
+VAE_CONFIG_FILE = "config.json"
+VAE_WEIGHTS_FILE = "checkpoint.pt"
+
+
+class SnapshotError(ValueError):
+    """A snapshot file is missing or does not match what the config asks for."""
+
+
+# Writing -------------------------------------------------------------------------------------------------------
+
+def write_snapshot(directory, config, model_state_dict: dict, tokenizer_dir_or_obj, vae_config: dict,
+                   vae_official_state_dict: dict, render_defaults: dict | None = None,
+                   shard_bytes: int | None = None) -> Path:
+    """Write a snapshot in the official layout and return its path.
+
+    config: NextStepConfig or a config dict; model_state_dict: official (un-prefixed) names, e.g.
+    `NextStepModel.official_state_dict()`; tokenizer_dir_or_obj: a directory holding tokenizer files, or a
+    tokenizer object with save_pretrained; vae_official_state_dict: official VAE names (see
+    vae.diffusers_to_official); shard_bytes: split the weights into shards of about this size plus an index.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(config, dict):
+        config = NextStepConfig.from_dict(config)
+    config.vae_name_or_path = config.vae_name_or_path or "vae"
+    config.to_file(directory / "config.json")
+    _write_weights(directory, model_state_dict, shard_bytes)
+    if isinstance(tokenizer_dir_or_obj, (str, os.PathLike)):
+        src = Path(tokenizer_dir_or_obj)
+        copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+        if not copied:
+            raise SnapshotError(f"{src}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+        for name in copied:
+            shutil.copyfile(src / name, directory / name)
+    else:
+        tokenizer_dir_or_obj.save_pretrained(str(directory))
+    vae_dir = directory / "vae"
+    vae_dir.mkdir(exist_ok=True)
+    (vae_dir / VAE_CONFIG_FILE).write_text(json.dumps(vae_config, indent=2) + "\n")
+    plain = {k: v.detach().cpu().contiguous() for k, v in vae_official_state_dict.items()}
+    torch.save(plain, vae_dir / VAE_WEIGHTS_FILE)
+    if render_defaults is not None:
+        (directory / RENDER_DEFAULTS_FILE).write_text(json.dumps(render_defaults, indent=2) + "\n")
+    return directory
+
+
+def _write_weights(directory: Path, state_dict: dict, shard_bytes: int | None) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses shared storage; clone so every tensor owns its memory.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sorted(state_dict.items())}
+    for stale in [WEIGHTS_FILE, INDEX_FILE, *(p.name for p in directory.glob("model-*-of-*.safetensors"))]:
+        (directory / stale).unlink(missing_ok=True)
+    if not shard_bytes:
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        return
+    shards: list[dict] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# Reading -------------------------------------------------------------------------------------------------------
+
+def read_config(directory) -> NextStepConfig:
+    return NextStepConfig.from_file(Path(directory) / "config.json")
+
+
+def weight_files(directory) -> dict[str, Path]:
+    """Tensor name -> file holding it, from the index or the single model.safetensors."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SnapshotError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+        files = {name: directory / fname for name, fname in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not path.is_file():
+                raise SnapshotError(f"{path}: missing; {index.name} lists it as a shard of the weights")
+        return files
+    single = directory / WEIGHTS_FILE
+    if not single.is_file():
+        raise SnapshotError(f"{directory}: no weights; expected {WEIGHTS_FILE} or {INDEX_FILE} with its shards")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Shapes from the safetensors headers, without reading the tensors."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in sorted(set(files.values())):
+        with safe_open(str(path), framework="pt") as f:
+            present = set(f.keys())
+            for name in [n for n, p in files.items() if p == path]:
+                if name not in present:
+                    raise SnapshotError(f"{path}: lacks tensor {name} that the index assigns to it")
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def load_weights(model, directory) -> None:
+    """Stream the snapshot's tensors into a NextStepModel, file by file, after checking names and shapes."""
+    from safetensors import safe_open
+
+    from ray_render.models.nextstep.model import StateDictError
+
+    files = weight_files(directory)
+    try:
+        model.check_official_keys(tensor_shapes(files))
+    except StateDictError as e:
+        names = sorted({p.name for p in files.values()})
+        raise SnapshotError(f"{Path(directory)} ({', '.join(names)}) does not match config.json: {e}") from None
+    for path in sorted(set(files.values())):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                model.copy_official_tensor(name, f.get_tensor(name))
+
+
+def load_tokenizer(directory):
+    """The fast tokenizer saved with the snapshot (tokenizer.json, or vocab.json + merges.txt)."""
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    if not any((directory / n).is_file() for n in ("tokenizer.json", "vocab.json")):
+        raise SnapshotError(f"{directory}: no tokenizer; expected tokenizer.json (or vocab.json + merges.txt)")
+    return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+
+
+def read_vae(vae_dir) -> tuple[dict, dict]:
+    """(official VAE config, official state dict) from vae/config.json + vae/checkpoint.pt."""
+    vae_dir = Path(vae_dir)
+    cfg_path, ckpt_path = vae_dir / VAE_CONFIG_FILE, vae_dir / VAE_WEIGHTS_FILE
+    for path in (cfg_path, ckpt_path):
+        if not path.is_file():
+            raise SnapshotError(f"{path}: missing; a NextStep VAE directory holds {VAE_CONFIG_FILE} and "
+                                f"{VAE_WEIGHTS_FILE}")
+    try:
+        vae_config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SnapshotError(f"{cfg_path}: not valid JSON ({e})") from None
+    try:
+        sd = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling refusal or corrupt file
+        raise SnapshotError(f"{ckpt_path}: not a plain tensor state dict readable with weights_only=True ({e})") \
+            from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SnapshotError(f"{ckpt_path}: expected a dict of tensor name -> tensor")
+    return vae_config, sd
+
+
+def read_render_defaults(directory) -> dict:
+    """The optional render_defaults.json: RenderRequest field -> value, validated like job options."""
+    from ray_render.config import RENDER_PARAMS, check_render_param
+
+    path = Path(directory) / RENDER_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SnapshotError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise SnapshotError(f"{path}: expected an object of render parameter -> value")
+    out = {}
+    for name, value in d.items():
+        if name not in RENDER_PARAMS or name == "num_images":
+            allowed = ", ".join(k for k in RENDER_PARAMS if k != "num_images")
+            raise SnapshotError(f"{path}: unknown render parameter {name!r}; allowed: {allowed}")
+        try:
+            out[name] = check_render_param(name, value)
+        except ValueError as e:
+            raise SnapshotError(f"{path}: {e}") from None
+    return out
+
+
+def fingerprint(*directories, small: int = 64 << 20) -> str:
+    """A content hash of snapshot files: full sha256 of files up to `small` bytes, size + first and last MiB of
+    larger ones (hashing 50 GB of shards at every actor start would take minutes)."""
+    h = hashlib.sha256()
+    for directory in directories:
+        directory = Path(directory)
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            rel = path.relative_to(directory).as_posix()
+            if rel.startswith(".") or "/." in rel or rel.endswith((".py", ".md", ".lock")):
+                continue
+            size = path.stat().st_size
+            h.update(f"{rel}\0{size}\0".encode())
+            with open(path, "rb") as f:
+                if size <= small:
+                    h.update(hashlib.sha256(f.read()).digest())
+                else:
+                    h.update(f.read(1 << 20))
+                    f.seek(size - (1 << 20))
+                    h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]

@@ -1,0 +1,99 @@
+"""A model-free stand-in: deterministic images for dry runs of layout, permissions, faults and throughput.
+
+`--model placeholder` renders a colour gradient whose colours, angle and stripe pattern come from a hash of the
+request (prompt, seed, size, ...), so a request always yields the same pixels whatever batch it shares, and two
+different requests almost always differ. It loads nothing and imports no torch.
+
+For fault drills the prompt may carry directives, which only this model understands:
+
+- `[placeholder:raise]`  the `render` call holding this request raises RuntimeError (a model bug on one row);
+- `[placeholder:oom]`    a batch of more than one request holding it raises ModelOutOfMemory;
+- `[placeholder:sleep=S]` the call sleeps S seconds (a slow row: stragglers, killing an actor mid-shard);
+- `[placeholder:invalid]` `check` rejects the request with RowError (a row this model cannot render).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from ray_render.models.base import ModelInfo, ModelOutOfMemory, RenderRequest, RowError
+
+REVISION = "placeholder-1"  # bump whenever the pixels for a request change
+_DIRECTIVE = re.compile(r"\[placeholder:(raise|oom|invalid|sleep=([0-9]*\.?[0-9]+))\]")
+
+
+def _directives(prompt: str) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for match in _DIRECTIVE.finditer(prompt):
+        if match.group(2) is not None:
+            found["sleep"] = found.get("sleep", 0.0) + float(match.group(2))
+        else:
+            found[match.group(1)] = 1.0
+    return found
+
+
+class PlaceholderModel:
+    """Implements `base.ImageModel` with a cheap hash-seeded gradient; see the module docstring."""
+
+    def __init__(self, name: str = "placeholder") -> None:
+        self.info = ModelInfo(name=name, family="placeholder", revision=REVISION, device="cpu", dtype="uint8")
+
+    def defaults(self) -> dict:
+        return {
+            "negative_prompt": "",
+            "positive_prompt": "",
+            "width": 64,  # small on purpose: dry runs measure orchestration, not pixels
+            "height": 64,
+            "cfg": 1.0,
+            "cfg_img": 1.0,
+            "cfg_schedule": "constant",
+            "use_norm": False,
+            "timesteps_shift": 1.0,
+            "num_sampling_steps": 2,
+        }
+
+    def check(self, request: RenderRequest) -> None:
+        if "invalid" in _directives(request.prompt):
+            raise RowError("prompt: [placeholder:invalid] asks the placeholder model to reject this row")
+
+    def batch_key(self, request: RenderRequest) -> Hashable:
+        # Same rule as a real lockstep model: one image size per call.
+        return (request.width, request.height)
+
+    def render(self, requests: Sequence[RenderRequest]) -> list[np.ndarray]:
+        directives = [_directives(request.prompt) for request in requests]
+        delay = sum(found.get("sleep", 0.0) for found in directives)
+        if delay:
+            time.sleep(delay)
+        for request, found in zip(requests, directives):
+            if "raise" in found:
+                raise RuntimeError(f"{request.key}: [placeholder:raise] asked the placeholder model to fail")
+            if "oom" in found and len(requests) > 1:
+                raise ModelOutOfMemory(f"{request.key}: [placeholder:oom] with a batch of {len(requests)}")
+        return [self._image(request) for request in requests]
+
+    @staticmethod
+    def _image(request: RenderRequest) -> np.ndarray:
+        fields = (request.prompt, request.negative_prompt, request.positive_prompt, request.width, request.height,
+                  request.cfg, request.cfg_img, request.cfg_schedule, request.use_norm, request.timesteps_shift,
+                  request.num_sampling_steps, request.seed)
+        digest = hashlib.sha256(repr(fields).encode()).digest()
+        if request.input_image is not None:
+            digest = hashlib.sha256(digest + request.input_image).digest()
+        start = np.frombuffer(digest[0:3], dtype=np.uint8).astype(np.float32)  # (3,) corner colours
+        end = np.frombuffer(digest[3:6], dtype=np.uint8).astype(np.float32)
+        angle = digest[6] / 255.0 * np.pi
+        stripes = 2 + digest[7] % 6
+        xs = np.arange(request.width, dtype=np.float32)[None, :] / request.width  # (1, W)
+        ys = np.arange(request.height, dtype=np.float32)[:, None] / request.height  # (H, 1)
+        ramp = np.clip((np.cos(angle) * xs + np.sin(angle) * ys + 1.0) / 2.0, 0.0, 1.0)  # (H, W)
+        band = np.floor(ramp * stripes * 2) % 2 == 1  # (H, W): alternate stripes a little darker
+        ramp = ramp[..., None]  # (H, W, 1)
+        image = start * (1.0 - ramp) + end * ramp  # (H, W, 3)
+        image[band] *= 0.8
+        return image.astype(np.uint8)

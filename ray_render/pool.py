@@ -1,0 +1,304 @@
+"""The actor pool: a bounded queue of shards per actor, dead actors replaced, stragglers re-issued.
+
+In the spirit of Ray's `ActorPool` (same plain names), plus what it lacks:
+
+- backpressure: at most `max_in_flight` shards are queued on an actor; `can_submit()` is the one predicate;
+- fault handling: an actor that dies (`ActorDiedError`, `ActorUnavailableError`, any `RayActorError`) is killed
+  for good and replaced by a fresh one, and each shard it held comes back to the driver as a `ShardFailed`, so the
+  driver decides whether to try it again;
+- stragglers: once the driver has nothing left to hand out, an idle actor takes a copy of a shard still queued
+  behind another one, or of one running much longer than usual; the first result wins and the other copy is
+  cancelled. Both copies write the same deterministic keys, so nothing is duplicated.
+
+Why replacement rather than `max_restarts=-1`: Ray would restart the actor and re-run nothing (the driver sets
+`max_task_retries=0` so that it sees every failure and counts the shard's attempts), so restarts would buy only
+the constructor call, while replacement lets the pool see an actor that fails to start at all (a model that does
+not load, a node without the GPU it promised) and stop instead of looping, and lets Ray place the new actor on
+any node with room rather than pinning it to the lost one's identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
+
+log = logging.getLogger("ray_render")
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+STRAGGLER_FACTOR = 2.0  # re-issue a running shard once it has run this many times the median shard's wall time
+STRAGGLER_MIN_S = 5.0  # ... and at least this long: short shards are not worth a second copy
+
+
+class PoolError(RuntimeError):
+    """The pool cannot go on: no actor can be started (the model does not load, no node has room)."""
+
+
+@dataclass
+class ShardDone:
+    """A shard finished on some actor; `result` is the actor's ShardResult."""
+
+    shard: Any
+    attempt: int
+    result: Any
+
+
+@dataclass
+class ShardFailed:
+    """Every copy of a shard failed; `actor_lost` says whether its actor died (as opposed to the shard raising)."""
+
+    shard: Any
+    attempt: int
+    error: str
+    actor_lost: bool
+
+
+@dataclass
+class _Call:
+    actor: int  # index of the actor that runs it
+    shard: Any
+    attempt: int
+    submitted: float  # time.monotonic() at submission
+
+
+class RenderPool:
+    """Ray actors, each holding one resident model, fed shard descriptors with a bound on queued work.
+
+    `make_actor(index)` returns a new actor handle; the pool calls `info()` on it to learn when it is ready.
+    Typical driver loop: `while pending and pool.can_submit(): pool.submit(shard, attempt)`, then
+    `pool.reissue_stragglers()` once nothing is pending, then `for event in pool.wait(timeout)`.
+    """
+
+    def __init__(self, make_actor: Callable[[int], Any], num_actors: int, max_in_flight: int) -> None:
+        self._make_actor = make_actor
+        self._num_actors = num_actors
+        self._max_in_flight = max_in_flight
+        self._actors: dict[int, Any] = {}  # actor index -> handle, started or starting
+        self._starting: dict[Any, int] = {}  # ready ref (the first info() call) -> actor index
+        self._in_flight: dict[int, list[Any]] = {}  # ready actor index -> its shard refs, in submission order
+        self._future_to_actor: dict[Any, _Call] = {}  # every outstanding shard ref
+        self._shard_futures: dict[str, list[Any]] = {}  # shard id -> its live refs (two once re-issued)
+        self._cancelled: set[Any] = set()  # refs that lost the race: their results are ignored
+        self._next_index = 0
+        self._init_failures = 0
+        self._shard_wall_s: deque[float] = deque(maxlen=100)  # recent shard wall times, for straggler detection
+        self.info: dict | None = None  # model info reported by the first actor that became ready
+        self.actors_lost = 0  # actors that died and were replaced
+        self.reissued = 0  # straggler copies handed out
+        self.last_ready = time.monotonic()  # last moment at least one actor was ready
+        for _ in range(num_actors):
+            self._start_actor()
+
+    # -- actors ------------------------------------------------------------------------------------------------
+
+    def _start_actor(self) -> None:
+        index = self._next_index
+        self._next_index += 1
+        actor = self._make_actor(index)
+        self._actors[index] = actor
+        self._starting[actor.info.remote()] = index
+
+    def _retire(self, index: int) -> list[_Call]:
+        """Kill an actor for good and forget it; return the calls it still held."""
+        actor = self._actors.pop(index, None)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+        calls = []
+        for ref in self._in_flight.pop(index, []):
+            call = self._future_to_actor.pop(ref)
+            self._forget(ref, call)
+            if ref not in self._cancelled:
+                calls.append(call)
+            self._cancelled.discard(ref)
+        return calls
+
+    def _forget(self, ref: Any, call: _Call) -> None:
+        refs = self._shard_futures.get(call.shard.shard_id, [])
+        if ref in refs:
+            refs.remove(ref)
+        if not refs:
+            self._shard_futures.pop(call.shard.shard_id, None)
+
+    def _idle_actors(self) -> list[int]:
+        return [index for index, refs in self._in_flight.items() if not refs]
+
+    @property
+    def num_ready(self) -> int:
+        return len(self._in_flight)
+
+    # -- submitting ----------------------------------------------------------------------------------------------
+
+    def can_submit(self) -> bool:
+        """True when some ready actor has fewer than `max_in_flight` shards queued: the one backpressure rule."""
+        return any(len(refs) < self._max_in_flight for refs in self._in_flight.values())
+
+    def submit(self, shard: Any, attempt: int) -> None:
+        """Queue `shard` on the ready actor with the least work; call only when `can_submit()`."""
+        index = min(self._in_flight, key=lambda i: len(self._in_flight[i]))
+        if len(self._in_flight[index]) >= self._max_in_flight:
+            raise RuntimeError("submit() called while can_submit() is false")
+        self._submit_to(index, shard, attempt)
+
+    def _submit_to(self, index: int, shard: Any, attempt: int) -> None:
+        ref = self._actors[index].render_shard.remote(shard, attempt)
+        self._in_flight[index].append(ref)
+        self._future_to_actor[ref] = _Call(index, shard, attempt, time.monotonic())
+        self._shard_futures.setdefault(shard.shard_id, []).append(ref)
+
+    def has_work(self) -> bool:
+        """True while any shard is outstanding (cancelled copies included: their actor is still busy)."""
+        return bool(self._future_to_actor)
+
+    def reissue_stragglers(self) -> int:
+        """Give each idle actor a copy of a shard that waits behind another or runs unusually long.
+
+        Call only when the driver has no shard left to hand out; returns how many copies were issued.
+        """
+        idle = self._idle_actors()
+        if not idle:
+            return 0
+        now = time.monotonic()
+        threshold = None
+        if self._shard_wall_s:
+            threshold = max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * statistics.median(self._shard_wall_s))
+        candidates = []  # (priority, -age, ref): queued copies first, then the longest running
+        for refs in self._in_flight.values():
+            for position, ref in enumerate(refs):
+                if ref in self._cancelled:
+                    continue
+                call = self._future_to_actor[ref]
+                if len(self._shard_futures.get(call.shard.shard_id, [])) > 1:
+                    continue  # already has a second copy
+                age = now - call.submitted
+                if position > 0:
+                    candidates.append((0, -age, ref))
+                elif threshold is not None and age > threshold:
+                    candidates.append((1, -age, ref))
+        candidates.sort(key=lambda item: item[:2])
+        issued = 0
+        for index, (_, _, ref) in zip(idle, candidates):
+            call = self._future_to_actor[ref]
+            log.info("re-issuing shard %s (attempt %d) to idle actor %d", call.shard.shard_id, call.attempt, index)
+            self._submit_to(index, call.shard, call.attempt)
+            issued += 1
+        self.reissued += issued
+        return issued
+
+    # -- collecting ------------------------------------------------------------------------------------------------
+
+    def wait(self, timeout: float) -> list[ShardDone | ShardFailed]:
+        """Wait up to `timeout` seconds for something to finish; return the shard events it produced.
+
+        Actor start-ups are handled here too. Raises PoolError when no actor can be started at all.
+        """
+        refs = list(self._starting) + list(self._future_to_actor)
+        if not refs:
+            return []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready:  # take everything else that is already done too, without waiting
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        events: list[ShardDone | ShardFailed] = []
+        for ref in ready:
+            if ref in self._starting:
+                self._on_started(ref)
+            elif ref in self._future_to_actor:  # not taken back by an earlier event in this loop
+                events += self._on_finished(ref)
+        if self._in_flight:
+            self.last_ready = time.monotonic()
+        return events
+
+    def _on_started(self, ref: Any) -> None:
+        index = self._starting.pop(ref)
+        try:
+            info = ray.get(ref)
+        except RayActorError as exc:
+            self._init_failures += 1
+            self._actors.pop(index, None)
+            message = _error_line(exc)
+            if self.info is None and self._init_failures >= self._num_actors:
+                raise PoolError(f"no render actor could start: {message}") from None
+            if self._init_failures > 2 * self._num_actors + 2:
+                raise PoolError(f"render actors keep failing to start ({self._init_failures} times): {message}") \
+                    from None
+            log.warning("render actor %d failed to start, starting another: %s", index, message)
+            self._start_actor()
+            return
+        self.info = self.info or info
+        self._in_flight[index] = []
+        log.info("render actor %d ready on %s", index, info.get("worker", "?"))
+
+    def _on_finished(self, ref: Any) -> list[ShardDone | ShardFailed]:
+        call = self._future_to_actor.pop(ref)
+        self._in_flight[call.actor].remove(ref)
+        self._forget(ref, call)
+        if ref in self._cancelled:  # lost the race; whatever it returned is ignored
+            self._cancelled.discard(ref)
+            return []
+        try:
+            result = ray.get(ref)
+        except RayActorError as exc:
+            return self._on_actor_lost(call, exc)
+        except TaskCancelledError:
+            return []
+        except RayTaskError as exc:
+            return self._failed_unless_copied(call, _task_error_message(exc), actor_lost=False)
+        # First result wins: cancel the other copy. A queued copy is dropped; a running one stops at its next
+        # batch boundary (the actor checks for cancellation) and never commits.
+        for other in self._shard_futures.get(call.shard.shard_id, []):
+            self._cancelled.add(other)
+            ray.cancel(other)
+        self._shard_wall_s.append(getattr(result, "wall_ms", 0.0) / 1000.0)
+        return [ShardDone(call.shard, call.attempt, result)]
+
+    def _on_actor_lost(self, call: _Call, exc: Exception) -> list[ShardDone | ShardFailed]:
+        self.actors_lost += 1
+        message = f"actor {call.actor} lost: {_error_line(exc)}"
+        log.warning("%s; replacing it", message)
+        events = self._failed_unless_copied(call, message, actor_lost=True)
+        for other in self._retire(call.actor):
+            events += self._failed_unless_copied(other, message, actor_lost=True)
+        self._start_actor()
+        return events
+
+    def _failed_unless_copied(self, call: _Call, error: str, actor_lost: bool) -> list[ShardFailed]:
+        # Another live copy of this shard may still succeed: then this failure does not count.
+        live = [ref for ref in self._shard_futures.get(call.shard.shard_id, []) if ref not in self._cancelled]
+        if live:
+            return []
+        return [ShardFailed(call.shard, call.attempt, error, actor_lost)]
+
+    def shutdown(self) -> None:
+        """Cancel everything outstanding and kill every actor (their models go with them)."""
+        for ref in list(self._future_to_actor):
+            ray.cancel(ref)
+        for actor in self._actors.values():
+            ray.kill(actor, no_restart=True)
+        self._actors.clear()
+        self._starting.clear()
+        self._in_flight.clear()
+        self._future_to_actor.clear()
+        self._shard_futures.clear()
+        self._cancelled.clear()
+
+
+def _error_line(exc: BaseException) -> str:
+    """One readable line from a Ray error: the exception that stopped a constructor, or what killed the actor."""
+    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return type(exc).__name__
+    if getattr(exc, "actor_init_failed", False):
+        return lines[-1][:500]  # the last traceback line: "FileNotFoundError: no model at ..."
+    return (lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")[:500]
+
+
+def _task_error_message(exc: RayTaskError) -> str:
+    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+    return f"{type(cause).__name__}: {cause}"[:2000]

@@ -1,0 +1,68 @@
+"""`ray-render status OUT`: a job's progress read from its output root alone.
+
+Works for a job that is running (on any machine), interrupted or finished, because everything it needs is in the
+output: the job record (`_job.json`: plan size, settings, run id), the commit markers (`_commits/*.json`: each
+shard's counts) and the summary (`_summary.json`, written when a run ends).
+"""
+
+from __future__ import annotations
+
+from ray_render import writer
+from ray_render.progress import STATUSES, empty_counts
+
+
+def job_status(out: str, storage_options: dict | None = None) -> dict | None:
+    """Counts and state of the job in `out`, or None if there is no job there."""
+    record = writer.read_job_record(out, storage_options)
+    if record is None:
+        return None
+    commits = writer.list_commits(out, storage_options)
+    summary = writer.read_summary(out, storage_options)
+    rows = empty_counts()
+    images = rows_done = 0
+    for info in commits.values():
+        for status in STATUSES:
+            rows[status] += info.get("counts", {}).get(status, 0)
+        images += info.get("images", 0)
+        rows_done += info.get("rows", 0)
+    if summary is not None and summary.get("run_id") == record.get("run_id"):
+        state = summary.get("state", "finished")  # the latest run has ended
+    else:
+        state = "running"  # or stopped without a summary (killed): `ray-render run` again resumes it
+    total_rows = record.get("total_rows", 0)
+    return {
+        "out": out,
+        "state": state,
+        "run_id": record.get("run_id"),
+        "started_at": record.get("started_at"),
+        "model": record.get("model", {}),
+        "shards_total": record.get("shards", 0),
+        "shards_committed": len(commits),
+        "rows_total": total_rows,
+        "rows_done": rows_done,
+        "percent": round(100.0 * rows_done / total_rows, 1) if total_rows else 0.0,
+        "rows": rows,
+        "images": images,
+        "summary": summary if state != "running" else None,
+    }
+
+
+def format_status(report: dict) -> str:
+    rows = report["rows"]
+    model = report.get("model") or {}
+    lines = [
+        f"{report['out']}: {report['state']}" + (" (or stopped without a summary; rerun to resume)"
+                                                   if report["state"] == "running" else ""),
+        f"  run       {report['run_id']} started {report['started_at']}",
+        f"  model     {model.get('name', '?')} ({model.get('family', '?')} {model.get('revision', '?')})",
+        f"  shards    {report['shards_committed']}/{report['shards_total']} committed",
+        f"  rows      {report['rows_done']}/{report['rows_total']} ({report['percent']}%)  ok {rows['ok']}  "
+        f"invalid {rows['invalid']}  failed {rows['failed']}",
+        f"  images    {report['images']}",
+    ]
+    summary = report.get("summary")
+    if summary:
+        lines.append(f"  last run  {summary.get('state')}, exit code {summary.get('exit_code')}, "
+                     f"{summary.get('rows_per_s', 0)} rows/s, {summary.get('wall_s', 0):.1f} s"
+                     + (f": {summary['message']}" if summary.get("message") else ""))
+    return "\n".join(lines)

@@ -1,0 +1,269 @@
+"""fsspec helpers: open any URL, write atomically, retry transient errors, keep credentials out of messages.
+
+Every other module reaches storage through these functions, so a local path, `s3://`, `gs://` or any other fsspec
+URL behaves the same, and a flaky object store costs a retry instead of a shard.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+T = TypeVar("T")
+
+# Object stores and network filesystems report overload and blips with these; anything else is the caller's fault
+# (missing key, no permission, bad name) and retrying it only delays the error.
+TRANSIENT_ERRNOS = {
+    errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+    errno.ECONNABORTED, errno.EPIPE, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH,
+    getattr(errno, "EREMOTEIO", errno.EIO),
+}
+TRANSIENT_HTTP_STATUS = {429, 500, 502, 503, 504}
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                   "ServiceUnavailable", "TooManyRequests", "RequestLimitExceeded"}
+NON_TRANSIENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Errors from these libraries are network or protocol failures (connection reset, read timeout, closed connection).
+TRANSIENT_LIBRARY_ERRORS = ("botocore.exceptions.HTTPClientError", "botocore.exceptions.ConnectionError",
+                            "botocore.exceptions.IncompleteReadError", "aiohttp.client_exceptions.ClientError",
+                            "urllib3.exceptions.HTTPError", "requests.exceptions.ConnectionError",
+                            "requests.exceptions.Timeout")
+
+
+# What the helpers below use; module-level so a test or a job can make retries faster or more patient.
+RETRY_ATTEMPTS = 6
+RETRY_BASE_DELAY = 0.2  # seconds; doubles per attempt, with jitter: 0.1-0.2, 0.2-0.4, ... about 6 s in all
+
+
+class StorageError(OSError):
+    """A storage operation still failed after its retries; the message names the URL, never the credentials."""
+
+
+_fs_cache: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
+_fs_cache_lock = threading.Lock()
+
+
+def _options_key(storage_options: dict | None) -> str:
+    # Hash rather than keep the options as text: the cache key then holds no credentials.
+    text = json.dumps(storage_options or {}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return (filesystem, path inside it) for a local path or fsspec URL; one filesystem per protocol+options."""
+    if "::" in url:  # chained URLs ("simplecache::s3://...") configure each link: leave them to fsspec
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    protocol = fsspec.utils.get_protocol(url)
+    key = (protocol, _options_key(storage_options))
+    with _fs_cache_lock:
+        fs = _fs_cache.get(key)
+    if fs is None:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        with _fs_cache_lock:
+            _fs_cache.setdefault(key, fs)
+        return fs, path
+    return fs, fs._strip_protocol(url)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def normalize_url(url: str) -> str:
+    """A local path made absolute (`~` expanded); URLs unchanged. Ray workers run in other directories than the
+    driver, so an output root or manifest path must be absolute before it is sent to them."""
+    if "://" in url or "::" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def join(root: str, *parts: str) -> str:
+    """Join parts onto a local path or URL with "/", keeping the scheme: join("s3://b/x", "a/b") == "s3://b/x/a/b"."""
+    pieces = [root.rstrip("/") if root.rstrip("/") else root]
+    pieces += [part.strip("/") for part in parts if part.strip("/")]
+    return "/".join(pieces)
+
+
+def _exception_chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen and len(seen) < 8:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _qualified_names(exc: BaseException) -> set[str]:
+    return {f"{cls.__module__}.{cls.__qualname__}" for cls in type(exc).__mro__}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if retrying the operation may succeed: throttling, server errors, timeouts, dropped connections."""
+    for err in _exception_chain(exc):
+        if isinstance(err, NON_TRANSIENT):
+            return False
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            return True
+        response = getattr(err, "response", None)  # botocore ClientError
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = response.get("Error", {}).get("Code")
+            if status in TRANSIENT_HTTP_STATUS or code in TRANSIENT_CODES:
+                return True
+        for attribute in ("status", "code", "status_code"):  # aiohttp, gcsfs HttpError, requests
+            status = getattr(err, attribute, None)
+            if isinstance(status, int) and 400 <= status <= 599:  # an HTTP answer: its status decides
+                return status in TRANSIENT_HTTP_STATUS
+        if _qualified_names(err) & set(TRANSIENT_LIBRARY_ERRORS):
+            return True
+        if "SlowDown" in str(err) or "Please reduce your request rate" in str(err):
+            return True
+        if isinstance(err, OSError) and err.errno in TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def with_retries(fn: Callable[[], T], *, attempts: int | None = None, base_delay: float | None = None,
+                 what: str = "", storage_options: dict | None = None) -> T:
+    """Call `fn()`; on a transient error wait (exponential backoff with jitter) and call again.
+
+    Non-transient errors (missing file, no permission, ...) are raised at once, unchanged. When the attempts are
+    spent, raises StorageError naming `what` (say "write s3://bucket/key"); the last error is its cause.
+    Defaults: RETRY_ATTEMPTS attempts, RETRY_BASE_DELAY seconds before the first retry. `storage_options` only
+    serves to blank their values out of the message.
+    """
+    attempts = RETRY_ATTEMPTS if attempts is None else max(1, attempts)
+    delay = RETRY_BASE_DELAY if base_delay is None else base_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified just below
+            if not is_transient(exc):
+                raise
+            if attempt == attempts:
+                message = f"{what or 'storage operation'} failed after {attempts} attempts: {type(exc).__name__}: {exc}"
+                raise StorageError(redact(message, storage_options)) from exc
+            # Full jitter keeps many actors that hit the same throttled prefix from retrying in lockstep.
+            time.sleep(random.uniform(0.5, 1.0) * min(delay, 30.0))
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _write_local(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    # A temp file in the same directory, then a rename: readers see the old file or the whole new one, never half.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write `data` to `url` atomically: local files via temp file + rename, object stores with one PUT."""
+    fs, path = open_fs(url, storage_options)
+
+    def write() -> None:
+        if is_local(fs):
+            _write_local(path, data)
+        else:
+            fs.pipe_file(path, data)
+
+    with_retries(write, what=f"write {url}", storage_options=storage_options)
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """The whole content of `url`; FileNotFoundError if it does not exist."""
+    fs, path = open_fs(url, storage_options)
+    return with_retries(lambda: fs.cat_file(path), what=f"read {url}", storage_options=storage_options)
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, path = open_fs(url, storage_options)
+
+    def check() -> bool:
+        # Listing caches (s3fs) would hide objects that other processes wrote since the last listing.
+        fs.invalidate_cache(path)
+        return fs.exists(path)
+
+    return with_retries(check, what=f"check {url}", storage_options=storage_options)
+
+
+def list_names(prefix_url: str, storage_options: dict | None = None) -> list[str]:
+    """Sorted base names of the entries directly under a "directory" URL; [] if it does not exist."""
+    fs, path = open_fs(prefix_url, storage_options)
+
+    def listing() -> list[str]:
+        fs.invalidate_cache(path)
+        try:
+            entries = fs.ls(path, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        base = path.rstrip("/")
+        return sorted({entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.rstrip("/") != base})
+
+    return with_retries(listing, what=f"list {prefix_url}", storage_options=storage_options)
+
+
+def delete(url: str, storage_options: dict | None = None) -> None:
+    """Delete one file; a missing file is not an error (deletes are retried and may have succeeded already)."""
+    fs, path = open_fs(url, storage_options)
+
+    def remove() -> None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    with_retries(remove, what=f"delete {url}", storage_options=storage_options)
+
+
+def delete_tree(url: str, storage_options: dict | None = None) -> None:
+    """Delete a "directory" and everything below it; a missing one is not an error."""
+    fs, path = open_fs(url, storage_options)
+
+    def remove() -> None:
+        fs.invalidate_cache(path)
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache(path)
+
+    with_retries(remove, what=f"delete {url}", storage_options=storage_options)
+
+
+def redact(text: str, storage_options: dict | None) -> str:
+    """`text` with every credential-like value from `storage_options` (nested too) replaced by "***"."""
+    secrets: list[str] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+        elif isinstance(value, str) and len(value) >= 4:
+            # Short strings ("s3", "us") would blank out ordinary words; real secrets are longer.
+            secrets.append(value)
+
+    collect(storage_options or {})
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text

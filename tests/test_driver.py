@@ -1,0 +1,182 @@
+"""driver.run end to end on a real local Ray with declared GPUs: exit codes, resume, refusal, S3, the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import ray
+
+from ray_render import driver, storage, writer
+from ray_render.config import JobConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def rows_of(out: str, storage_options: dict | None = None) -> list[dict]:
+    fs, path = storage.open_fs(storage.join(out, "metadata"), storage_options)
+    return ds.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+
+
+def job_for(manifest: str, out: str, **options) -> JobConfig:
+    return JobConfig(manifests=[manifest], out=out, **{"model": "placeholder", "progress": False, **options})
+
+
+def test_bad_rows_end_invalid_with_messages_and_the_rest_render(ray_cluster, tmp_path, make_manifest):
+    rows = [{"id": f"r{i}", "prompt": f"a red circle {i}"} for i in range(10)]
+    rows[2]["cfg"] = 0.5
+    rows[4]["prompt"] = "   "
+    rows[6]["id"] = "../escape"
+    rows[8]["prompt"] = "a red circle [placeholder:raise]"
+    job = job_for(make_manifest(rows), str(tmp_path / "out"), shard_size=4, retries=1)
+    summary = driver.run(job)
+    assert summary.exit_code == driver.EXIT_ROWS
+    assert summary.rows == {"ok": 6, "invalid": 3, "failed": 1} and summary.images == 6
+    table = rows_of(job.out)
+    assert len(table) == 10
+    errors = {row["source_row"]: row["error"] for row in table if row["status"] != "ok"}
+    assert "column 'cfg'" in errors[2] and "from 1 to 100" in errors[2]
+    assert "column 'prompt'" in errors[4]
+    assert "column 'id'" in errors[6]
+    assert "placeholder:raise" in errors[8]
+    saved = writer.read_summary(job.out)
+    assert saved["exit_code"] == driver.EXIT_ROWS and saved["rows"]["invalid"] == 3
+    record = writer.read_job_record(job.out)
+    assert record["plan_fingerprint"] and record["model"]["revision"] == "placeholder-1"
+
+
+def test_all_ok_exits_0_and_a_rerun_renders_nothing(ray_cluster, tmp_path, make_manifest):
+    job = job_for(make_manifest(n=12), str(tmp_path / "out"), shard_size=5, params={"num_images": 2})
+    first = driver.run(job)
+    assert first.exit_code == driver.EXIT_OK and first.images == 24 and first.shards_committed == 3
+    markers = {name: (tmp_path / "out" / "_commits" / name).read_bytes()
+               for name in os.listdir(tmp_path / "out" / "_commits")}
+    again = driver.run(job)
+    assert again.exit_code == driver.EXIT_OK
+    assert (again.shards_resumed, again.rows_this_run, again.images) == (3, 0, 24)
+    assert markers == {name: (tmp_path / "out" / "_commits" / name).read_bytes() for name in markers}
+
+
+def test_error_budget_aborts_the_job(ray_cluster, tmp_path, make_manifest):
+    rows = [{"id": f"r{i}", "prompt": f"row {i}" + (" [placeholder:raise]" if i % 3 == 0 else "")}
+            for i in range(400)]
+    job = job_for(make_manifest(rows), str(tmp_path / "out"), shard_size=20, retries=0, max_failed_fraction=0.1,
+                  batch_size=4)
+    summary = driver.run(job)
+    assert summary.exit_code == driver.EXIT_ABORTED
+    assert "--max-failed-fraction" in summary.message
+    assert summary.rows_this_run < 400  # stopped early
+    committed = writer.committed_shard_ids(job.out)
+    assert {row["id"] for row in rows_of(job.out)} == {
+        f"r{i}" for shard in committed for i in range(int(shard[-10:]), int(shard[-10:]) + 20)}
+
+
+def test_rerun_with_another_plan_or_settings_is_refused_unless_overwrite(ray_cluster, tmp_path, make_manifest):
+    out = str(tmp_path / "out")
+    assert driver.run(job_for(make_manifest(n=6, name="a.parquet"), out)).exit_code == driver.EXIT_OK
+    before = writer.read_job_record(out)
+
+    other_plan = driver.run(job_for(make_manifest(n=7, name="b.parquet"), out))
+    assert other_plan.exit_code == driver.EXIT_ABORTED
+    assert "holds another job" in other_plan.message and "--overwrite" in other_plan.message
+    other_settings = driver.run(job_for(str(tmp_path / "manifests" / "a.parquet"), out, format="jpeg"))
+    assert other_settings.exit_code == driver.EXIT_ABORTED and "format" in other_settings.message
+    assert writer.read_job_record(out) == before  # a refused run leaves the output alone
+    assert len(rows_of(out)) == 6
+
+    replaced = driver.run(job_for(str(tmp_path / "manifests" / "b.parquet"), out, overwrite=True))
+    assert replaced.exit_code == driver.EXIT_OK
+    assert sorted(row["id"] for row in rows_of(out)) == sorted(f"r{i}" for i in range(7))
+
+
+def test_unreadable_manifest_aborts_before_any_work(ray_cluster, tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    summary = driver.run(job_for(str(tmp_path / "bad.parquet"), str(tmp_path / "out")))
+    assert summary.exit_code == driver.EXIT_ABORTED and "bad.parquet" in summary.message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_driver_killed_then_rerun_renders_only_uncommitted_shards(ray_cluster, tmp_path, make_manifest):
+    rows = [{"id": f"r{i}", "prompt": f"a red circle {i} [placeholder:sleep=0.15]"} for i in range(40)]
+    path = make_manifest(rows)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ray_render", "run", path, "--out", str(out), "--model", "placeholder",
+               "--shard-size", "4", "--batch-size", "2", "--address", ray_cluster, "--no-progress"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    commits = out / "_commits"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if commits.exists() and len([n for n in os.listdir(commits) if n.endswith(".json")]) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = writer.committed_shard_ids(str(out))
+    assert 3 <= len(done_before) < 10, done_before
+    markers = {shard: (commits / f"{shard}.json").read_bytes() for shard in done_before}
+
+    rerun = subprocess.run(command + ["--config", str(_write(tmp_path / "job.yaml", "retries: 2\n"))], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = writer.read_summary(str(out))
+    assert summary["shards_resumed"] == len(done_before)
+    assert summary["rows_this_run"] == 40 - 4 * len(done_before)
+    assert {shard: (commits / f"{shard}.json").read_bytes() for shard in done_before} == markers
+    ids = [row["id"] for row in rows_of(str(out))]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(40))  # exactly once
+    image_files = [name for shard in os.listdir(out / "images") for name in os.listdir(out / "images" / shard)]
+    assert sorted(image_files) == sorted(f"r{i}_0.png" for i in range(40))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_s3_manifest_and_output(ray_cluster, s3, make_manifest):
+    so = s3.storage_options
+    manifest_url = make_manifest([{"id": f"s{i}", "prompt": f"a blue square {i}", "tag": i} for i in range(9)],
+                                 url=s3.fresh_url("manifests") + "/m.parquet", storage_options=so)
+    out = s3.fresh_url("out")
+    summary = driver.run(job_for(manifest_url, out, shard_size=4, storage_options=so))
+    assert summary.exit_code == driver.EXIT_OK, summary.format()
+    table = rows_of(out, so)
+    assert sorted(row["tag"] for row in table) == list(range(9))
+    assert all(row["image_uri"].startswith("s3://") for row in table)
+    assert storage.read_bytes(table[0]["image_uri"], so)[:4] == b"\x89PNG"
+    # The credentials reached the actors as arguments, and nothing written holds them.
+    fs, root = storage.open_fs(out, so)
+    for path in fs.find(root):
+        if path.endswith((".json", ".parquet")):
+            data = fs.cat_file(path)
+            assert so["secret"].encode() not in data and so["key"].encode() not in data, path
+
+
+@pytest.mark.slow
+def test_tiny_nextstep_end_to_end(ray_cluster, tmp_path):
+    job = JobConfig(manifests=[str(REPO / "jobs" / "examples" / "prompts.parquet")], out=str(tmp_path / "out"),
+                    model="tiny", device="cpu", actors=1, shard_size=8, batch_size=4, progress=False)
+    summary = driver.run(job)
+    assert summary.exit_code == driver.EXIT_OK, summary.format()
+    assert summary.model["family"] == "nextstep"
+    table = rows_of(job.out)
+    assert len(table) == 17  # 16 rows, one of them with two images
+    assert {row["model"] for row in table} == {"tiny"}
+    assert len({row["sha256"] for row in table}) == 17
+    record = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert record["model"]["family"] == "nextstep" and record["summary"]["images"] == 17

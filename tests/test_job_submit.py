@@ -1,0 +1,138 @@
+"""`ray job submit ... -- python jobs/render.py`: a job on a real local Ray head, as a user would run it.
+
+The test starts its own head (own temp dir and ports), submits the example job with a small working dir, waits for
+SUCCEEDED, checks the output and the actors' metrics on the node's Prometheus endpoint, and stops only the
+processes of that head.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from ray_render import writer
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cluster_processes(temp_dir: str):
+    """The head's processes (their command lines name its temp dir) and everything they started."""
+    psutil = pytest.importorskip("psutil")
+    roots = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    found = {p.pid: p for p in roots}
+    for process in roots:
+        try:
+            found.update({child.pid: child for child in process.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    return list(found.values())
+
+
+def stop_cluster(temp_dir: str) -> None:
+    psutil = pytest.importorskip("psutil")
+    processes = cluster_processes(temp_dir)
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="module")
+def head():
+    # A short temp dir: Ray's unix socket paths must stay under about 100 characters.
+    temp_dir = tempfile.mkdtemp(prefix="rr-head-", dir="/tmp")
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+                                            "object-manager-port")}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+           "RAY_metrics_report_interval_ms": "500"}  # export actor metrics quickly: the job is short
+    env.pop("RAY_ADDRESS", None)
+    command = [str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--num-gpus=2", f"--temp-dir={temp_dir}",
+               "--dashboard-host=127.0.0.1", "--disable-usage-stats", "--include-dashboard=true",
+               *[f"--{name}={port}" for name, port in ports.items()]]
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        node_ip = re.search(r"Local node IP: ([0-9.]+)", started.stdout + started.stderr).group(1)
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}", "node_ip": node_ip,
+               "metrics": f"http://{node_ip}:{ports['metrics-export-port']}/metrics"}
+    finally:
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def small_working_dir(tmp_path: Path) -> Path:
+    """The package and the job files only: what a job needs, without .venv, caches or outputs."""
+    work = tmp_path / "work"
+    shutil.copytree(REPO / "ray_render", work / "ray_render", ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "jobs" / "examples").mkdir(parents=True)
+    shutil.copy(REPO / "jobs" / "render.py", work / "jobs" / "render.py")
+    for name in ("render.yaml", "prompts.parquet"):
+        shutil.copy(REPO / "jobs" / "examples" / name, work / "jobs" / "examples" / name)
+    return work
+
+
+def test_ray_job_submit_renders_the_example_job(head, tmp_path):
+    out = tmp_path / "out"
+    work = small_working_dir(tmp_path)
+    submit = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(work), "--",
+              "python", "jobs/render.py", "--config", "jobs/examples/render.yaml", "--model", "placeholder",
+              "--out", str(out)]
+    result = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
+    logs = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0 and re.search(r"Job '[^']+' succeeded", result.stdout), logs
+
+    table = ds.dataset(str(out / "metadata"), format="parquet").to_table().to_pylist()
+    assert len(table) == 17 and {row["status"] for row in table} == {"ok"}  # 16 rows, one with two images
+    summary = writer.read_summary(str(out))
+    assert summary["exit_code"] == 0 and summary["shards_committed"] == 4
+    workers = {row["worker"].rsplit("/", 1)[-1] for row in table}
+    assert workers == {"gpu0", "gpu1"}  # one actor per GPU of the head
+
+    # The actors' counters reach the node's metrics endpoint, which the dashboard's Prometheus scrapes.
+    deadline = time.monotonic() + 30
+    text = ""
+    while time.monotonic() < deadline and 'status="ok"' not in text:
+        with urllib.request.urlopen(head["metrics"], timeout=10) as response:
+            text = "\n".join(line for line in response.read().decode().splitlines() if "ray_render_rows" in line)
+        time.sleep(1)
+    assert 'status="ok"' in text, text[-2000:]
+
+
+def test_a_failing_job_shows_as_failed(head, tmp_path):
+    work = small_working_dir(tmp_path)
+    submit = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(work), "--",
+              "python", "jobs/render.py", "jobs/examples/no-such.parquet", "--model", "placeholder",
+              "--out", str(tmp_path / "out")]
+    result = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "no-such.parquet" in result.stdout + result.stderr

@@ -1,0 +1,174 @@
+"""The render actor (in process, then as Ray actors) and the pool: batching, faults, placement, stragglers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pyarrow.dataset as ds
+import pytest
+import ray
+from PIL import Image
+
+from ray_render import driver, manifest, writer
+from ray_render.actor import RenderActor
+from ray_render.config import JobConfig
+from ray_render.pool import RenderPool, ShardDone
+
+
+def metadata(out: str):
+    return ds.dataset(f"{out}/metadata", format="parquet").to_table().to_pylist()
+
+
+def render_all(job: JobConfig):
+    plan = manifest.plan(job.manifests, job.shard_size, job.storage_options)
+    actor = RenderActor(job, 0, plan.passthrough_schema)
+    return actor, [actor.render_shard(shard) for shard in plan.shards]
+
+
+# -- the actor in this process -------------------------------------------------------------------------------------
+
+
+def test_actor_isolates_a_raising_row_and_fails_it_after_retries(tmp_path, make_manifest):
+    rows = [{"id": f"r{i}", "prompt": f"a red circle {i}" + (" [placeholder:raise]" if i == 5 else "")}
+            for i in range(8)]
+    job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", batch_size=8,
+                    retries=2)
+    _, (result,) = render_all(job)
+    assert result.counts == {"ok": 7, "invalid": 0, "failed": 1}
+    by_id = {row["id"]: row for row in metadata(job.out)}
+    assert len(by_id) == 8
+    failed = by_id["r5"]
+    assert failed["status"] == "failed" and "placeholder:raise" in failed["error"]
+    # Bisection 8 -> 4 -> 2 -> 1 puts it in 4 calls, then 2 retries alone.
+    assert failed["attempts"] == 4 + 2
+    assert not os.path.exists(writer.image_url(job.out, result.shard_id, "r5", 0, "png"))
+    for row_id in ("r0", "r4", "r6", "r7"):
+        assert by_id[row_id]["status"] == "ok" and os.path.exists(by_id[row_id]["image_uri"])
+
+
+def test_actor_halves_its_batch_size_on_out_of_memory(tmp_path, make_manifest):
+    rows = [{"id": f"r{i}", "prompt": f"a blue square {i}" + (" [placeholder:oom]" if i == 2 else "")}
+            for i in range(8)]
+    job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", batch_size=8)
+    actor, (result,) = render_all(job)
+    assert result.counts["ok"] == 8  # nothing lost: the batch was split, not failed
+    assert actor.batch_size == 1 and result.batch_size == 1  # 8 -> 4 -> 2 -> 1, kept for the actor's life
+
+
+def test_actor_writes_every_row_once_with_its_settings(tmp_path, make_manifest):
+    (tmp_path / "inputs").mkdir()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "inputs" / "a.png")
+    rows = [
+        {"id": "plain", "prompt": "a red circle", "num_images": 3, "seed": 100, "group": "g1"},
+        {"id": "bad-width", "prompt": "a red circle", "width": 30, "group": "g2"},
+        {"id": "rejected", "prompt": "a square [placeholder:invalid]", "group": "g3"},
+        {"id": "edit", "prompt": "<image> make it blue", "input_image": str(tmp_path / "inputs" / "a.png")},
+        {"id": "edit-missing", "prompt": "<image> make it blue", "input_image": str(tmp_path / "nope.png")},
+        {"id": "wide", "prompt": "a green triangle", "width": 128, "height": 32},
+    ]
+    job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", format="webp",
+                    quality=80)
+    _, (result,) = render_all(job)
+    assert result.counts == {"ok": 3, "invalid": 3, "failed": 0}
+    assert result.images == 5
+    table = metadata(job.out)
+    plain = sorted((row for row in table if row["id"] == "plain"), key=lambda row: row["image_index"])
+    assert [row["seed"] for row in plain] == [100, 101, 102]
+    assert all(row["format"] == "webp" and row["image_uri"].endswith(".webp") for row in plain)
+    assert [row["group"] for row in plain] == ["g1"] * 3  # passthrough column kept
+    assert len({row["sha256"] for row in plain}) == 3
+    errors = {row["id"]: row["error"] for row in table if row["status"] == "invalid"}
+    assert "width" in errors["bad-width"] and "multiple of 16" in errors["bad-width"]
+    assert "placeholder:invalid" in errors["rejected"]
+    assert "nope.png" in errors["edit-missing"]
+    wide = next(row for row in table if row["id"] == "wide")
+    assert Image.open(wide["image_uri"]).size == (128, 32)
+    assert (wide["width"], wide["height"]) == (128, 32)
+
+
+# -- Ray actors and the pool -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def slow_rows(n: int, seconds: float, start: int = 0) -> list[dict]:
+    return [{"id": f"r{i}", "prompt": f"a red circle {i} [placeholder:sleep={seconds}]"} for i in range(start, start + n)]
+
+
+def test_one_actor_per_declared_gpu(ray_cluster, tmp_path, make_manifest):
+    job = JobConfig(manifests=[make_manifest(slow_rows(16, 0.05))], out=str(tmp_path / "out"), model="placeholder",
+                    shard_size=2, progress=False)
+    summary = driver.run(job)
+    assert summary.exit_code == driver.EXIT_OK
+    workers = {row["worker"] for row in metadata(job.out)}
+    gpus = {worker.rsplit("/", 1)[-1] for worker in workers}
+    assert len(workers) == 2 and gpus == {"gpu0", "gpu1"}, workers
+
+
+def test_an_actor_killed_mid_shard_is_replaced_and_every_row_lands_once(ray_cluster, tmp_path, make_manifest):
+    psutil = pytest.importorskip("psutil")
+    job = JobConfig(manifests=[make_manifest(slow_rows(24, 0.1))], out=str(tmp_path / "out"), model="placeholder",
+                    shard_size=3, batch_size=1, device="cpu", actors=2, progress=False)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("summary", driver.run(job)))
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 60
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if "ray::RenderActor.render_shard" in " ".join(process.info["cmdline"] or []):
+                os.kill(process.info["pid"], signal.SIGKILL)
+                killed = process.info["pid"]
+                break
+        time.sleep(0.05)
+    thread.join(120)
+    assert killed is not None, "no actor was seen rendering"
+    summary = outcome["summary"]
+    assert summary.exit_code == driver.EXIT_OK, summary.format()
+    assert summary.actors_replaced >= 1 and summary.shard_retries >= 1
+    ids = [row["id"] for row in metadata(job.out)]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(24))  # every row exactly once
+    images = [name for shard in os.listdir(f"{job.out}/images") for name in os.listdir(f"{job.out}/images/{shard}")]
+    assert len(images) == 24
+
+
+def test_idle_actor_takes_a_copy_of_a_queued_shard_and_the_first_result_wins(ray_cluster, tmp_path, make_manifest):
+    path = make_manifest(slow_rows(1, 3.0) + [{"id": f"f{i}", "prompt": f"fast {i}"} for i in range(3)])
+    job = JobConfig(manifests=[path], out=str(tmp_path / "out"), model="placeholder", shard_size=1, device="cpu",
+                    actors=2, max_in_flight=2)
+    plan = manifest.plan(job.manifests, job.shard_size)
+    remote = ray.remote(RenderActor).options(num_cpus=0.5, max_restarts=0, max_task_retries=0)
+    pool = RenderPool(lambda index: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
+    try:
+        while pool.num_ready < 2:
+            pool.wait(1.0)
+        pending = list(plan.shards)  # the slow shard first: whoever takes it holds a queued shard behind it
+        done: list[ShardDone] = []
+        deadline = time.monotonic() + 60
+        while (pending or pool.has_work()) and time.monotonic() < deadline:
+            while pending and pool.can_submit():
+                pool.submit(pending.pop(0), 1)
+            if not pending:
+                pool.reissue_stragglers()
+            done += [event for event in pool.wait(0.2) if isinstance(event, ShardDone)]
+    finally:
+        pool.shutdown()
+    assert pool.reissued >= 1
+    assert sorted(event.shard.shard_id for event in done) == sorted(shard.shard_id for shard in plan.shards)
+    assert len(metadata(job.out)) == 4
+
+
+def test_a_model_that_does_not_load_aborts_the_job(ray_cluster, tmp_path, make_manifest):
+    job = JobConfig(manifests=[make_manifest()], out=str(tmp_path / "out"), model=str(tmp_path / "no-such-model"),
+                    device="cpu", progress=False)
+    summary = driver.run(job)
+    assert summary.exit_code == driver.EXIT_ABORTED
+    assert "no render actor could start" in summary.message
