@@ -190,25 +190,23 @@ class RenderActor:
                 continue
             if position in row_errors:
                 meta.append(writer.failed_row(task, row_errors[position], 1, **common))
-                counts["failed"] += 1
-                continue
-            row_ok = True
-            for item in by_row[position]:
-                if item.error is None:
-                    uri, digest, width, height = item.stored.result()
-                    meta.append(writer.ok_row(task, item.image_index, image_uri=uri, sha256=digest, width=width,
-                                              height=height, fmt=self.job.format, render_ms=item.render_ms,
-                                              attempts=item.calls, model=common["model"],
-                                              model_revision=common["model_revision"], worker=self.worker))
-                    images += 1
-                else:
-                    meta.append(writer.failed_row(task, item.error, item.calls, image_index=item.image_index,
-                                                  render_ms=item.render_ms, **common))
-                    # An earlier attempt of this shard may have stored this image: no image without an ok row.
-                    stale.append(writer.image_url(self.root, shard.shard_id, task.id, item.image_index,
-                                                  self.job.format))
-                    row_ok = False
-            counts["ok" if row_ok else "failed"] += 1
+                failed_images = range(task.params["num_images"])
+            else:
+                failed_images = []
+                for item in by_row[position]:
+                    if item.error is None:
+                        uri, digest, width, height = item.stored.result()
+                        meta.append(writer.ok_row(task, item.image_index, image_uri=uri, sha256=digest, width=width,
+                                                  height=height, fmt=self.job.format, render_ms=item.render_ms,
+                                                  attempts=item.calls, **common))
+                        images += 1
+                    else:
+                        meta.append(writer.failed_row(task, item.error, item.calls, image_index=item.image_index,
+                                                      render_ms=item.render_ms, **common))
+                        failed_images.append(item.image_index)
+            counts["failed" if failed_images else "ok"] += 1
+            # An earlier attempt of this shard may have stored these images: no image without an ok row.
+            stale += [writer.image_url(self.root, shard.shard_id, task.id, k, self.job.format) for k in failed_images]
         for _ in self._uploads.map(lambda url: storage.delete(url, self.so), stale):
             pass
 

@@ -113,7 +113,7 @@ def run(job: JobConfig) -> Summary:
             _wait_until_ready(pool)
             summary.startup_s = time.monotonic() - started
             summary.model = {key: value for key, value in pool.info.items() if key not in ("worker", "batch_size")}
-            if record is not None and not job.overwrite:
+            if record is not None:
                 _check_same_model(record, summary.model)
 
             # 5. Claim the output: the job record names the plan, the settings and the model
@@ -249,6 +249,7 @@ def _dispatch(job: JobConfig, pool, todo: list, summary: Summary) -> None:
 
     pending = deque(todo)
     attempts: dict[str, int] = {}
+    started = time.monotonic()
     progress = Progress(summary.rows_total, summary.rows_resumed, enabled=job.progress)
     try:
         while pending or pool.has_work():
@@ -288,6 +289,7 @@ def _dispatch(job: JobConfig, pool, todo: list, summary: Summary) -> None:
                 raise JobLost(f"no render actor for {NO_ACTOR_TIMEOUT_S:.0f} s: the cluster lost its nodes")
     finally:
         progress.close()
+        summary.rendering_s = time.monotonic() - started
         summary.actors_replaced = pool.actors_lost
         summary.stragglers_reissued = pool.reissued
 

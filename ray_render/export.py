@@ -60,7 +60,7 @@ class ExportResult:
 
     @property
     def pattern(self) -> str | None:
-        """The files as one brace pattern, as `webdataset.WebDataset(...)` and `tar --files-from` tools take it."""
+        """The files as one brace pattern, the form `webdataset.WebDataset(...)` and similar loaders take."""
         if not self.files:
             return None
         n = len(self.files)
@@ -91,8 +91,10 @@ def _committed_dataset(out_root: str, storage_options: dict | None) -> ds.Datase
                           "run or resume the job first")
     fs, _ = storage.open_fs(out_root, storage_options)
     paths = [storage.open_fs(writer.metadata_url(out_root, shard_id), storage_options)[1] for shard_id in shard_ids]
-    # One footer read per shard; shards of one job share a schema, but a column may be all-null in one of them.
-    schemas = [pq.read_schema(path, filesystem=fs) for path in paths]
+    # One footer read per shard, concurrently (object-store latency). Shards that different runs wrote into one
+    # root may differ in passthrough columns; the unified schema has them all, null where a shard lacks one.
+    with ThreadPoolExecutor(max_workers=FETCH_WINDOW) as pool:
+        schemas = list(pool.map(lambda path: pq.read_schema(path, filesystem=fs), paths))
     schema = pa.unify_schemas(schemas, promote_options="permissive")
     return ds.dataset(paths, schema=schema, format="parquet", filesystem=fs)
 

@@ -6,9 +6,10 @@ In the spirit of Ray's `ActorPool` (same plain names), plus what it lacks:
 - fault handling: an actor that dies (`ActorDiedError`, `ActorUnavailableError`, any `RayActorError`) is killed
   for good and replaced by a fresh one, and each shard it held comes back to the driver as a `ShardFailed`, so the
   driver decides whether to try it again;
-- stragglers: once the driver has nothing left to hand out, an idle actor takes a copy of a shard still queued
-  behind another one, or of one running much longer than usual; the first result wins and the other copy is
-  cancelled. Both copies write the same deterministic keys, so nothing is duplicated.
+- stragglers: once the driver has nothing left to hand out, an idle actor takes over a shard still queued behind
+  another one (the queued call is cancelled), or takes a copy of one running much longer than usual; the first
+  result wins and the other copy is cancelled. Both copies write the same deterministic keys, so nothing is
+  duplicated.
 
 Why replacement rather than `max_restarts=-1`: Ray would restart the actor and re-run nothing (the driver sets
 `max_task_retries=0` so that it sees every failure and counts the shard's attempts), so restarts would buy only
@@ -183,10 +184,13 @@ class RenderPool:
                     candidates.append((1, -age, ref))
         candidates.sort(key=lambda item: item[:2])
         issued = 0
-        for index, (_, _, ref) in zip(idle, candidates):
+        for index, (queued, _, ref) in zip(idle, candidates):
             call = self._future_to_actor[ref]
             log.info("re-issuing shard %s (attempt %d) to idle actor %d", call.shard.shard_id, call.attempt, index)
             self._submit_to(index, call.shard, call.attempt)
+            if queued == 0:  # it had not started: move it rather than run it twice
+                self._cancelled.add(ref)
+                ray.cancel(ref)
             issued += 1
         self.reissued += issued
         return issued

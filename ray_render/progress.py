@@ -48,14 +48,10 @@ class Summary:
     images_this_run: int = 0
     render_s: float = 0.0  # model time summed over actors
     wall_s: float = 0.0  # the whole run, Ray start-up and model loading included
-    startup_s: float = 0.0  # connecting to Ray and loading the model in the actors
+    startup_s: float = 0.0  # planning, connecting to Ray and loading the model in the actors
+    rendering_s: float = 0.0  # from the actors being ready to the last shard: the basis of the rates
     started_at: str = ""
     finished_at: str = ""
-
-    @property
-    def rendering_s(self) -> float:
-        """Wall time once the actors were ready: the basis of the rates."""
-        return max(self.wall_s - self.startup_s, 0.0)
 
     @property
     def rows_per_s(self) -> float:
@@ -88,8 +84,8 @@ class Summary:
             f"  faults    {self.shard_retries} shard retries, {self.actors_replaced} actors replaced, "
             f"{self.stragglers_reissued} straggler copies",
             f"  this run  {self.rows_this_run} rows, {self.images_this_run} images in {self.wall_s:.1f} s "
-            f"({self.startup_s:.1f} s start-up); {self.rows_per_s:.1f} rows/s, {self.images_per_s:.1f} images/s "
-            f"after start-up; model time {self.render_s:.1f} s",
+            f"({self.startup_s:.1f} s start-up, {self.rendering_s:.1f} s rendering: {self.rows_per_s:.1f} rows/s, "
+            f"{self.images_per_s:.1f} images/s; model time {self.render_s:.1f} s)",
             f"  model     {self.model.get('name', '?')} ({self.model.get('family', '?')} "
             f"{self.model.get('revision', '?')}, {self.model.get('device', '?')} {self.model.get('dtype', '?')})",
             f"  output    {self.out}",

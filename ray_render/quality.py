@@ -43,6 +43,8 @@ QUALITY_COLUMNS: dict[str, str] = {
     "phash": "string",
     "quality_score": "float64",
 }
+# With --min-quality: whether the kept image reached it, and how many renders it took (1 = the first).
+RERENDER_COLUMNS: dict[str, str] = {"quality_passed": "bool", "quality_renders": "int32"}
 SHARPNESS_HALF = 100.0  # the sharpness that maps to 0.5 in quality_score: the classic blur threshold
 SHARPNESS_WEIGHT = 0.6
 COLOUR_WEIGHT = 0.4
@@ -209,6 +211,10 @@ class Outcome:
     scores: dict
     renders: int  # how many times this request was rendered (1 = first try kept)
     passed: bool  # False: no attempt reached min_quality; the best-scoring one is kept
+
+    def columns(self) -> dict:
+        """The metadata columns this outcome fills: QUALITY_COLUMNS and RERENDER_COLUMNS."""
+        return {**self.scores, "quality_passed": self.passed, "quality_renders": self.renders}
 
 
 def render_until_passing(requests: Sequence[Request], render: Callable[[list[Request]], list[np.ndarray]],

@@ -53,8 +53,10 @@ def _drawable(text: str, font) -> str:
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, lines: int) -> list[str]:
     """`text` in at most `lines` lines of at most `width` pixels; an ellipsis marks a cut."""
-    words, out, current = text.split(), [], ""
+    words, out, current = text[:1000].split(), [], ""  # a cell shows a few dozen characters: cut long prompts early
     for word in words:
+        if len(out) > lines:
+            break
         candidate = f"{current} {word}".strip()
         if draw.textlength(candidate, font=font) <= width:
             current = candidate
@@ -62,13 +64,17 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, lines: int) ->
         if current:
             out.append(current)
         current = word
-        while draw.textlength(current, font=font) > width and len(current) > 1:  # one word wider than the cell
-            cut = len(current) - 1
-            while cut > 1 and draw.textlength(current[:cut], font=font) > width:
-                cut -= 1
-            out.append(current[:cut])
-            current = current[cut:]
-    if current:
+        while len(out) <= lines and len(current) > 1 and draw.textlength(current, font=font) > width:
+            low, high = 1, len(current) - 1  # one word wider than the cell: the longest prefix that fits
+            while low < high:
+                middle = (low + high + 1) // 2
+                if draw.textlength(current[:middle], font=font) <= width:
+                    low = middle
+                else:
+                    high = middle - 1
+            out.append(current[:low])
+            current = current[low:]
+    if current and len(out) <= lines:
         out.append(current)
     if len(out) > lines:
         out = out[:lines]
@@ -127,7 +133,8 @@ def _read_image(out_root: str, shard_id: str, row: dict, storage_options: dict |
 
 
 def contact_sheet(items: list[tuple[dict, bytes | None]], columns: int = 6, thumb: int = 160) -> Image.Image:
-    """A grid of thumbnails, each captioned with its row id and image index, then its prompt."""
+    """A grid of thumbnails, each captioned with its image index, quality score (if any) and row id, then its
+    prompt."""
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_height = int(probe.textbbox((0, 0), "Hg", font=font)[3]) + 3
@@ -144,9 +151,11 @@ def contact_sheet(items: list[tuple[dict, bytes | None]], columns: int = 6, thum
         except OSError:  # not a decodable image
             image = _thumbnail(None, thumb)
         sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
-        title = f"{row['id']} #{row['image_index']}"
+        # Index and score first: a long id is what gets cut at the cell's edge.
+        title = f"#{row['image_index']} "
         if row.get("quality_score") is not None:
-            title += f"  q={row['quality_score']:.2f}"
+            title += f"q={row['quality_score']:.2f} "
+        title += row["id"]
         lines = _wrap(draw, _drawable(title, font), font, thumb, 1)
         lines += _wrap(draw, _drawable(row.get("prompt") or "", font), font, thumb, CAPTION_LINES - 1)
         for line_number, line in enumerate(lines):

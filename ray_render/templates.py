@@ -269,8 +269,8 @@ def expand(template: Template, columns: dict[str, list], source: str = "values t
                                     f"column of {source}; its columns are: {', '.join(names)}")
     used = {name for text in fields.values() for name in placeholders(text)}
     out: dict[str, list] = {"id": [], **{field: [] for field in fields}, "template": [], **{n: [] for n in names}}
-    first_row: dict[str, str] = {}
-    for where, values in _value_rows(template, columns, source, max_rows):
+    first_row: dict[str, str] = {}  # id -> where it first appeared; product rows say "combination N"
+    for number, (where, values) in enumerate(_value_rows(template, columns, source, max_rows), start=1):
         values = {name: _coerce(name, value, where) for name, value in values.items()}
         for name in used:
             if values[name] is None:
@@ -279,7 +279,7 @@ def expand(template: Template, columns: dict[str, list], source: str = "values t
         if row_id in first_row:
             raise TemplateError(f"{where} has the same values as {first_row[row_id]}; ids come from the template "
                                 "name and the values, so every row's values must differ")
-        first_row[row_id] = where
+        first_row[row_id] = where if template.mode == "zip" else f"combination {number}"
         out["id"].append(row_id)
         for field, text in fields.items():
             try:

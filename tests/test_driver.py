@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 import pytest
 import ray
 
-from ray_render import driver, storage, writer
+from ray_render import driver, status, storage, writer
 from ray_render.config import JobConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +159,8 @@ def test_s3_manifest_and_output(ray_cluster, s3, make_manifest):
     assert sorted(row["tag"] for row in table) == list(range(9))
     assert all(row["image_uri"].startswith("s3://") for row in table)
     assert storage.read_bytes(table[0]["image_uri"], so)[:4] == b"\x89PNG"
+    report = status.job_status(out, so)
+    assert (report["state"], report["shards_committed"], report["rows_done"]) == ("finished", 3, 9)
     # The credentials reached the actors as arguments, and nothing written holds them.
     fs, root = storage.open_fs(out, so)
     for path in fs.find(root):

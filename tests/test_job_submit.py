@@ -39,7 +39,8 @@ def free_port() -> int:
 def cluster_processes(temp_dir: str):
     """The head's processes (their command lines name its temp dir) and everything they started."""
     psutil = pytest.importorskip("psutil")
-    roots = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if temp_dir in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
     found = {p.pid: p for p in roots}
     for process in roots:
         try:
@@ -57,7 +58,7 @@ def stop_cluster(temp_dir: str) -> None:
             process.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(processes, timeout=10)
+    _, alive = psutil.wait_procs(processes, timeout=5)
     for process in alive:
         try:
             process.kill()
@@ -82,7 +83,8 @@ def head():
     started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     try:
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        node_ip = re.search(r"Local node IP: ([0-9.]+)", started.stdout + started.stderr).group(1)
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", started.stdout + started.stderr)
+        node_ip = re.search(r"Local node IP: ([0-9.]+)", plain).group(1)
         yield {"env": env, "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}", "node_ip": node_ip,
                "metrics": f"http://{node_ip}:{ports['metrics-export-port']}/metrics"}
     finally:

@@ -149,6 +149,8 @@ def test_failing_images_are_rerendered_with_new_seeds_in_one_batch():
         assert outcome.request.key == request.key
         assert outcome.scores["quality_score"] >= 0.2
     assert outcomes[3].passed and outcomes[3].renders == 1 and outcomes[3].request == good
+    assert set(outcomes[0].columns()) == set(quality.QUALITY_COLUMNS) | set(quality.RERENDER_COLUMNS)
+    assert outcomes[0].columns()["quality_renders"] == 2 and outcomes[0].columns()["quality_passed"] is True
 
 
 def test_an_image_that_never_passes_keeps_its_best_attempt():

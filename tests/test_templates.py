@@ -61,9 +61,9 @@ def test_product_mode_makes_every_combination_with_stable_ids(tmp_path):
 
 
 def test_csv_zip_values_keep_text_and_type_manifest_columns(tmp_path):
-    values = write(tmp_path / "values.csv", "sku,product,width,height,seed,use_norm\n"
-                                            "007,a lamp,512,768,42,true\n"
-                                            "010,a chair,768,512,43,false\n")
+    write(tmp_path / "values.csv", "sku,product,width,height,seed,use_norm\n"
+                                   "007,a lamp,512,768,42,true\n"
+                                   "010,a chair,768,512,43,false\n")
     template_file = write(tmp_path / "t.yaml", "name: shop\nmode: zip\nvalues: values.csv\n"
                                                "prompt: 'Photo of {product}, item {sku}'\n")
     out = str(tmp_path / "manifest.parquet")

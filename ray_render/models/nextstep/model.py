@@ -93,11 +93,11 @@ class NextStepModel(nn.Module):
         unexpected = sorted(k for k in set(shapes) - set(expected) if k not in OPTIONAL_KEYS)
         problems = []
         if missing:
-            problems.append(f"missing tensors: {_listing(missing)}")
+            problems.append(f"missing tensors: {short_listing(missing)}")
         if wrong:
-            problems.append("wrong shapes: " + _listing(wrong))
+            problems.append("wrong shapes: " + short_listing(wrong))
         if unexpected and strict:
-            problems.append(f"unexpected tensors: {_listing(unexpected)}")
+            problems.append(f"unexpected tensors: {short_listing(unexpected)}")
         if problems:
             raise StateDictError("; ".join(problems))
 
@@ -149,6 +149,6 @@ class NextStepModel(nn.Module):
         return out.last_hidden_state
 
 
-def _listing(names: list[str], limit: int = 12) -> str:
+def short_listing(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")

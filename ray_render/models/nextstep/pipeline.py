@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, Sequence
@@ -23,11 +25,13 @@ from ray_render.models.base import ModelInfo, ModelOutOfMemory, RenderRequest, R
 from ray_render.models.nextstep import snapshot as snap
 from ray_render.models.nextstep import vae as vae_lib
 from ray_render.models.nextstep.config import NextStepConfig
-from ray_render.models.nextstep.model import NextStepModel, _listing
+from ray_render.models.nextstep.model import NextStepModel, short_listing
 from ray_render.models.nextstep.prompts import IMAGE_TAG, PromptBuilder
 from ray_render.models.nextstep.resolve import resolve, resolve_vae
-from ray_render.models.nextstep.sampler import (TokenSampler, draws_per_token, guidance_scales, noise_table,
-                                                timestep_grid)
+from ray_render.models.nextstep.sampler import (GraphedTokenSampler, TokenSampler, draws_per_token,
+                                                guidance_scales, noise_table, timestep_grid)
+
+logger = logging.getLogger(__name__)
 
 NOISE_MODES = ("fast", "reference")
 # Published defaults (NEXTSTEP.md): NextStep-1 and NextStep-1.1; edit models add shift 3.2 and cfg_img 2.0.
@@ -61,7 +65,7 @@ class NextStepImageModel:
 
     def __init__(self, model: NextStepModel, vae, tokenizer, config: NextStepConfig, vae_config: dict,
                  info: ModelInfo, defaults: dict, noise: str = "fast", has_encoder: bool = True,
-                 cpu_threads: int | None = None, vae_batch: int | None = None):
+                 cpu_threads: int | None = None, vae_batch: int | None = None, cuda_graphs: bool = False):
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
         self.model, self.vae, self.tokenizer, self.config = model, vae, tokenizer, config
@@ -78,6 +82,7 @@ class NextStepImageModel:
             cpu_threads = 1  # tiny matmuls gain nothing from threads and lose a lot to contention
         self.cpu_threads = cpu_threads
         self.vae_batch = vae_batch or (4 if self.device.type == "cuda" else 16)
+        self.cuda_graphs = cuda_graphs  # opt-in: see sampler.GraphedTokenSampler
 
     # base.ImageModel ------------------------------------------------------------------------------------------
 
@@ -203,7 +208,8 @@ class NextStepImageModel:
         prefill_mask = torch.zeros(rows, 1, length, cache_len, dtype=torch.bool, device=dev)
         prefill_mask[:, 0, :, :length] = causal & keys_ok[:, None, :]
         # Pad queries see no key; let them see themselves so no row is fully masked (their outputs are unused).
-        prefill_mask[:, 0, torch.arange(length), torch.arange(length)] = True
+        diagonal = torch.arange(length, device=dev)
+        prefill_mask[:, 0, diagonal, diagonal] = True
         positions = torch.arange(length, device=dev).expand(rows, length)
         out = backbone(inputs_embeds=embeds, attention_mask={"full_attention": prefill_mask},
                        position_ids=positions, past_key_values=cache, use_cache=True)
@@ -218,6 +224,8 @@ class NextStepImageModel:
             if pos_embed is not None:
                 cond = cond + pos_embed[k]
             head_cond = self.model.image_out_projector(cond)
+            if k == 0 and self.cuda_graphs and dev.type == "cuda":
+                sampler = self._graphed(sampler, head_cond, noise[:, 0])
             x = sampler.sample(head_cond, noise[:, k], k)
             raw = x.to(dtype)
             token = torch.where(use_norm, F.layer_norm(raw, raw.shape[-1:], None, None, 1e-6), raw)
@@ -261,6 +269,18 @@ class NextStepImageModel:
         return images, trace
 
     # Helpers ---------------------------------------------------------------------------------------------------
+
+    def _graphed(self, sampler: TokenSampler, head_cond: torch.Tensor, noise: torch.Tensor):
+        """The CUDA-graph sampler when it captures and agrees with the eager one; else the eager sampler."""
+        try:
+            graphed = GraphedTokenSampler(sampler, head_cond, noise)
+            if graphed.verified(head_cond, noise):
+                return graphed
+            logger.warning("CUDA graph of the token sampler disagrees with eager mode; using eager mode")
+        except Exception as e:  # noqa: BLE001 - capture is an optimisation: never fail a render over it
+            logger.warning("CUDA graph capture of the token sampler failed (%s); using eager mode", e)
+        self.cuda_graphs = False
+        return sampler
 
     def _grid(self, r: RenderRequest) -> tuple[int, int]:
         """The image's token grid (rows, columns)."""
@@ -339,6 +359,12 @@ class NextStepImageModel:
         index = torch.stack(index).repeat(branches, 1).to(self.device)  # (R, N)
         # The condition of token k gets the position of token k (the prefill condition: position 0).
         return table[0][index.T].to(self.dtype)  # (N, R, hidden)
+
+
+def _names_an_edit_model(name: str) -> bool:
+    """NextStep-1-Large-Edit and the like: the word "edit" in the last part of the name."""
+    last = name.rstrip("/").rsplit("/", 1)[-1].lower()
+    return re.search(r"(?<![a-z])edit(?![a-z])", last) is not None
 
 
 def _new_cache(backbone_config, max_len: int):
@@ -428,11 +454,11 @@ def load_vae(vae_dir: Path, device: torch.device, dtype: torch.dtype):
 
         parts = []
         if missing:
-            parts.append("missing tensors: " + _listing(official(missing)))
+            parts.append("missing tensors: " + short_listing(official(missing)))
         if unexpected:
-            parts.append("unexpected tensors: " + _listing(official(unexpected)))
+            parts.append("unexpected tensors: " + short_listing(official(unexpected)))
         if wrong:
-            parts.append("wrong shapes: " + _listing(wrong))
+            parts.append("wrong shapes: " + short_listing(wrong))
         raise snap.SnapshotError(f"{vae_dir / snap.VAE_WEIGHTS_FILE} does not match "
                                  f"{vae_dir / snap.VAE_CONFIG_FILE}: " + "; ".join(parts))
     vae.load_state_dict(sd)
@@ -443,7 +469,8 @@ def load_vae(vae_dir: Path, device: torch.device, dtype: torch.dtype):
 
 def load_nextstep(name: str, *, vae: str | None = None, revision: str | None = None, device: str = "auto",
                   dtype: str = "auto", noise: str = "fast", storage_options: dict | None = None,
-                  cpu_threads: int | None = None, attn_implementation: str = "sdpa") -> NextStepImageModel:
+                  cpu_threads: int | None = None, attn_implementation: str = "sdpa",
+                  cuda_graphs: bool = False) -> NextStepImageModel:
     """Load a NextStep snapshot ("tiny", a directory, a hub repo id or an fsspec URL) as an ImageModel.
 
     vae overrides config.json's vae_name_or_path (a directory, repo id or URL); revision picks a hub revision;
@@ -460,14 +487,16 @@ def load_nextstep(name: str, *, vae: str | None = None, revision: str | None = N
     model = build_model(config, dev, torch_dtype, attn_implementation)
     snap.load_weights(model, directory)
     tokenizer = snap.load_tokenizer(directory)
+    # Rows are never truncated (as in the reference); check() bounds them by the model's context instead.
+    tokenizer.model_max_length = config.max_position_embeddings
     vae_model, vae_config, has_encoder = load_vae(vae_dir, dev, torch_dtype)
     defaults = dict(VERSION_DEFAULTS[config.version])
-    if "edit" in name.lower():
+    if _names_an_edit_model(name):
         defaults.update(EDIT_DEFAULTS)
     defaults.update(snap.read_render_defaults(directory))
-    revision_id = found.revision or snap.fingerprint(directory, *([vae_dir] if directory not in vae_dir.parents
-                                                                      and vae_dir != directory else []))
+    outside_vae = [] if vae_dir.is_relative_to(directory) else [vae_dir]
+    revision_id = found.revision or snap.fingerprint(directory, *outside_vae)
     info = ModelInfo(name=name, family="nextstep", revision=revision_id, device=str(dev),
                      dtype=str(torch_dtype).replace("torch.", ""))
     return NextStepImageModel(model, vae_model, tokenizer, config, vae_config, info, defaults, noise=noise,
-                              has_encoder=has_encoder, cpu_threads=cpu_threads)
+                              has_encoder=has_encoder, cpu_threads=cpu_threads, cuda_graphs=cuda_graphs)

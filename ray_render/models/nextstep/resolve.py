@@ -97,12 +97,14 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
     except Exception as cached_error:  # noqa: BLE001 - huggingface_hub raises several kinds for "not cached"
         if _hub_offline():
             where = cache or "the default hub cache"
-            raise ResolveError(f"{repo_id}{'@' + revision if revision else ''}: not in {where} and "
-                               f"HF_HUB_OFFLINE is set ({type(cached_error).__name__}: {cached_error})") from None
+            raise ResolveError(f"{repo_id}{'@' + revision if revision else ''}: no such local directory; as a "
+                               f"Hugging Face repo id it is not in {where} and HF_HUB_OFFLINE is set "
+                               f"({type(cached_error).__name__}: {cached_error})") from None
         try:
             path = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=HUB_PATTERNS)
         except Exception as e:  # noqa: BLE001
-            raise ResolveError(f"{repo_id}: not in the local hub cache and the download failed "
+            raise ResolveError(f"{repo_id}: no such local directory; as a Hugging Face repo id it is not in the "
+                               "local hub cache and the download failed "
                                f"({type(e).__name__}: {e})") from None
     path = Path(path)
     if not (path / "config.json").is_file():

@@ -80,37 +80,77 @@ class TokenSampler:
         self.noise_scale = torch.sqrt(2 * (1 - self.t))
         dt = self.t[:, 1:] - self.t[:, :-1]
         self.dt, self.sqrt_dt = dt, torch.sqrt(dt)
+        # The same constants sliced per step once, not at every token.
+        self.step_constants = [(self.t[:, i], self.var[:, i], one_minus_t[:, i], self.dt[:, i], self.sqrt_dt[:, i],
+                                self.noise_scale[:, i]) for i in range(self.n_sde)]
         # The time embedding depends only on the grid: compute it once for every step and row.
         t_rows = t.repeat(branches, 1).to(dtype)  # (R, G): the reference casts t to the condition's dtype
         self.time_emb = head.embed_time(t_rows.transpose(0, 1))  # (G, R, width)
 
-    def _velocity(self, x: torch.Tensor, mods, i: int, k: int) -> torch.Tensor:
+    def _velocity(self, x: torch.Tensor, mods, i: int, cfg: torch.Tensor, cfg_img: torch.Tensor) -> torch.Tensor:
         xin = x.to(self.dtype)
         if self.branches > 1:
             xin = xin.repeat(self.branches, 1)  # every branch of an image sees the same x
         v = self.head.velocity(xin, mods, i).float()
         if self.branches == 2:
             cond, uncond = v.chunk(2)
-            return uncond + self.cfg[k] * (cond - uncond)
+            return uncond + cfg * (cond - uncond)
         if self.branches == 3:
             cond, img, neg = v.chunk(3)
-            return neg + self.cfg_img[k] * (img - neg) + self.cfg[k] * (cond - img)
+            return neg + cfg_img * (img - neg) + cfg * (cond - img)
         return v
 
     def sample(self, head_cond: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
         """Token k (B, token_dim) float32. head_cond: (R, hidden) = image_out_projector(condition);
         noise: (B, draws, token_dim) float32, this token's draws."""
+        return self.sample_scaled(head_cond, noise, self.cfg[k], self.cfg_img[k])
+
+    def sample_scaled(self, head_cond: torch.Tensor, noise: torch.Tensor, cfg: torch.Tensor,
+                      cfg_img: torch.Tensor) -> torch.Tensor:
+        """`sample` with this token's guidance scales given as (B, 1) tensors (static inputs for a CUDA graph)."""
         y = self.time_emb + self.head.embed_cond(head_cond)[None]  # (G, R, width)
         mods = self.head.modulations(y)
         x = noise[:, 0]
-        for i in range(self.n_sde):
-            v = self._velocity(x, mods, i, k)
-            t = self.t[:, i]
-            score = (t * v - x) / self.var[:, i]
-            drift = v + self.one_minus_t[:, i] * score
-            dw = noise[:, i + 1] * self.sqrt_dt[:, i]
-            mean_x = x + drift * self.dt[:, i]
-            x = mean_x + self.noise_scale[:, i] * dw
+        for i, (t, var, one_minus_t, dt, sqrt_dt, noise_scale) in enumerate(self.step_constants):
+            v = self._velocity(x, mods, i, cfg, cfg_img)
+            score = (t * v - x) / var
+            drift = v + one_minus_t * score
+            dw = noise[:, i + 1] * sqrt_dt
+            mean_x = x + drift * dt
+            x = mean_x + noise_scale * dw
         if self.version == "1":
-            x = x + self._velocity(x, mods, self.n_sde, k) * LAST_STEP
+            x = x + self._velocity(x, mods, self.n_sde, cfg, cfg_img) * LAST_STEP
         return x
+
+
+class GraphedTokenSampler:
+    """A TokenSampler whose per-token work (all S head evaluations) is one CUDA graph replay.
+
+    In eager mode a token costs about 100 kernel launches per step; on a GPU the launches, not the arithmetic,
+    bound the head at small batches. The graph is captured once per render call (shapes are fixed within a
+    call) from static input buffers that each token copies into. Opt-in (`cuda_graphs=True`) until measured on
+    a GPU; `verified` compares a replay with the eager result before it is trusted.
+    """
+
+    def __init__(self, sampler: TokenSampler, head_cond: torch.Tensor, noise: torch.Tensor):
+        self.sampler = sampler
+        self.inputs = [head_cond.clone(), noise.clone(), sampler.cfg[0].clone(), sampler.cfg_img[0].clone()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, cuBLAS handles)
+            for _ in range(2):
+                sampler.sample_scaled(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = sampler.sample_scaled(*self.inputs)
+
+    def sample(self, head_cond: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
+        for static, value in zip(self.inputs, (head_cond, noise, self.sampler.cfg[k], self.sampler.cfg_img[k])):
+            static.copy_(value)
+        self.graph.replay()
+        return self.output.clone()
+
+    def verified(self, head_cond: torch.Tensor, noise: torch.Tensor, atol: float = 1e-2) -> bool:
+        """Whether a replay agrees with the eager sampler on token 0."""
+        return torch.allclose(self.sample(head_cond, noise, 0), self.sampler.sample(head_cond, noise, 0), atol=atol)

@@ -13,6 +13,7 @@ torch.load(weights_only=True) only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,8 +51,7 @@ def write_snapshot(directory, config, model_state_dict: dict, tokenizer_dir_or_o
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if isinstance(config, dict):
-        config = NextStepConfig.from_dict(config)
+    config = NextStepConfig.from_dict(config) if isinstance(config, dict) else dataclasses.replace(config)
     config.vae_name_or_path = config.vae_name_or_path or "vae"
     config.to_file(directory / "config.json")
     _write_weights(directory, model_state_dict, shard_bytes)
@@ -61,7 +61,8 @@ def write_snapshot(directory, config, model_state_dict: dict, tokenizer_dir_or_o
         if not copied:
             raise SnapshotError(f"{src}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
         for name in copied:
-            shutil.copyfile(src / name, directory / name)
+            if (directory / name).resolve() != (src / name).resolve():
+                shutil.copyfile(src / name, directory / name)
     else:
         tokenizer_dir_or_obj.save_pretrained(str(directory))
     vae_dir = directory / "vae"

@@ -1,0 +1,161 @@
+"""Figures for the NextStep runtime: images per second against batch size, and a full-size random model for GPUs.
+
+`measure_batching` renders the same number of distinct rows (own prompt, own seed) at each batch size and
+reports images/s and the speedup over batch 1; `ray-render bench` and benchmarks/model_batching.py call it.
+`build_large_random` builds the NextStep-1-Large architecture (14B backbone, 157M head, f8ch16 VAE) with random
+weights directly on a CUDA device, so batching can be measured on a GPU without downloading the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Sequence
+
+import torch
+
+from ray_render.models.base import RenderRequest
+
+# Special ids of the embedded tiny tokenizer, used by the random large model (its tokenizer).
+_TINY_SPECIAL_IDS = {"boi": 801, "eoi": 802, "image_placeholder_id": 803, "pad_token_id": 799, "eos_token_id": 798,
+                     "bos_token_id": None}
+_PROMPTS = ["a red cube on a wooden table", "three golden stars above a dark mountain at night",
+            "a fluffy orange cat sleeping on a blue chair in a sunny garden, watercolor",
+            "a lighthouse on a cliff during a storm", "a bowl of ramen, studio photo",
+            "an astronaut riding a horse on the moon", "a city skyline at dusk, oil painting",
+            "a small robot reading a book in a library"]
+
+
+def requests_for(n: int, *, width: int, height: int, steps: int, cfg: float, start: int = 0,
+                 **params) -> list[RenderRequest]:
+    """`n` distinct rows: different prompts and seeds, the same batch key."""
+    return [RenderRequest(key=f"bench-{i}", prompt=f"{_PROMPTS[i % len(_PROMPTS)]}, variation {i}", seed=i,
+                          width=width, height=height, num_sampling_steps=steps, cfg=cfg, **params)
+            for i in range(start, start + n)]
+
+
+def measure_batching(batch_sizes: Sequence[int] = (1, 4, 16, 32), rows: int = 64, steps: int | None = None, *,
+                     model="tiny", device: str = "cpu", dtype: str = "auto", noise: str = "fast",
+                     width: int | None = None, height: int | None = None, cfg: float | None = None,
+                     warmup: int = 1, cuda_graphs: bool = False, **render_params) -> dict:
+    """Images/s at each batch size for `rows` rows (at least one full batch each), plus the speedup over the
+    smallest batch size. `model`: a name for load_nextstep ("tiny", a path, ...), "large-random" (see
+    build_large_random; CUDA only), or an already loaded ImageModel. Unset width/height/steps/cfg take the
+    model's defaults."""
+    if isinstance(model, str):
+        name = model
+        if model == "large-random":
+            model = build_large_random(device=device if device != "cpu" else "cuda", noise=noise,
+                                       cuda_graphs=cuda_graphs)
+        else:
+            from ray_render.models.nextstep import load_nextstep
+
+            model = load_nextstep(model, device=device, dtype=dtype, noise=noise, cuda_graphs=cuda_graphs)
+    else:
+        name = model.info.name
+    d = model.defaults()
+    width, height = width or d.get("width", 64), height or d.get("height", 64)
+    steps, cfg = steps or d.get("num_sampling_steps", 12), cfg if cfg is not None else d.get("cfg", 3.0)
+    results = []
+    for b in batch_sizes:
+        n_batches = max(1, rows // b)
+        for w in range(warmup):
+            model.render(requests_for(b, width=width, height=height, steps=steps, cfg=cfg, start=10_000 + w * b,
+                                      **render_params))
+        batches = [requests_for(b, width=width, height=height, steps=steps, cfg=cfg, start=i * b, **render_params)
+                   for i in range(n_batches)]
+        _sync(model)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for batch in batches:
+            model.render(batch)
+        _sync(model)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        images = n_batches * b
+        results.append({"batch_size": b, "images": images, "seconds": round(wall, 4),
+                        "cpu_seconds": round(cpu, 4), "images_per_s": round(images / wall, 3),
+                        "ms_per_image": round(1000 * wall / images, 2)})
+    base = results[0]["images_per_s"]
+    for r in results:
+        r["speedup"] = round(r["images_per_s"] / base, 2)
+    return {
+        "benchmark": "model_batching", "model": name, "revision": model.info.revision, "device": model.info.device,
+        "dtype": model.info.dtype, "noise": getattr(model, "noise", noise), "width": width, "height": height,
+        "steps": steps, "cfg": cfg, "rows": rows, "torch_threads": getattr(model, "cpu_threads", None)
+        or torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average": _load_average(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if model.info.device.startswith("cuda") else None,
+        "cuda_graphs": bool(getattr(model, "cuda_graphs", False)),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results,
+    }
+
+
+def format_table(result: dict) -> str:
+    """The results as a plain-text table."""
+    head = (f"{result['model']} on {result['device']} ({result['dtype']}), {result['width']}x{result['height']}, "
+            f"{result['steps']} steps, cfg {result['cfg']}, threads {result['torch_threads']}")
+    lines = [head, f"{'batch':>6} {'images':>7} {'seconds':>9} {'images/s':>9} {'ms/image':>9} {'speedup':>8}"]
+    for r in result["results"]:
+        lines.append(f"{r['batch_size']:>6} {r['images']:>7} {r['seconds']:>9.3f} {r['images_per_s']:>9.2f} "
+                     f"{r['ms_per_image']:>9.1f} {r['speedup']:>7.2f}x")
+    return "\n".join(lines)
+
+
+def _sync(model) -> None:
+    if model.info.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# The full-size architecture with random weights ------------------------------------------------------------------
+
+def large_config(**overrides):
+    """NextStep-1-Large sizes (Qwen2.5-14B backbone, 1536x12 head), with the tiny tokenizer's special ids."""
+    from ray_render.models.nextstep.config import NextStepConfig
+
+    return NextStepConfig(**{**_TINY_SPECIAL_IDS, "vae_name_or_path": None, **overrides})
+
+
+@torch.no_grad()
+def build_large_random(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, noise: str = "fast",
+                       seed: int = 0, vae_config: dict | None = None, cuda_graphs: bool = False,
+                       **config_overrides):
+    """A NextStepImageModel of the real NextStep-1-Large sizes with random weights, allocated on `device`.
+
+    No weights file: the modules are created on the meta device and materialised in `dtype` on the device, then
+    filled with normal(0, 0.02) (norm gains 1). The tokenizer is the embedded tiny one (its ids are below the
+    real vocabulary size), so prompts tokenize to a similar length as with the real tokenizer. The VAE is the
+    released f8ch16 architecture, random (or `vae_config`). Keyword overrides change config sizes (tests build a
+    small one on CPU). The images are noise; the timings are what they measure.
+    """
+    from ray_render.models.base import ModelInfo
+    from ray_render.models.nextstep import snapshot as snap
+    from ray_render.models.nextstep import vae as vae_lib
+    from ray_render.models.nextstep.pipeline import NextStepImageModel, build_model, resolve_device
+    from ray_render.models.nextstep.resolve import tiny_dir
+
+    dev = resolve_device(device)
+    config = large_config(**config_overrides)
+    model = build_model(config, dev, dtype)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name or "in_ln.weight" in name:
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+    vae_config = dict(vae_config or vae_lib.VAE_DEFAULTS)
+    vae = torch.nn.Module.to(vae_lib.build_autoencoder(vae_config), device=dev, dtype=dtype).eval()
+    tokenizer = snap.load_tokenizer(tiny_dir())
+    info = ModelInfo(name="large-random", family="nextstep", revision=f"random-{seed}", device=str(dev),
+                     dtype=str(dtype).replace("torch.", ""))
+    defaults = {"width": 512, "height": 512, "num_sampling_steps": 50, "cfg": 7.5, "use_norm": True}
+    return NextStepImageModel(model, vae, tokenizer, config, vae_config, info, defaults, noise=noise,
+                              cuda_graphs=cuda_graphs)

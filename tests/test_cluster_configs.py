@@ -1,0 +1,266 @@
+"""Cluster configs: the launcher config against ray's own schema, the runtime_env through ray's RuntimeEnv, and the
+Kubernetes manifests' structure (kinds, apiVersions, field names, images, GPU resources, the copies kept equal)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.runtime_env import RuntimeEnv
+
+from ray_render.config import job_from_options, load_config_file
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+PROJECT_IMAGE = re.compile(r"ghcr\.io/example/ray-render:\d+\.\d+\.\d+")
+
+# Field names of the KubeRay ray.io/v1 types (ray-operator/apis/ray/v1) and of the core Kubernetes types used here.
+# Kubernetes drops unknown fields without a word, so a misspelt field is a silent misconfiguration: catch it here.
+RAY_CLUSTER_SPEC = {"upgradeStrategy", "authOptions", "suspend", "managedBy", "autoscalerOptions",
+                    "headServiceAnnotations", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
+                    "historyServerOptions", "networkPolicy", "tlsOptions", "headGroupSpec", "rayVersion",
+                    "workerGroupSpecs"}
+HEAD_GROUP_SPEC = {"template", "headService", "enableIngress", "ingressOptions", "resources", "labels",
+                   "rayStartParams", "serviceType"}
+WORKER_GROUP_SPEC = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+                     "priority", "resources", "labels", "rayStartParams", "template", "scaleStrategy", "numOfHosts"}
+AUTOSCALER_OPTIONS = {"resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds",
+                      "upscalingMode", "version", "env", "envFrom", "volumeMounts", "command", "args"}
+RAY_JOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+                "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint",
+                "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
+                "entrypointNumGpus", "ttlSecondsAfterFinished", "preRunningDeadlineSeconds",
+                "shutdownAfterJobFinishes", "suspend"}
+RAY_CRON_JOB_SPEC = {"jobTemplate", "schedule", "timeZone", "suspend"}
+CRON_JOB_SPEC = {"concurrencyPolicy", "failedJobsHistoryLimit", "jobTemplate", "schedule", "startingDeadlineSeconds",
+                 "successfulJobsHistoryLimit", "suspend", "timeZone"}
+JOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "backoffLimitPerIndex", "completionMode", "completions",
+            "managedBy", "manualSelector", "maxFailedIndexes", "parallelism", "podFailurePolicy",
+            "podReplacementPolicy", "selector", "successPolicy", "suspend", "template", "ttlSecondsAfterFinished"}
+POD_SPEC = {"activeDeadlineSeconds", "affinity", "automountServiceAccountToken", "containers", "dnsConfig",
+            "dnsPolicy", "enableServiceLinks", "ephemeralContainers", "hostAliases", "hostIPC", "hostNetwork",
+            "hostPID", "hostUsers", "hostname", "imagePullSecrets", "initContainers", "nodeName", "nodeSelector",
+            "os", "overhead", "preemptionPolicy", "priority", "priorityClassName", "readinessGates",
+            "resourceClaims", "resources", "restartPolicy", "runtimeClassName", "schedulerName", "schedulingGates",
+            "securityContext", "serviceAccount", "serviceAccountName", "setHostnameAsFQDN", "shareProcessNamespace",
+            "subdomain", "terminationGracePeriodSeconds", "tolerations", "topologySpreadConstraints", "volumes"}
+CONTAINER = {"args", "command", "env", "envFrom", "image", "imagePullPolicy", "lifecycle", "livenessProbe", "name",
+             "ports", "readinessProbe", "resizePolicy", "resources", "restartPolicy", "securityContext",
+             "startupProbe", "stdin", "stdinOnce", "terminationMessagePath", "terminationMessagePolicy", "tty",
+             "volumeDevices", "volumeMounts", "workingDir"}
+
+
+def load(name: str) -> list[dict]:
+    return list(yaml.safe_load_all((CLUSTER / name).read_text()))
+
+
+def only(name: str) -> dict:
+    [document] = load(name)
+    return document
+
+
+def known(mapping: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(mapping) - allowed)
+    assert not unknown, f"{where}: unknown field(s) {unknown}"
+
+
+def check_pod_template(template: dict, where: str) -> list[dict]:
+    known(template, {"metadata", "spec"}, where)
+    spec = template["spec"]
+    known(spec, POD_SPEC, f"{where}.spec")
+    assert spec["containers"], f"{where}: no containers"
+    mounted = {volume["name"] for volume in spec.get("volumes", [])}
+    for container in spec["containers"]:
+        known(container, CONTAINER, f"{where} container {container.get('name')}")
+        assert container["name"] and container["image"]
+        for mount in container.get("volumeMounts", []):
+            assert mount["name"] in mounted, f"{where}: volume {mount['name']} is mounted but not declared"
+    return spec["containers"]
+
+
+def check_ray_cluster_spec(spec: dict, where: str) -> None:
+    """The structure a KubeRay RayCluster spec needs, and a GPU worker group sized consistently."""
+    known(spec, RAY_CLUSTER_SPEC, where)
+    known(spec.get("autoscalerOptions", {}), AUTOSCALER_OPTIONS, f"{where}.autoscalerOptions")
+    assert spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]
+    known(head, HEAD_GROUP_SPEC, f"{where}.headGroupSpec")
+    assert isinstance(head["rayStartParams"], dict)
+    assert all(isinstance(value, str) for value in head["rayStartParams"].values())  # map[string]string
+    [head_container] = check_pod_template(head["template"], f"{where}.headGroupSpec")
+    assert PROJECT_IMAGE.fullmatch(head_container["image"])
+    assert {port["containerPort"] for port in head_container["ports"]} >= {6379, 8265, 10001}
+    assert "nvidia.com/gpu" not in head_container["resources"].get("limits", {})  # the head needs no GPU
+
+    gpu_groups = 0
+    for group in spec["workerGroupSpecs"]:
+        where_group = f"{where} worker group {group['groupName']}"
+        known(group, WORKER_GROUP_SPEC, where_group)
+        assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+        assert group["maxReplicas"] > group["minReplicas"], f"{where_group}: cannot autoscale"
+        assert all(isinstance(value, str) for value in group["rayStartParams"].values())
+        [container] = check_pod_template(group["template"], where_group)
+        assert container["image"] == head_container["image"], f"{where_group}: head and workers run one image"
+        limits, requests = container["resources"]["limits"], container["resources"].get("requests", {})
+        if "num-gpus" in group["rayStartParams"]:
+            gpu_groups += 1
+            gpus = int(group["rayStartParams"]["num-gpus"])
+            assert gpus >= 1 and int(limits["nvidia.com/gpu"]) == gpus, f"{where_group}: num-gpus != GPU limit"
+            # Extended resources cannot be overcommitted: a request, if given, must equal the limit.
+            assert int(requests.get("nvidia.com/gpu", gpus)) == gpus
+            tolerations = group["template"]["spec"].get("tolerations", [])
+            assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations), f"{where_group}: GPU taint"
+    assert gpu_groups >= 1, f"{where}: no GPU worker group"
+
+
+def check_ray_job_spec(spec: dict, where: str) -> None:
+    known(spec, RAY_JOB_SPEC, where)
+    command = shlex.split(spec["entrypoint"])
+    assert command[:3] == ["python", "jobs/render.py", "--config"], f"{where}: entrypoint {spec['entrypoint']!r}"
+    config_path = command[3]
+    options = load_config_file(str(REPO / config_path))  # a real job file, with valid option names
+    job_from_options(options)
+    if "--out" in command:
+        assert re.match(r"(s3|gs)://", command[command.index("--out") + 1]), "cluster jobs write to object storage"
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    # The submitter pod uploads working_dir from its image: the repository copy the Dockerfile makes. Ray checks
+    # that a local working_dir exists, so check this file with that copy's source, the repository itself.
+    [workdir] = re.findall(r"^WORKDIR (\S+)", (CLUSTER / "Dockerfile").read_text(), flags=re.MULTILINE)
+    assert runtime_env["working_dir"] == workdir, f"{where}: working_dir is not the image's repository copy"
+    check_runtime_env({**runtime_env, "working_dir": str(REPO)}, f"{where}.runtimeEnvYAML")
+    assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode")
+    assert spec["shutdownAfterJobFinishes"] is True  # GPU nodes go back when the job ends
+    check_ray_cluster_spec(spec["rayClusterSpec"], f"{where}.rayClusterSpec")
+
+
+def check_runtime_env(env: dict, where: str) -> None:
+    unknown = sorted(set(env) - set(RuntimeEnv.known_fields))
+    assert not unknown, f"{where}: unknown runtime_env field(s) {unknown}"
+    RuntimeEnv(**env)  # ray's own type checks (env_vars values must be strings, ...)
+
+
+def test_launcher_config_passes_rays_schema():
+    schema_path = os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")
+    with open(schema_path) as handle:
+        schema = json.load(handle)
+    config = yaml.safe_load((CLUSTER / "launcher-aws.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(config)
+    node_types = config["available_node_types"]
+    assert config["head_node_type"] in node_types
+    gpu_types = [name for name, node in node_types.items() if node["resources"].get("GPU", 0) >= 1]
+    assert gpu_types and config["head_node_type"] not in gpu_types
+    for name in gpu_types:
+        assert node_types[name]["min_workers"] == 0 < node_types[name]["max_workers"] <= config["max_workers"]
+    assert node_types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert PROJECT_IMAGE.fullmatch(config["docker"]["image"])
+    # Token auth: every node starts with it on, and gets the token the client submits with.
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert "ray start" not in command or "RAY_AUTH_MODE=token" in command, command
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_launcher_schema_check_catches_mistakes():
+    schema_path = os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")
+    with open(schema_path) as handle:
+        schema = json.load(handle)
+    config = yaml.safe_load((CLUSTER / "launcher-aws.yaml").read_text())
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_worker"]["min_worker"] = 0  # misspelt
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        jsonschema.validate(broken, schema)
+
+
+def test_runtime_env_is_one_ray_accepts():
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    check_runtime_env(env, "runtime_env.yaml")
+    assert ".venv/" in env["excludes"]  # a developer's checkout never uploads its virtualenv
+
+
+def test_ray_cluster():
+    cluster = only("raycluster.yaml")
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert cluster["metadata"]["name"]
+    check_ray_cluster_spec(cluster["spec"], "raycluster.yaml")
+
+
+def test_ray_job_runs_the_render_entrypoint_on_the_same_cluster_spec():
+    job = only("rayjob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    check_ray_job_spec(job["spec"], "rayjob.yaml")
+    assert job["spec"]["rayClusterSpec"] == only("raycluster.yaml")["spec"], "rayjob.yaml drifted from raycluster"
+
+
+def test_ray_cron_job_schedules_the_same_job():
+    cron = only("raycronjob.yaml")
+    assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
+    known(cron["spec"], RAY_CRON_JOB_SPEC, "raycronjob.yaml")
+    assert len(cron["spec"]["schedule"].split()) == 5
+    check_ray_job_spec(cron["spec"]["jobTemplate"], "raycronjob.yaml jobTemplate")
+    assert cron["spec"]["jobTemplate"] == only("rayjob.yaml")["spec"], "raycronjob.yaml drifted from rayjob.yaml"
+
+
+def test_kubernetes_cron_job_creates_the_same_ray_job_with_least_privilege():
+    documents = {document["kind"]: document for document in load("cronjob.yaml")}
+    assert set(documents) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"}
+    expected_versions = {"ServiceAccount": "v1", "ConfigMap": "v1", "CronJob": "batch/v1",
+                         "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1"}
+    assert {kind: d["apiVersion"] for kind, d in documents.items()} == expected_versions
+
+    cron = documents["CronJob"]
+    known(cron["spec"], CRON_JOB_SPEC, "CronJob")
+    assert len(cron["spec"]["schedule"].split()) == 5
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # two refreshes must not write one output at once
+    job_spec = cron["spec"]["jobTemplate"]["spec"]
+    known(job_spec, JOB_SPEC, "CronJob jobTemplate")
+    pod = job_spec["template"]["spec"]
+    [container] = check_pod_template(job_spec["template"], "CronJob pod")
+    assert re.fullmatch(r"registry\.k8s\.io/kubectl:v\d+\.\d+\.\d+", container["image"])  # pinned, not latest
+    assert pod["restartPolicy"] in ("OnFailure", "Never")
+
+    # The pod's account may create RayJobs, and nothing else.
+    account = pod["serviceAccountName"]
+    assert documents["ServiceAccount"]["metadata"]["name"] == account
+    binding = documents["RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": documents["Role"]["metadata"]["name"]}
+    [rule] = documents["Role"]["rules"]
+    assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"] and "create" in rule["verbs"]
+    assert not {"delete", "*", "update", "patch"} & set(rule["verbs"])
+
+    # It creates the RayJob held in the mounted ConfigMap: rayjob.yaml under a generated name.
+    [volume] = pod["volumes"]
+    assert volume["configMap"]["name"] == documents["ConfigMap"]["metadata"]["name"]
+    [mount] = container["volumeMounts"]
+    [key] = documents["ConfigMap"]["data"]
+    assert container["command"] == ["kubectl", "create", "-f", f"{mount['mountPath']}/{key}"]
+    ray_job = yaml.safe_load(documents["ConfigMap"]["data"][key])
+    reference = only("rayjob.yaml")
+    assert ray_job["metadata"]["generateName"].endswith("-") and "name" not in ray_job["metadata"]
+    assert ray_job["spec"] == reference["spec"], "cronjob.yaml's RayJob drifted from rayjob.yaml"
+    assert (ray_job["apiVersion"], ray_job["kind"]) == ("ray.io/v1", "RayJob")
+
+
+def test_image_is_built_on_the_ray_version_the_manifests_declare():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    [base] = re.findall(r"^FROM (\S+)", dockerfile, flags=re.MULTILINE)
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-gpu", base)
+    assert match, f"base image {base} is not a Ray GPU image"
+    for name in ("raycluster.yaml", "rayjob.yaml", "raycronjob.yaml"):
+        text = (CLUSTER / name).read_text()
+        assert set(re.findall(r'rayVersion: "([^"]+)"', text)) == {match.group(1)}, name
+    for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, flags=re.MULTILINE):
+        for path in source.split():
+            assert (REPO / path).exists(), f"Dockerfile copies {path}, which the repository does not have"
+    texts = "".join((CLUSTER / name).read_text() for name in os.listdir(CLUSTER) if name.endswith(".yaml"))
+    images = set(re.findall(r"^\s*image: (\S+)", texts, flags=re.MULTILINE))
+    project_images = {image for image in images if "ray-render" in image}
+    assert len(project_images) == 1, f"one project image tag everywhere, got {project_images}"
