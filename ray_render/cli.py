@@ -10,18 +10,17 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 
+from ray_render import driver
 from ray_render.config import (CFG_SCHEDULES, DEVICES, DTYPES, IMAGE_FORMATS, NOISE_MODES, ConfigError, JobConfig,
                                job_from_options, load_config_file)
 
 PROG = "ray-render"
 
-EXIT_CODES_HELP = """exit status:
-  0  every row ok
-  1  finished, but some rows are failed or invalid (see the metadata's error column)
-  2  aborted: bad configuration, unreadable manifest, --out holding another job (without --overwrite),
-     a model that does not load, or more failed rows than --max-failed-fraction
-  3  Ray cluster lost or run interrupted: rerun the same command to resume"""
+EXIT_CODES_HELP = "exit status:\n" + "\n".join(
+    textwrap.fill(meaning, width=100, initial_indent=f"  {code}  ", subsequent_indent="     ")
+    for code, meaning in driver.EXIT_CODES.items())
 
 
 class CliError(Exception):
@@ -37,7 +36,7 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     d = _defaults()
     parser.add_argument("manifests", nargs="*", metavar="MANIFEST",
                         help="Parquet files, directories, globs or fsspec URLs (s3://, gs://, ...)")
-    parser.add_argument("--out", help="output root: a local path or fsspec URL")
+    parser.add_argument("--out", metavar="URI", help="output root: a local path or fsspec URL")
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML job file with the same options "
                         "(dashes or underscores); command-line flags override it")
 
@@ -53,22 +52,22 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 
     render = parser.add_argument_group("render parameters (job defaults; manifest columns override them)")
     render.add_argument("--preset", help="draft, standard, premium, or one of the job file's presets")
-    render.add_argument("--width", type=int, help="pixels, a multiple of 16 (default: the model's)")
-    render.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: the model's)")
+    render.add_argument("--width", type=int, metavar="PX", help="pixels, a multiple of 16 (default: the model's)")
+    render.add_argument("--height", type=int, metavar="PX", help="pixels, a multiple of 16 (default: the model's)")
     render.add_argument("--cfg", type=float, help="text guidance scale, >= 1")
-    render.add_argument("--cfg-img", dest="cfg_img", type=float, help="image guidance scale (editing), >= 1")
+    render.add_argument("--cfg-img", dest="cfg_img", type=float, metavar="CFG", help="image guidance scale (editing), >= 1")
     render.add_argument("--cfg-schedule", dest="cfg_schedule", choices=CFG_SCHEDULES)
     render.add_argument("--use-norm", dest="use_norm", action=argparse.BooleanOptionalAction,
                         help="layer-norm each sampled token")
-    render.add_argument("--shift", dest="timesteps_shift", type=float, help="timesteps shift, > 0")
-    render.add_argument("--steps", dest="num_sampling_steps", type=int, help="sampling steps, >= 2")
-    render.add_argument("--negative-prompt", dest="negative_prompt")
-    render.add_argument("--positive-prompt", dest="positive_prompt")
-    render.add_argument("--num-images", dest="num_images", type=int, help="images per row (default: 1)")
+    render.add_argument("--shift", dest="timesteps_shift", type=float, metavar="SHIFT", help="timesteps shift, > 0")
+    render.add_argument("--steps", dest="num_sampling_steps", type=int, metavar="N", help="sampling steps, >= 2")
+    render.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT")
+    render.add_argument("--positive-prompt", dest="positive_prompt", metavar="TEXT")
+    render.add_argument("--num-images", dest="num_images", type=int, metavar="N", help="images per row (default: 1)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--format", choices=IMAGE_FORMATS, help=f"(default: {d.format})")
-    output.add_argument("--quality", type=int, help=f"jpeg/webp quality 1-100 (default: {d.quality})")
+    output.add_argument("--quality", type=int, metavar="Q", help=f"jpeg/webp quality 1-100 (default: {d.quality})")
     output.add_argument("--storage-options", dest="storage_options", metavar="JSON",
                         help="fsspec options as a JSON object (credentials, endpoint_url); never logged")
     output.add_argument("--no-resume", dest="resume", action="store_false",
@@ -76,23 +75,23 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--overwrite", action="store_true", help="clear the output root's job first")
 
     run = parser.add_argument_group("cluster and scheduling")
-    run.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray for this run)")
-    run.add_argument("--actors", type=int, help="render actors (default: one per GPU, or 1 on CPU)")
-    run.add_argument("--batch-size", dest="batch_size", type=int, help=f"requests per model call "
+    run.add_argument("--address", metavar="ADDR", help="Ray address (default: RAY_ADDRESS, else a local Ray for this run)")
+    run.add_argument("--actors", type=int, metavar="N", help="render actors (default: one per GPU, or 1 on CPU)")
+    run.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", help=f"requests per model call "
                      f"(default: {d.batch_size})")
-    run.add_argument("--shard-size", dest="shard_size", type=int, help=f"manifest rows per shard "
+    run.add_argument("--shard-size", dest="shard_size", type=int, metavar="ROWS", help=f"manifest rows per shard "
                      f"(default: {d.shard_size})")
-    run.add_argument("--max-in-flight", dest="max_in_flight", type=int, help=f"shards queued per actor "
+    run.add_argument("--max-in-flight", dest="max_in_flight", type=int, metavar="N", help=f"shards queued per actor "
                      f"(default: {d.max_in_flight})")
-    run.add_argument("--retries", type=int, help=f"extra attempts per row and per shard (default: {d.retries})")
-    run.add_argument("--max-failed-fraction", dest="max_failed_fraction", type=float,
+    run.add_argument("--retries", type=int, metavar="N", help=f"extra attempts per row and per shard (default: {d.retries})")
+    run.add_argument("--max-failed-fraction", dest="max_failed_fraction", type=float, metavar="F",
                      help=f"abort once more than this fraction of finished rows failed "
                           f"(default: {d.max_failed_fraction})")
-    run.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float,
+    run.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float, metavar="N",
                      help=f"(default: {d.cpus_per_actor})")
-    run.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float,
+    run.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float, metavar="N",
                      help=f"(default: {d.gpus_per_actor})")
-    run.add_argument("--limit", type=int, help="render only the first N rows of the plan")
+    run.add_argument("--limit", type=int, metavar="N", help="render only the first N rows of the plan")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or log lines")
 
 
@@ -131,8 +130,6 @@ def add_run_parser(subparsers) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ray_render import driver
-
     return driver.run(job_from_args(args)).exit_code
 
 

@@ -35,9 +35,13 @@ EXIT_OK = 0
 EXIT_ROWS = 1
 EXIT_ABORTED = 2
 EXIT_LOST = 3
-EXIT_CODES = {EXIT_OK: "every row ok", EXIT_ROWS: "finished with failed or invalid rows",
-              EXIT_ABORTED: "aborted (bad config, unreadable manifest, other job in --out, error budget exceeded)",
-              EXIT_LOST: "cluster lost or interrupted (rerun to resume)"}
+EXIT_CODES = {  # what `ray-render run --help` prints
+    EXIT_OK: "every row ok",
+    EXIT_ROWS: "finished, but some rows are failed or invalid (see the metadata's error column)",
+    EXIT_ABORTED: "aborted: bad configuration, unreadable manifest, --out holding another job (without "
+                  "--overwrite), a model that does not load, or more failed rows than --max-failed-fraction",
+    EXIT_LOST: "Ray cluster lost or run interrupted: rerun the same command to resume",
+}
 
 MIN_ROWS_FOR_BUDGET = 100  # judge --max-failed-fraction only after this many rows finished in this run
 NO_ACTOR_TIMEOUT_S = 1800.0  # give up when no actor has been ready this long (model download, autoscaling)

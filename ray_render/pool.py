@@ -158,9 +158,9 @@ class RenderPool:
         return bool(self._future_to_actor)
 
     def reissue_stragglers(self) -> int:
-        """Give each idle actor a copy of a shard that waits behind another or runs unusually long.
+        """Give each idle actor a shard queued behind another (moved), or a copy of one running unusually long.
 
-        Call only when the driver has no shard left to hand out; returns how many copies were issued.
+        Call only when the driver has no shard left to hand out; returns how many shards were re-issued.
         """
         idle = self._idle_actors()
         if not idle:
@@ -169,7 +169,7 @@ class RenderPool:
         threshold = None
         if self._shard_wall_s:
             threshold = max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * statistics.median(self._shard_wall_s))
-        candidates = []  # (priority, -age, ref): queued copies first, then the longest running
+        candidates = []  # (priority, -age, ref): queued shards first, then the longest running
         for refs in self._in_flight.values():
             for position, ref in enumerate(refs):
                 if ref in self._cancelled:
@@ -279,17 +279,27 @@ class RenderPool:
         return [ShardFailed(call.shard, call.attempt, error, actor_lost)]
 
     def shutdown(self) -> None:
-        """Cancel everything outstanding and kill every actor (their models go with them)."""
-        for ref in list(self._future_to_actor):
-            ray.cancel(ref)
+        """Cancel everything outstanding and kill every actor (their models go with them).
+
+        Best effort: after a lost cluster these calls fail too, and the job's own outcome matters more.
+        """
+        for ref in self._future_to_actor:
+            _quietly(ray.cancel, ref)
         for actor in self._actors.values():
-            ray.kill(actor, no_restart=True)
+            _quietly(ray.kill, actor, no_restart=True)
         self._actors.clear()
         self._starting.clear()
         self._in_flight.clear()
         self._future_to_actor.clear()
         self._shard_futures.clear()
         self._cancelled.clear()
+
+
+def _quietly(fn: Callable, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("ignored during shutdown: %s", exc)
 
 
 def _error_line(exc: BaseException) -> str:

@@ -144,6 +144,8 @@ class NextStepConfig:
             wrong.append(f"hidden_act must be 'silu', got {self.hidden_act!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             wrong.append("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.extra.get("use_2d_rope"):
+            wrong.append("use_2d_rope must be false (2-D RoPE is not implemented)")
         for name in ("boi", "eoi", "image_placeholder_id"):
             if getattr(self, name) is None:
                 wrong.append(f"{name} must be set")
