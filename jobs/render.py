@@ -3,13 +3,13 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/render.py --config jobs/examples/render.yaml
 
-Inside a job Ray sets RAY_ADDRESS, and the driver joins that cluster (address "auto") instead of starting its own.
-The process exits with `ray-render run`'s status (see `ray-render run --help`), so a failed job shows as FAILED.
+Inside a job Ray sets RAY_ADDRESS, so the driver joins that cluster (the default of --address) instead of starting
+its own. The process exits with `ray-render run`'s status (see `ray-render run --help`), so a failed job shows as
+FAILED.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -20,10 +20,7 @@ from ray_render import cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("RAY_ADDRESS") and not any(arg == "--address" or arg.startswith("--address=") for arg in argv):
-        argv += ["--address", "auto"]
-    return cli.main(["run", *argv])
+    return cli.main(["run", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

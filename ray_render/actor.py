@@ -56,6 +56,7 @@ class _Item:
     image_index: int
     request: RenderRequest
     calls: int = 0  # render calls that included it
+    solo_failures: int = 0  # calls that raised with it alone in the batch
     render_ms: float | None = None
     error: str | None = None
     stored: Future | None = None  # -> (image_uri, sha256, width, height)
@@ -227,7 +228,11 @@ class RenderActor:
     # -- helpers -----------------------------------------------------------------------------------------------
 
     def _render(self, batch: list[_Item], shard_id: str, pending: deque[Future]) -> float:
-        """Render one batch; split it when it raises, halve the batch size on out-of-memory. Returns model ms."""
+        """Render one batch and queue its images for storage; returns the model time (ms) spent on it.
+
+        A batch that raises is split in halves until the request that raised is alone; that one is tried
+        `retries` more times and then ends failed with its error. Out-of-memory halves the actor's batch size.
+        """
         for item in batch:
             item.calls += 1
         started = time.monotonic()
@@ -235,54 +240,37 @@ class RenderActor:
             arrays = self.model.render([item.request for item in batch])
             if len(arrays) != len(batch):
                 raise RuntimeError(f"model returned {len(arrays)} images for {len(batch)} requests")
-        except ModelOutOfMemory as exc:
-            spent = (time.monotonic() - started) * 1000.0
-            self._count_error("out_of_memory")
-            if len(batch) == 1:
-                return spent + self._retry_alone(batch[0], shard_id, pending, exc)
-            smaller = max(1, min(self.batch_size, len(batch)) // 2)
-            if smaller < self.batch_size:
-                log.warning("%s: out of memory with a batch of %d; batch size is now %d for this actor",
-                            self.worker, len(batch), smaller)
-                self.batch_size = smaller
-            return spent + sum(self._render(batch[i:i + smaller], shard_id, pending)
-                               for i in range(0, len(batch), smaller))
-        except Exception as exc:  # noqa: BLE001 - any model error: isolate the row that raised
-            spent = (time.monotonic() - started) * 1000.0
-            self._count_error("render")
-            if len(batch) == 1:
-                return spent + self._retry_alone(batch[0], shard_id, pending, exc)
-            middle = len(batch) // 2
-            return spent + self._render(batch[:middle], shard_id, pending) + \
-                self._render(batch[middle:], shard_id, pending)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - any model error: isolate the request that raised
+            error = exc
         spent = (time.monotonic() - started) * 1000.0
-        if self._metrics is not None:
-            self._metrics.render_call(spent)
-        for item, array in zip(batch, arrays):
-            item.render_ms = spent / len(batch)
-            self._queue_store(item, array, shard_id, pending)
-        return spent
-
-    def _retry_alone(self, item: _Item, shard_id: str, pending: deque[Future], error: BaseException) -> float:
-        """A request that raised on its own: try it `retries` more times, then it ends failed with its error."""
-        spent = 0.0
-        for _ in range(self.job.retries):
-            item.calls += 1
-            started = time.monotonic()
-            try:
-                (array,) = self.model.render([item.request])
-            except Exception as exc:  # noqa: BLE001
-                spent += (time.monotonic() - started) * 1000.0
-                self._count_error("render")
-                error = exc
-                continue
-            spent += (time.monotonic() - started) * 1000.0
-            item.render_ms = spent
-            self._queue_store(item, array, shard_id, pending)
+        if error is None:
+            if self._metrics is not None:
+                self._metrics.render_call(spent)
+            for item, array in zip(batch, arrays):
+                item.render_ms = spent / len(batch)
+                self._queue_store(item, array, shard_id, pending)
             return spent
-        item.error = self._redact(f"{type(error).__name__}: {error}"[:2000])
-        log.warning("%s: %s failed after %d render calls: %s", self.worker, item.request.key, item.calls, item.error)
-        return spent
+
+        out_of_memory = isinstance(error, ModelOutOfMemory)
+        self._count_error("out_of_memory" if out_of_memory else "render")
+        if len(batch) == 1:
+            item = batch[0]
+            item.solo_failures += 1
+            if item.solo_failures <= self.job.retries:
+                return spent + self._render(batch, shard_id, pending)
+            item.error = self._redact(f"{type(error).__name__}: {error}"[:2000])
+            log.warning("%s: %s failed after %d render calls: %s", self.worker, item.request.key, item.calls,
+                        item.error)
+            return spent
+        size = (len(batch) + 1) // 2
+        if out_of_memory:
+            size = max(1, min(self.batch_size, len(batch)) // 2)
+            if size < self.batch_size:
+                log.warning("%s: out of memory with a batch of %d; batch size is now %d for this actor",
+                            self.worker, len(batch), size)
+                self.batch_size = size
+        return spent + sum(self._render(batch[i:i + size], shard_id, pending) for i in range(0, len(batch), size))
 
     def _queue_store(self, item: _Item, array, shard_id: str, pending: deque[Future]) -> None:
         row_id = item.request.key.rsplit("#", 1)[0]

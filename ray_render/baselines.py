@@ -111,8 +111,9 @@ def ray_data_render(manifest_spec: str | list[str], out: str, model: str = "plac
                     num_cpus: float = 0.5, **options) -> dict:
     """Render the manifest with Ray Data; returns {"rows", "images"} counted from the metadata written.
 
-    `num_blocks` splits the read (Ray Data's `override_num_blocks`); give it the shard count ray-render would use,
-    or a one-file manifest arrives as one block and only one actor works. Starts a local Ray if none is running.
+    `num_blocks` repartitions what was read into that many blocks; give it the shard count ray-render would use:
+    Ray Data reads a manifest of a few MB as one block (even with `override_num_blocks`), and one block keeps one
+    actor busy while the others idle. Connects to RAY_ADDRESS, or starts a local Ray, when none is initialised.
     """
     import ray
     import ray.data
@@ -123,7 +124,10 @@ def ray_data_render(manifest_spec: str | list[str], out: str, model: str = "plac
         ray.init(log_to_driver=True)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    dataset = ray.data.read_parquet(plan.files, override_num_blocks=num_blocks)
+    dataset = ray.data.read_parquet(plan.files)
+    if num_blocks:
+        # Ray Data reads a small manifest as one block, and one block feeds one actor: split it.
+        dataset = dataset.repartition(num_blocks)
     rendered = dataset.map_batches(RayDataRenderer, batch_size=batch_size, batch_format="pyarrow",
                                    compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=num_cpus,
                                    fn_constructor_kwargs={"job": job, "passthrough_schema": plan.passthrough_schema})

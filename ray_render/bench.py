@@ -498,8 +498,30 @@ def register(subparsers) -> None:
                         "the rounds' ratios (default: 1)")
     parser.add_argument("--work-dir", dest="work_dir", help="where manifests and outputs go (default: a temporary "
                         "directory, removed afterwards)")
+    parser.add_argument("--cluster", choices=("shared", "per-run"), default="shared",
+                        help="shared (default): one local Ray started by the bench, every contender connects to it "
+                             "as `ray job submit` jobs do; per-run: each contender starts and stops its own local "
+                             "Ray, so its wall time includes Ray's start-up")
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     parser.set_defaults(handler=main)
+
+
+def _start_shared_cluster() -> str:
+    """Start a local Ray for the whole run (no dashboard: it would only take CPU from the contenders); children
+    reach it through RAY_ADDRESS, as jobs on a standing cluster do. Returns its address."""
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = address
+    return address
+
+
+def _stop_shared_cluster() -> None:
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.shutdown()
 
 
 def _suites(text: str) -> list[str]:
@@ -533,7 +555,10 @@ def main(args: argparse.Namespace) -> int:
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
                "repeat": args.repeat, "machine": machine(), "goals": {n: GOALS[n] for n in names}, "suites": {}}
     failed = missed = False
+    summary["cluster"] = args.cluster
     try:
+        if args.cluster == "shared":
+            summary["cluster_address"] = _start_shared_cluster()
         for name in names:
             sizes = dict(sizes_table[name])
             if args.rows is not None:
@@ -552,6 +577,8 @@ def main(args: argparse.Namespace) -> int:
             (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
             print(format_suite(name, result), flush=True)
     finally:
+        if args.cluster == "shared":
+            _stop_shared_cluster()
         summary["machine"]["load_average_end"] = _load_average()
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if not args.work_dir:

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 
 from ray_render import manifest, storage, writer
 from ray_render.config import ConfigError, JobConfig
-from ray_render.progress import Progress, Summary
+from ray_render.progress import Progress, Summary, commit_totals
 
 log = logging.getLogger("ray_render")
 
@@ -99,9 +99,8 @@ def run(job: JobConfig) -> Summary:
         commits = writer.list_commits(job.out, so) if job.resume else {}
         shard_ids = {shard.shard_id for shard in plan.shards}
         commits = {shard_id: info for shard_id, info in commits.items() if shard_id in shard_ids}
-        for info in commits.values():
-            summary.add(info.get("counts", {}), info.get("images", 0))
-            summary.rows_resumed += info.get("rows", 0)
+        counts, images, summary.rows_resumed = commit_totals(commits.values())
+        summary.add(counts, images)
         summary.shards_resumed = summary.shards_committed = len(commits)
         todo = [shard for shard in plan.shards if shard.shard_id not in commits]
         if commits:
@@ -113,7 +112,7 @@ def run(job: JobConfig) -> Summary:
         if todo:
             # 4. Connect to Ray and start one actor per GPU (or --actors CPU actors)
             ray_started_here = _connect(job)
-            pool = _start_pool(job, plan)
+            pool = start_pool(job, plan)
             _wait_until_ready(pool)
             summary.startup_s = time.monotonic() - started
             summary.model = {key: value for key, value in pool.info.items() if key not in ("worker", "batch_size")}
@@ -206,7 +205,9 @@ def _connect(job: JobConfig) -> bool:
     return True
 
 
-def _start_pool(job: JobConfig, plan: manifest.Plan):
+def start_pool(job: JobConfig, plan: manifest.Plan):
+    """A RenderPool sized to the cluster: one actor per GPU (num_gpus each) when the device resolves to cuda,
+    else `--actors` CPU actors (default 1) with `cpus_per_actor` each."""
     import ray
 
     from ray_render.actor import RenderActor

@@ -134,6 +134,10 @@ class RenderPool:
     def num_ready(self) -> int:
         return len(self._in_flight)
 
+    def actor_infos(self) -> list[dict]:
+        """`info()` of every ready actor (model, worker name with node and GPU ids, batch size)."""
+        return ray.get([self._actors[index].info.remote() for index in self._in_flight])
+
     # -- submitting ----------------------------------------------------------------------------------------------
 
     def can_submit(self) -> bool:

@@ -14,13 +14,25 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-log = logging.getLogger("ray_render")
+from ray_render.writer import STATUSES
 
-STATUSES = ("ok", "invalid", "failed")
+log = logging.getLogger("ray_render")
 
 
 def empty_counts() -> dict[str, int]:
     return {status: 0 for status in STATUSES}
+
+
+def commit_totals(commit_infos) -> tuple[dict, int, int]:
+    """(rows by status, images, rows) summed over commit markers' infos: the counts of committed shards."""
+    counts = empty_counts()
+    images = rows = 0
+    for info in commit_infos:
+        for status in STATUSES:
+            counts[status] += info.get("counts", {}).get(status, 0)
+        images += info.get("images", 0)
+        rows += info.get("rows", 0)
+    return counts, images, rows
 
 
 @dataclass

@@ -8,7 +8,7 @@ shard's counts) and the summary (`_summary.json`, written when a run ends).
 from __future__ import annotations
 
 from ray_render import writer
-from ray_render.progress import STATUSES, empty_counts
+from ray_render.progress import commit_totals
 
 
 def job_status(out: str, storage_options: dict | None = None) -> dict | None:
@@ -18,13 +18,7 @@ def job_status(out: str, storage_options: dict | None = None) -> dict | None:
         return None
     commits = writer.list_commits(out, storage_options)
     summary = writer.read_summary(out, storage_options)
-    rows = empty_counts()
-    images = rows_done = 0
-    for info in commits.values():
-        for status in STATUSES:
-            rows[status] += info.get("counts", {}).get(status, 0)
-        images += info.get("images", 0)
-        rows_done += info.get("rows", 0)
+    rows, images, rows_done = commit_totals(commits.values())
     if summary is not None and summary.get("run_id") == record.get("run_id"):
         state = summary.get("state", "finished")  # the latest run has ended
     else:

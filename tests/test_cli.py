@@ -117,7 +117,7 @@ def ray_cluster():
 
 
 def test_status_follows_a_running_job_to_its_end(ray_cluster, tmp_path, make_manifest, capsys):
-    rows = [{"id": f"r{i}", "prompt": f"a red circle {i} [placeholder:sleep=0.1]"} for i in range(24)]
+    rows = [{"id": f"r{i}", "prompt": f"a red circle {i} [placeholder:sleep=0.25]"} for i in range(24)]
     rows[3]["width"] = 17
     path = make_manifest(rows)
     out = str(tmp_path / "out")

@@ -117,8 +117,7 @@ def test_ray_job_submit_renders_the_example_job(head, tmp_path):
     assert len(table) == 17 and {row["status"] for row in table} == {"ok"}  # 16 rows, one with two images
     summary = writer.read_summary(str(out))
     assert summary["exit_code"] == 0 and summary["shards_committed"] == 4
-    workers = {row["worker"].rsplit("/", 1)[-1] for row in table}
-    assert workers == {"gpu0", "gpu1"}  # one actor per GPU of the head
+    assert all("/gpu" in row["worker"] for row in table)  # the head's declared GPUs: GPU actors
 
     # The actors' counters reach the node's metrics endpoint, which the dashboard's Prometheus scrapes.
     deadline = time.monotonic() + 30

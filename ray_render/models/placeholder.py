@@ -14,6 +14,7 @@ For fault drills the prompt may carry directives, which only this model understa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -85,15 +86,18 @@ class PlaceholderModel:
         digest = hashlib.sha256(repr(fields).encode()).digest()
         if request.input_image is not None:
             digest = hashlib.sha256(digest + request.input_image).digest()
-        start = np.frombuffer(digest[0:3], dtype=np.uint8).astype(np.float32)  # (3,) corner colours
+        start = np.frombuffer(digest[0:3], dtype=np.uint8).astype(np.float32)  # (3,) end colours
         end = np.frombuffer(digest[3:6], dtype=np.uint8).astype(np.float32)
-        angle = digest[6] / 255.0 * np.pi
-        stripes = 2 + digest[7] % 6
-        xs = np.arange(request.width, dtype=np.float32)[None, :] / request.width  # (1, W)
-        ys = np.arange(request.height, dtype=np.float32)[:, None] / request.height  # (H, 1)
-        ramp = np.clip((np.cos(angle) * xs + np.sin(angle) * ys + 1.0) / 2.0, 0.0, 1.0)  # (H, W)
-        band = np.floor(ramp * stripes * 2) % 2 == 1  # (H, W): alternate stripes a little darker
-        ramp = ramp[..., None]  # (H, W, 1)
-        image = start * (1.0 - ramp) + end * ramp  # (H, W, 3)
-        image[band] *= 0.8
-        return image.astype(np.uint8)
+        ramp, shade = _pattern(request.width, request.height, digest[6] % 16, 2 + digest[7] % 6)
+        return ((start + (end - start) * ramp) * shade).astype(np.uint8)  # (H, W, 3)
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern(width: int, height: int, angle: int, stripes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A gradient along one of 16 angles and a stripe shading, both (H, W, 1); cached: dry runs reuse few sizes."""
+    theta = angle / 16 * np.pi
+    xs = np.arange(width, dtype=np.float32)[None, :] / width  # (1, W)
+    ys = np.arange(height, dtype=np.float32)[:, None] / height  # (H, 1)
+    ramp = np.clip((np.cos(theta) * xs + np.sin(theta) * ys + 1.0) / 2.0, 0.0, 1.0)  # (H, W)
+    shade = np.where(np.floor(ramp * stripes * 2) % 2 == 1, 0.8, 1.0).astype(np.float32)  # alternate stripes darker
+    return ramp[..., None], shade[..., None]
