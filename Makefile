@@ -18,7 +18,7 @@ demo: install
 	$(VENV)/bin/ray-render run jobs/examples/prompts.parquet --out out/demo
 
 test: install
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q --durations=15
 
 bench: install
 	$(VENV)/bin/ray-render bench --out bench-results

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from ray_render import manifest, storage, writer
+from ray_render import manifest, quality, storage, writer
+from ray_render.journal import ShardJournal
 from ray_render.config import JobConfig
 from ray_render.manifest import InvalidRow, RowTask
 from ray_render.models import ModelOutOfMemory, RenderRequest, RowError, load_model
@@ -60,6 +61,8 @@ class _Item:
     render_ms: float | None = None
     error: str | None = None
     stored: Future | None = None  # -> (image_uri, sha256, width, height)
+    seed: int | None = None  # the seed of the kept image (a --min-quality re-render uses another)
+    scores: dict = field(default_factory=dict)  # quality columns of the kept image, when the job scores
 
 
 def _worker_name(index: int) -> str:
@@ -99,12 +102,13 @@ class RenderActor:
         self.so = job.storage_options  # reaches the actor as a constructor argument, never through logs
         self.model = load_model(job.model, vae=job.vae, revision=job.revision, device=job.device, dtype=job.dtype,
                                 noise=job.noise, storage_options=job.storage_options)
-        self.schema = writer.metadata_schema(passthrough_schema)
+        self.schema = writer.metadata_schema(passthrough_schema, quality_columns=job.scores_quality)
         self.batch_size = job.batch_size
         self.worker = _worker_name(index)
         self._in_ray = _in_ray_actor()
         self._metrics = RenderMetrics(job.model) if self._in_ray else None
         self._uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
+        self._journal: ShardJournal | None = None  # the shard in progress: which rows each model call renders
 
     def ping(self) -> str:
         return self.worker
@@ -115,6 +119,15 @@ class RenderActor:
 
     def defaults(self) -> dict:
         return self.model.defaults()
+
+    def index_shard(self, shard: manifest.Shard) -> list[tuple]:
+        """(row index, id, row fingerprint, error) of every row of `shard`, rendering nothing: what
+        `ray-render refresh` compares with an output's metadata. The fingerprint is None for an invalid row, whose
+        error says why; it resolves the row with this model's defaults, as render_shard does."""
+        rows = manifest.read_shard_rows(shard, self.so)
+        checked = manifest.validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job)
+        return [(item.row_index, item.id, item.fingerprint, None) if isinstance(item, RowTask)
+                else (item.row_index, item.id, None, item.error) for item in checked]
 
     # -- one shard ---------------------------------------------------------------------------------------------
 
@@ -127,6 +140,8 @@ class RenderActor:
         rows = manifest.read_shard_rows(shard, self.so)
         checked = manifest.validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job)
         del rows
+        # A row that killed earlier attempts' actors is not rendered again; suspects are rendered alone.
+        journal = self._journal = ShardJournal(self.root, shard.shard_id, self.job.retries, self.so)
 
         # 2. Expand valid rows into requests; fetch input images; let the model reject what it cannot render
         items: list[_Item] = []
@@ -134,6 +149,10 @@ class RenderActor:
         inputs = self._fetch_inputs(checked)
         for position, task in enumerate(checked):
             if isinstance(task, InvalidRow):
+                continue
+            poison = journal.given_up(task.id)
+            if poison:
+                row_errors[position] = poison
                 continue
             data = inputs.get(position)
             if isinstance(data, BaseException):
@@ -155,7 +174,10 @@ class RenderActor:
         # 3. Render batches of compatible requests; encode and upload in the background meanwhile
         groups: dict = {}
         for item in items:
-            groups.setdefault(self.model.batch_key(item.request), []).append(item)
+            key = self.model.batch_key(item.request)
+            if checked[item.row].id in journal.suspects:
+                key = ("suspect", item.row, item.image_index)  # alone: a death now names exactly one row
+            groups.setdefault(key, []).append(item)
         pending: deque[Future] = deque()
         render_ms = 0.0
         try:
@@ -169,6 +191,7 @@ class RenderActor:
                     render_ms += self._render(batch, shard.shard_id, pending)
             for future in pending:
                 future.result()  # storage errors fail the shard: the driver retries it, nothing is committed
+            journal.done_rendering()
         finally:
             for future in pending:
                 future.cancel()
@@ -199,7 +222,8 @@ class RenderActor:
                         uri, digest, width, height = item.stored.result()
                         meta.append(writer.ok_row(task, item.image_index, image_uri=uri, sha256=digest, width=width,
                                                   height=height, fmt=self.job.format, render_ms=item.render_ms,
-                                                  attempts=item.calls, **common))
+                                                  attempts=item.calls, seed=item.seed, **common))
+                        meta[-1].update(item.scores)
                         images += 1
                     else:
                         meta.append(writer.failed_row(task, item.error, item.calls, image_index=item.image_index,
@@ -210,6 +234,7 @@ class RenderActor:
             stale += [writer.image_url(self.root, shard.shard_id, task.id, k, self.job.format) for k in failed_images]
         for _ in self._uploads.map(lambda url: storage.delete(url, self.so), stale):
             pass
+        writer.remove_temp_files(self.root, shard.shard_id, self.so)  # half-written images of killed attempts
 
         # 5. Write the metadata, then commit: the marker is written last, so a crash before it leaves no commit
         table = writer.metadata_table(meta, self.schema)
@@ -221,6 +246,7 @@ class RenderActor:
         writer.commit_shard(self.root, shard.shard_id, {**asdict(result), "file": shard.file,
                                                         "row_start": shard.row_start, "row_stop": shard.row_stop},
                             self.so)
+        journal.delete()
         if self._metrics is not None:
             self._metrics.shard_done(counts)
         return result
@@ -233,11 +259,16 @@ class RenderActor:
         A batch that raises is split in halves until the request that raised is alone; that one is tried
         `retries` more times and then ends failed with its error. Out-of-memory halves the actor's batch size.
         """
+        if len(batch) > self.batch_size:  # cut before an out-of-memory shrank the batch size: cut it again
+            size = self.batch_size
+            return sum(self._render(batch[i:i + size], shard_id, pending) for i in range(0, len(batch), size))
         for item in batch:
             item.calls += 1
+        if self._journal is not None:  # durable before the call: if it kills the process, the journal names the rows
+            self._journal.rendering(sorted({item.request.key.rsplit("#", 1)[0] for item in batch}))
         started = time.monotonic()
         try:
-            arrays = self.model.render([item.request for item in batch])
+            arrays = self._render_requests([item.request for item in batch])
             if len(arrays) != len(batch):
                 raise RuntimeError(f"model returned {len(arrays)} images for {len(batch)} requests")
             error = None
@@ -249,6 +280,8 @@ class RenderActor:
                 self._metrics.render_call(spent)
             for item, array in zip(batch, arrays):
                 item.render_ms = spent / len(batch)
+                if isinstance(array, quality.Outcome):
+                    item.seed, item.scores, array = array.request.seed, array.columns(), array.image
                 self._queue_store(item, array, shard_id, pending)
             return spent
 
@@ -271,6 +304,14 @@ class RenderActor:
                             self.worker, len(batch), size)
                 self.batch_size = size
         return spent + sum(self._render(batch[i:i + size], shard_id, pending) for i in range(0, len(batch), size))
+
+    def _render_requests(self, requests: list[RenderRequest]) -> list:
+        """One model call for the batch: images, or with quality scoring on, quality.Outcomes (image, the seed
+        actually used, scores), where images below --min-quality were re-rendered together with new seeds."""
+        if not self.job.scores_quality:
+            return self.model.render(requests)
+        return quality.render_until_passing(requests, self.model.render, self.job.min_quality,
+                                            self.job.quality_retries if self.job.min_quality is not None else 0)
 
     def _queue_store(self, item: _Item, array, shard_id: str, pending: deque[Future]) -> None:
         row_id = item.request.key.rsplit("#", 1)[0]

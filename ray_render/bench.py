@@ -94,16 +94,38 @@ def _child_main(spec_file: str, result_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     kind = spec.pop("kind")
     load_before = _load_average()
-    started = time.monotonic()
+    started, started_epoch = time.monotonic(), time.time()
     result = _CHILD_WORK[kind.split(":")[0]](**spec)
     wall_s = time.monotonic() - started
-    result.update(wall_s=round(wall_s, 3), peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                                              / 1024, 1),
+    if spec.get("out") and kind.split(":")[0] in ("ray-render", "ray-data", "loop"):
+        result.update(_image_times(spec["out"], started_epoch))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result.update(wall_s=round(wall_s, 3), peak_rss_mib=round(usage.ru_maxrss / 1024, 1),
+                  process_cpu_s=round(usage.ru_utime + usage.ru_stime, 2),
                   load_average_before=load_before, load_average_after=_load_average(),
                   ray_imported="ray" in sys.modules)
     if result.get("rows") and wall_s > 0:
         result["rows_per_s"] = round(result["rows"] / wall_s, 2)
     Path(result_file).write_text(json.dumps(result, default=str))
+
+
+def _image_times(out: str, started_epoch: float) -> dict:
+    """When the first and last image rows were created, from the metadata: start-up and steady rate."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from ray_render import storage, writer
+
+    fs, path = storage.open_fs(storage.join(out, writer.METADATA_DIR))
+    if not fs.exists(path):
+        return {}
+    table = ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=["status", "created_at"])
+    times = pc.filter(table.column("created_at"), pc.equal(table.column("status"), "ok"))
+    if len(times) < 2:
+        return {}
+    first, last = (value.as_py().timestamp() for value in pc.min_max(times).values())
+    return {"first_image_s": round(first - started_epoch, 3), "last_image_s": round(last - started_epoch, 3),
+            "steady_rows_per_s": round((len(times) - 1) / (last - first), 2) if last > first else None}
 
 
 def _work_ray_render(manifest: str, out: str, model: str, actors: int, batch_size: int, shard_size: int,

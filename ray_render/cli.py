@@ -67,7 +67,20 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 
     output = parser.add_argument_group("output")
     output.add_argument("--format", choices=IMAGE_FORMATS, help=f"(default: {d.format})")
-    output.add_argument("--quality", type=int, metavar="Q", help=f"jpeg/webp quality 1-100 (default: {d.quality})")
+    output.add_argument("--quality", type=int, metavar="Q", help=f"jpeg/webp encoder quality 1-100 (default: "
+                        f"{d.quality}); not --min-quality")
+    output.add_argument("--no-report", dest="report", action="store_false",
+                        help="do not write contact_sheet.png and report.html when the job ends")
+
+    scores = parser.add_argument_group("image quality scores (see ray_render/quality.py)")
+    scores.add_argument("--quality-scores", dest="quality_scores", action="store_true",
+                        help="add sharpness, colour_diversity, artefact_level, phash and quality_score columns")
+    scores.add_argument("--min-quality", dest="min_quality", type=float, metavar="Q",
+                        help="0-1: re-render an image whose quality_score is below Q with a new deterministic seed "
+                             "(implies --quality-scores; the seed column holds the seed actually used)")
+    scores.add_argument("--quality-retries", dest="quality_retries", type=int, metavar="N",
+                        help=f"re-renders per image at most under --min-quality; the best attempt is kept "
+                             f"(default: {d.quality_retries})")
     output.add_argument("--storage-options", dest="storage_options", metavar="JSON",
                         help="fsspec options as a JSON object (credentials, endpoint_url); never logged")
     output.add_argument("--no-resume", dest="resume", action="store_false",
@@ -169,9 +182,148 @@ def parse_storage_options(text: str | None) -> dict:
     return options
 
 
+# -- expand / export / report (dataset synthesis) --------------------------------------------------------------------
+
+
+def add_expand_parser(subparsers) -> None:
+    from ray_render import templates
+
+    parser = subparsers.add_parser("expand", help="expand a prompt template and its values into a manifest",
+                                   description="Expand a prompt template (YAML) and its values table into a "
+                                               "manifest Parquet file for `ray-render run`.")
+    parser.add_argument("template", metavar="TEMPLATE", help="template YAML file (path or fsspec URL)")
+    parser.add_argument("--out", required=True, metavar="MANIFEST", help="manifest Parquet file to write")
+    parser.add_argument("--values", metavar="FILE", help="values table (YAML, CSV or Parquet); default: the "
+                        "template's `values`")
+    parser.add_argument("--max-rows", dest="max_rows", type=int, default=templates.MAX_ROWS, metavar="N",
+                        help=f"refuse to write more rows than this (default: {templates.MAX_ROWS})")
+    parser.add_argument("--storage-options", dest="storage_options", metavar="JSON", default=None,
+                        help="fsspec options as a JSON object")
+    parser.set_defaults(handler=cmd_expand)
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    from ray_render import templates
+
+    try:
+        rows = templates.expand_file(args.template, args.out, parse_storage_options(args.storage_options),
+                                     args.values, args.max_rows)
+    except (templates.TemplateError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"wrote {rows} rows to {args.out}")
+    return 0
+
+
+def add_export_parser(subparsers) -> None:
+    from ray_render import export
+
+    parser = subparsers.add_parser("export", help="export a finished output as WebDataset or Parquet shards",
+                                   description="Write the committed ok images of an output root as WebDataset tar "
+                                               "or Hugging Face-loadable Parquet shards.")
+    parser.add_argument("out", metavar="OUT_ROOT", help="the job's output root (local path or fsspec URL)")
+    parser.add_argument("--kind", required=True, choices=export.KINDS)
+    parser.add_argument("--dest", required=True, metavar="URL", help="directory for train-NNNNN-of-MMMMM files")
+    parser.add_argument("--samples-per-shard", dest="samples_per_shard", type=int, default=1000, metavar="N",
+                        help="images per exported file (default: 1000)")
+    parser.add_argument("--min-quality", dest="min_quality", type=float, metavar="Q",
+                        help="0-1: leave out images whose quality_score is below Q")
+    parser.add_argument("--storage-options", dest="storage_options", metavar="JSON", default=None,
+                        help="fsspec options of OUT_ROOT as a JSON object")
+    parser.add_argument("--dest-storage-options", dest="dest_storage_options", metavar="JSON", default=None,
+                        help="fsspec options of --dest (default: --storage-options)")
+    parser.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ray_render import export
+
+    so = parse_storage_options(args.storage_options)
+    dest_so = parse_storage_options(args.dest_storage_options) if args.dest_storage_options else None
+    try:
+        result = export.export(args.out, args.kind, args.dest, so, args.samples_per_shard,
+                               dest_storage_options=dest_so, min_quality=args.min_quality)
+    except export.ExportError as exc:
+        raise CliError(str(exc)) from None
+    print(f"exported {result.samples} images in {len(result.files)} files: {result.pattern}")
+    return 0
+
+
+def add_report_parser(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="write an output's contact sheet and HTML report again",
+                                   description="Write contact_sheet.png and report.html under a job's output root "
+                                               "(the job writes them when it ends, unless --no-report).")
+    parser.add_argument("out", metavar="OUT_ROOT", help="the job's output root (local path or fsspec URL)")
+    parser.add_argument("--samples", type=int, default=24, metavar="N", help="images on the contact sheet (0-100, "
+                        "default: 24)")
+    parser.add_argument("--storage-options", dest="storage_options", metavar="JSON", default=None,
+                        help="fsspec options as a JSON object")
+    parser.set_defaults(handler=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ray_render import report, storage, writer
+
+    so = parse_storage_options(args.storage_options)
+    if writer.read_job_record(args.out, so) is None and not writer.committed_shard_ids(args.out, so):
+        raise CliError(f"{args.out}: no ray-render job here (no _job.json, no committed shards)")
+    try:
+        result = report.write_report(args.out, so, samples=args.samples)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(f"wrote {result.html} and {storage.join(args.out, report.CONTACT_SHEET)} ({result.samples} samples)")
+    return 0
+
+
+# -- refresh -------------------------------------------------------------------------------------------------------
+
+
+def add_refresh_parser(subparsers) -> None:
+    parser = subparsers.add_parser("refresh", help="render only new and changed rows into an existing output",
+                                   argument_default=argparse.SUPPRESS, epilog=EXIT_CODES_HELP,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description="Bring an output up to date with a manifest: render the rows that "
+                                               "are new or whose render settings changed, mark rows that left the "
+                                               "manifest `removed` (see ray_render/refresh.py).")
+    add_job_options(parser)
+    parser.add_argument("--prune", action="store_true", help="delete the images of removed rows")
+    parser.set_defaults(handler=cmd_refresh)
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from ray_render import refresh
+
+    prune = bool(vars(args).pop("prune", False))
+    return refresh.run(job_from_args(args), prune=prune).exit_code
+
+
+# -- eval and bench ------------------------------------------------------------------------------------------------
+
+
+def add_eval_parser(subparsers) -> None:
+    # Listed here for `ray-render --help`; main() hands everything after `eval` to adherence.main unparsed.
+    subparsers.add_parser("eval", add_help=False, help="prompt adherence of a model on held-out shape prompts "
+                          "(`ray-render eval --help` for its options)")
+
+
+def add_bench_parser(subparsers) -> None:
+    from ray_render import bench
+
+    bench.register(subparsers)
+
+
+def _forwarded(argv: list[str]):
+    """Subcommands with their own argument parser: the handler, given the arguments after the subcommand."""
+    if argv and argv[0] == "eval":
+        from ray_render import adherence
+
+        return lambda: adherence.main(argv[1:])
+    return None
+
+
 # -- main ----------------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_run_parser, add_status_parser]
+SUBCOMMANDS = [add_run_parser, add_status_parser, add_refresh_parser, add_expand_parser, add_export_parser,
+               add_report_parser, add_eval_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +348,10 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `ray-render` and `python -m ray_render`; returns the exit status."""
+    forwarded = _forwarded(sys.argv[1:] if argv is None else list(argv))
+    if forwarded is not None:
+        _setup_logging()
+        return forwarded()
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:

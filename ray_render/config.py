@@ -128,6 +128,10 @@ class JobConfig:
     progress: bool = True
     cpus_per_actor: float = 0.5  # small on purpose: leave CPU for Ray's own tasks on small machines
     gpus_per_actor: float = 1.0  # used when device resolves to cuda
+    quality_scores: bool = False  # write the quality columns (on automatically when min_quality is set)
+    min_quality: float | None = None  # 0..1: re-render images whose quality_score is below it
+    quality_retries: int = 2  # re-renders per image at most under min_quality, each with a new deterministic seed
+    report: bool = True  # write contact_sheet.png and report.html under the output root when the job ends
 
     def __post_init__(self) -> None:
         self.validate()
@@ -155,6 +159,10 @@ class JobConfig:
             raise ConfigError(f"--max-failed-fraction must be from 0 to 1, got {self.max_failed_fraction}")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"--quality must be from 1 to 100, got {self.quality}")
+        if self.min_quality is not None and (isinstance(self.min_quality, bool) or not 0.0 <= self.min_quality <= 1.0):
+            raise ConfigError(f"--min-quality must be from 0 to 1, got {self.min_quality!r}")
+        if isinstance(self.quality_retries, bool) or not isinstance(self.quality_retries, int) or self.quality_retries < 0:
+            raise ConfigError(f"--quality-retries must be a whole number >= 0, got {self.quality_retries!r}")
         for name, value in list(self.params.items()):
             try:
                 self.params[name] = check_render_param(name, value)
@@ -168,6 +176,11 @@ class JobConfig:
                     raise ConfigError(f"preset {name!r}: {exc}") from None
         if self.preset is not None and self.preset not in self.all_presets():
             raise ConfigError(f"--preset must be one of {', '.join(self.all_presets())}, got {self.preset!r}")
+
+    @property
+    def scores_quality(self) -> bool:
+        """True when images get the quality columns: asked for, or needed by --min-quality."""
+        return self.quality_scores or self.min_quality is not None
 
     def all_presets(self) -> dict[str, Preset]:
         custom = {name: Preset(overrides=dict(values)) for name, values in self.presets.items()}

@@ -25,7 +25,7 @@ import uuid
 from collections import deque
 from datetime import datetime, timezone
 
-from ray_render import manifest, storage, writer
+from ray_render import journal, manifest, storage, writer
 from ray_render.config import ConfigError, JobConfig
 from ray_render.progress import Progress, Summary, commit_totals
 
@@ -48,7 +48,8 @@ NO_ACTOR_TIMEOUT_S = 1800.0  # give up when no actor has been ready this long (m
 WAIT_S = 1.0  # how long one wait for results may block: the loop's tick for progress and checks
 
 # Settings that change what an image looks like; the rest (actors, batch size, retries, ...) only change how fast.
-OUTPUT_SETTINGS = ("model", "vae", "revision", "preset", "params", "presets", "format", "quality", "dtype", "noise")
+OUTPUT_SETTINGS = ("model", "vae", "revision", "preset", "params", "presets", "format", "quality", "dtype", "noise",
+                   "min_quality", "quality_retries")  # the last two decide which re-render of an image is kept
 
 
 class JobAborted(Exception):
@@ -133,7 +134,8 @@ def run(job: JobConfig) -> Summary:
     except (ConfigError, manifest.ManifestError, JobAborted) as exc:
         _finish(summary, "aborted", str(exc))
     except storage.StorageError as exc:
-        _finish(summary, "aborted", f"storage: {exc}")
+        _finish(summary, "aborted", f"storage unreachable: {exc}; committed shards are kept: rerun the same "
+                                    f"command to resume once the storage is back")
     except KeyboardInterrupt:
         _finish(summary, "interrupted", "interrupted; rerun the same command to resume")
     except JobLost as exc:
@@ -162,6 +164,10 @@ def run(job: JobConfig) -> Summary:
 
 
 def _check_same_job(record: dict, plan: manifest.Plan, job: JobConfig) -> None:
+    if record.get("refresh"):
+        # Its shards no longer match any one plan: a run would render rows the refresh already holds, twice.
+        raise JobAborted(f"{job.out} is kept up to date by `ray-render refresh`: run `ray-render refresh` with the "
+                         f"manifest, or pass --overwrite to start again, or choose another --out")
     differences = []
     if record.get("plan_fingerprint") != plan.fingerprint:
         differences.append("the plan (manifest files, their rows, --shard-size or --limit)")
@@ -254,6 +260,7 @@ def _dispatch(job: JobConfig, pool, todo: list, summary: Summary) -> None:
 
     pending = deque(todo)
     attempts: dict[str, int] = {}
+    uncharged: dict[str, int] = {}  # lost attempts that never ran, or died in a model call (journal.py blames rows)
     started = time.monotonic()
     progress = Progress(summary.rows_total, summary.rows_resumed, enabled=job.progress)
     try:
@@ -277,7 +284,14 @@ def _dispatch(job: JobConfig, pool, todo: list, summary: Summary) -> None:
                     summary.images_this_run += result.images
                     summary.render_s += result.render_ms / 1000.0
                     progress.update(result.rows, result.counts)
-                elif attempts[event.shard.shard_id] <= job.retries:
+                    continue
+                if event.actor_lost and (not event.started or journal.died_rendering(job.out, event.shard.shard_id,
+                                                                                     job.storage_options)):
+                    # It never ran (queued on the lost actor), or it died in a model call: see journal.py.
+                    uncharged[event.shard.shard_id] = uncharged.get(event.shard.shard_id, 0) + 1
+                elif not event.actor_lost and event.error.startswith("StorageError"):
+                    _check_storage(job)  # the actor's retries are spent: is the storage itself gone?
+                if attempts[event.shard.shard_id] - uncharged.get(event.shard.shard_id, 0) <= job.retries:
                     summary.shard_retries += 1
                     log.warning("shard %s attempt %d failed, trying again: %s", event.shard.shard_id, event.attempt,
                                 storage.redact(event.error, job.storage_options))
@@ -297,6 +311,11 @@ def _dispatch(job: JobConfig, pool, todo: list, summary: Summary) -> None:
         summary.rendering_s = time.monotonic() - started
         summary.actors_replaced = pool.actors_lost
         summary.stragglers_reissued = pool.reissued
+
+
+def _check_storage(job: JobConfig) -> None:
+    """Raise StorageError when the output root cannot be reached even after retries (the storage is gone)."""
+    writer.committed_shard_ids(job.out, job.storage_options)
 
 
 def _check_budget(job: JobConfig, summary: Summary, progress: Progress) -> None:
@@ -332,6 +351,19 @@ def _close_output(job: JobConfig, summary: Summary) -> None:
         writer.write_job_record(job.out, record, so)
     except Exception as exc:  # noqa: BLE001 - the printed summary still tells the outcome
         log.error("could not write the summary to %s: %s", job.out, storage.redact(str(exc), so))
+    if job.report:
+        write_report(job, summary)
+
+
+def write_report(job: JobConfig, summary: Summary) -> None:
+    """contact_sheet.png + report.html under the output root; a report that cannot be written only logs."""
+    from ray_render import report
+
+    try:
+        report.write_report(job.out, job.storage_options, summary=summary.to_dict())
+    except Exception as exc:  # noqa: BLE001 - a report must never fail a job
+        log.warning("could not write the job report to %s: %s", job.out,
+                    storage.redact(f"{type(exc).__name__}: {exc}", job.storage_options))
 
 
 def _sigterm_raises_interrupt():

@@ -76,10 +76,15 @@ class Shard:
     row_start: int
     row_stop: int
     file_index: int = 0  # position of `file` in Plan.files; names rows whose own id is unusable
+    rows: tuple[int, ...] | None = None  # only these rows of the range, ascending (a refresh's changed rows)
 
     @property
     def num_rows(self) -> int:
-        return self.row_stop - self.row_start
+        return self.row_stop - self.row_start if self.rows is None else len(self.rows)
+
+    def row_indices(self) -> range | tuple[int, ...]:
+        """The shard's 0-based rows in its file."""
+        return range(self.row_start, self.row_stop) if self.rows is None else self.rows
 
 
 @dataclass
@@ -374,7 +379,8 @@ def read_shard_rows(shard: Shard, storage_options: dict | None = None) -> list[d
                 raise ManifestError(f"manifest {shard.file}: has {offset} rows, shard {shard.shard_id} needs rows "
                                     f"{shard.row_start} to {shard.row_stop}; was the file changed after planning?")
             table = parquet.read_row_groups(wanted)
-        return table.slice(shard.row_start - first_row, shard.num_rows)
+        table = table.slice(shard.row_start - first_row, shard.row_stop - shard.row_start)
+        return table if shard.rows is None else table.take([row - shard.row_start for row in shard.rows])
 
     table = storage.with_retries(read, what=f"read manifest {shard.file}", storage_options=storage_options)
     return _table_to_rows(table)
@@ -444,8 +450,7 @@ def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
     defaults = base_params(model_defaults)
     first_row_of_id: dict[str, int] = {}
     results: list[RowTask | InvalidRow] = []
-    for offset, row in enumerate(rows):
-        row_index = shard.row_start + offset
+    for row_index, row in zip(shard.row_indices(), rows):
         passthrough = {name: _clean(value) for name, value in row.items() if is_passthrough(name)}
         fallback_id = f"row-{shard.file_index}-{row_index}"
         row_id: str | None = None

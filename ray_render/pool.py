@@ -59,6 +59,7 @@ class ShardFailed:
     attempt: int
     error: str
     actor_lost: bool
+    started: bool = True  # False: it was still queued behind another shard when its actor died (it never ran)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class _Call:
     shard: Any
     attempt: int
     submitted: float  # time.monotonic() at submission
+    started: bool = True  # set False when its actor died while it was still queued behind another call
 
 
 class RenderPool:
@@ -106,14 +108,16 @@ class RenderPool:
         self._actors[index] = actor
         self._starting[actor.info.remote()] = index
 
-    def _retire(self, index: int) -> list[_Call]:
-        """Kill an actor for good and forget it; return the calls it still held."""
+    def _retire(self, index: int, head_running: bool = True) -> list[_Call]:
+        """Kill an actor for good and forget it; return the calls it still held (the first one was running if
+        `head_running`, the rest were queued)."""
         actor = self._actors.pop(index, None)
         if actor is not None:
             ray.kill(actor, no_restart=True)
         calls = []
-        for ref in self._in_flight.pop(index, []):
+        for position, ref in enumerate(self._in_flight.pop(index, [])):
             call = self._future_to_actor.pop(ref)
+            call.started = position == 0 and head_running
             self._forget(ref, call)
             if ref not in self._cancelled:
                 calls.append(call)
@@ -133,6 +137,10 @@ class RenderPool:
     @property
     def num_ready(self) -> int:
         return len(self._in_flight)
+
+    def ready_actors(self) -> list:
+        """Handles of the ready actors, for calls other than render_shard (refresh's `index_shard`)."""
+        return [self._actors[index] for index in self._in_flight]
 
     def actor_infos(self) -> list[dict]:
         """`info()` of every ready actor (model, worker name with node and GPU ids, batch size)."""
@@ -227,7 +235,7 @@ class RenderPool:
         try:
             info = ray.get(ref)
         except RayActorError as exc:
-            self._init_failures += 1
+            self._init_failures += 1  # in a row: a start that works resets it, so long jobs survive many losses
             self._actors.pop(index, None)
             message = _error_line(exc)
             if self.info is None and self._init_failures >= self._num_actors:
@@ -239,11 +247,13 @@ class RenderPool:
             self._start_actor()
             return
         self.info = self.info or info
+        self._init_failures = 0
         self._in_flight[index] = []
         log.info("render actor %d ready on %s", index, info.get("worker", "?"))
 
     def _on_finished(self, ref: Any) -> list[ShardDone | ShardFailed]:
         call = self._future_to_actor.pop(ref)
+        call.started = self._in_flight[call.actor][0] == ref  # an actor runs its calls in submission order
         self._in_flight[call.actor].remove(ref)
         self._forget(ref, call)
         if ref in self._cancelled:  # lost the race; whatever it returned is ignored
@@ -270,7 +280,7 @@ class RenderPool:
         message = f"actor {call.actor} lost: {_error_line(exc)}"
         log.warning("%s; replacing it", message)
         events = self._failed_unless_copied(call, message, actor_lost=True)
-        for other in self._retire(call.actor):
+        for other in self._retire(call.actor, head_running=not call.started):
             events += self._failed_unless_copied(other, message, actor_lost=True)
         self._start_actor()
         return events
@@ -280,7 +290,7 @@ class RenderPool:
         live = [ref for ref in self._shard_futures.get(call.shard.shard_id, []) if ref not in self._cancelled]
         if live:
             return []
-        return [ShardFailed(call.shard, call.attempt, error, actor_lost)]
+        return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started)]
 
     def shutdown(self) -> None:
         """Cancel everything outstanding and kill every actor (their models go with them).

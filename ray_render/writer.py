@@ -41,7 +41,11 @@ COMMITS_DIR = "_commits"
 JOB_RECORD = "_job.json"
 SUMMARY = "_summary.json"
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-STATUSES = ("ok", "invalid", "failed")
+STATUSES = ("ok", "invalid", "failed")  # what rendering a row ends in (the counts of a run)
+# Set by `ray-render refresh` on the rows of ids that left the manifest; the image is kept (image_uri set) unless
+# the refresh ran with --prune (image_uri null).
+REMOVED = "removed"
+ALL_STATUSES = STATUSES + (REMOVED,)
 
 # Same rule as manifest.ROW_ID_PATTERN: a name that cannot climb out of its directory or hide itself.
 _SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -50,7 +54,7 @@ _SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 METADATA_FIELDS = [
     pa.field("id", pa.string()),
     pa.field("image_index", pa.int32()),  # null for rows that produced no image
-    pa.field("status", pa.string()),  # ok | invalid | failed
+    pa.field("status", pa.string()),  # ok | invalid | failed | removed (see ALL_STATUSES)
     pa.field("error", pa.string()),
     pa.field("image_uri", pa.string()),  # full fsspec URL
     pa.field("width", pa.int32()),
@@ -145,13 +149,23 @@ def sha256_hex(data: bytes) -> str:
 # Metadata rows and files
 
 
-def metadata_schema(passthrough_schema: pa.Schema | None = None) -> pa.Schema:
-    """The fixed metadata columns, then the manifest's passthrough columns (their manifest types, nullable)."""
+def quality_fields() -> list[pa.Field]:
+    """The quality score columns (`quality.QUALITY_COLUMNS` + `RERENDER_COLUMNS`) a scoring job adds."""
+    from ray_render import quality
+
+    columns = {**quality.QUALITY_COLUMNS, **quality.RERENDER_COLUMNS}
+    return [pa.field(name, pa.type_for_alias(kind)) for name, kind in columns.items()]
+
+
+def metadata_schema(passthrough_schema: pa.Schema | None = None, quality_columns: bool = False) -> pa.Schema:
+    """The fixed metadata columns, the quality columns when asked for, then the manifest's passthrough columns
+    (their manifest types, nullable)."""
+    scores = quality_fields() if quality_columns else []
     extra = [pa.field(f.name, f.type, nullable=True) for f in (passthrough_schema or pa.schema([]))]
-    clashes = [f.name for f in extra if f.name in METADATA_COLUMNS]
+    clashes = [f.name for f in extra if f.name in METADATA_COLUMNS or f.name in {s.name for s in scores}]
     if clashes:
         raise ValueError(f"passthrough column(s) {', '.join(clashes)} clash with metadata columns")
-    return pa.schema(METADATA_FIELDS + extra)
+    return pa.schema(METADATA_FIELDS + scores + extra)
 
 
 def _now() -> datetime:
@@ -168,11 +182,13 @@ def _task_columns(task: "RowTask") -> dict:
 
 def ok_row(task: "RowTask", image_index: int, *, image_uri: str, sha256: str, width: int, height: int, fmt: str,
            model: str, model_revision: str, render_ms: float | None, attempts: int, worker: str,
-           created_at: datetime | None = None) -> dict:
-    """The metadata row of one stored image."""
+           created_at: datetime | None = None, seed: int | None = None) -> dict:
+    """The metadata row of one stored image; `seed` is the seed actually used (default: row seed + image index;
+    a --min-quality re-render uses another)."""
     row = _task_columns(task)
+    seed = task.seed + image_index if seed is None else seed
     row.update(image_index=image_index, status="ok", error=None, image_uri=image_uri, width=width, height=height,
-               format=fmt, sha256=sha256, seed=task.seed + image_index, model=model, model_revision=model_revision,
+               format=fmt, sha256=sha256, seed=seed, model=model, model_revision=model_revision,
                render_ms=render_ms, attempts=attempts, worker=worker, created_at=created_at or _now())
     row.update(task.passthrough)
     return row
@@ -279,12 +295,28 @@ def remove_orphans(root: str, committed_ids: set[str], storage_options: dict | N
     return sorted(removed)
 
 
+def remove_temp_files(root: str, shard_id: str, storage_options: dict | None = None) -> int:
+    """Delete temp files that killed attempts left in the shard's image directory (local storage only: an object
+    store has no partial writes); returns how many. The actor calls it before committing the shard."""
+    fs, _ = storage.open_fs(root, storage_options)
+    if not storage.is_local(fs):
+        return 0
+    directory = storage.join(root, IMAGES_DIR, shard_id)
+    stale = [name for name in storage.list_names(directory, storage_options)
+             if name.startswith(".") and name.endswith(".tmp")]
+    for name in stale:
+        storage.delete(storage.join(directory, name), storage_options)
+    return len(stale)
+
+
 def clear_output(root: str, storage_options: dict | None = None) -> None:
     """Remove this layout's entries for --overwrite; anything else under the root is left alone."""
     # Markers first: if this is interrupted, no half-deleted shard still counts as committed.
-    for directory in (COMMITS_DIR, METADATA_DIR, IMAGES_DIR):
+    for directory in (COMMITS_DIR, METADATA_DIR, IMAGES_DIR, "_journal"):  # _journal: journal.JOURNAL_DIR
         storage.delete_tree(storage.join(root, directory), storage_options)
-    for name in (JOB_RECORD, SUMMARY):
+    from ray_render import report  # the job report names its own files
+
+    for name in (JOB_RECORD, SUMMARY, report.CONTACT_SHEET, report.REPORT_HTML):
         storage.delete(storage.join(root, name), storage_options)
 
 

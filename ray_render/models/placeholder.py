@@ -9,14 +9,17 @@ For fault drills the prompt may carry directives, which only this model understa
 - `[placeholder:raise]`  the `render` call holding this request raises RuntimeError (a model bug on one row);
 - `[placeholder:oom]`    a batch of more than one request holding it raises ModelOutOfMemory;
 - `[placeholder:sleep=S]` the call sleeps S seconds (a slow row: stragglers, killing an actor mid-shard);
-- `[placeholder:invalid]` `check` rejects the request with RowError (a row this model cannot render).
+- `[placeholder:invalid]` `check` rejects the request with RowError (a row this model cannot render);
+- `[placeholder:crash]`  the process rendering it dies at once (SIGKILL), as in a native crash or an OOM kill.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
+import signal
 import time
 from typing import Hashable, Sequence
 
@@ -25,7 +28,7 @@ import numpy as np
 from ray_render.models.base import ModelInfo, ModelOutOfMemory, RenderRequest, RowError
 
 REVISION = "placeholder-1"  # bump whenever the pixels for a request change
-_DIRECTIVE = re.compile(r"\[placeholder:(raise|oom|invalid|sleep=([0-9]*\.?[0-9]+))\]")
+_DIRECTIVE = re.compile(r"\[placeholder:(raise|oom|invalid|crash|sleep=([0-9]*\.?[0-9]+))\]")
 
 
 def _directives(prompt: str) -> dict[str, float]:
@@ -72,6 +75,8 @@ class PlaceholderModel:
         if delay:
             time.sleep(delay)
         for request, found in zip(requests, directives):
+            if "crash" in found:
+                os.kill(os.getpid(), signal.SIGKILL)
             if "raise" in found:
                 raise RuntimeError(f"{request.key}: [placeholder:raise] asked the placeholder model to fail")
             if "oom" in found and len(requests) > 1:

@@ -1,0 +1,87 @@
+"""`ray-render bench --quick`: every suite runs on tiny sizes and leaves the fields the README and BENCHMARKS.md
+quote, in its own JSON file and in summary.json. Timings are not asserted: speed is measured by the benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ray_render import bench, cli
+
+CONTENDER_FIELDS = {"rows", "images", "wall_s", "rows_per_s", "peak_rss_mib", "process_s", "rows_ok"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    code = cli.main(["bench", "--quick", "--out", str(out), "--work-dir", str(tmp_path_factory.mktemp("work"))])
+    return code, out
+
+
+def test_quick_run_writes_every_cpu_suite_and_a_summary(quick_run):
+    code, out = quick_run
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["suites"]) == set(bench.CPU_SUITES)
+    assert summary["machine"]["cpus"] >= 1 and summary["date"] and summary["command"].startswith("ray-render")
+    for name in bench.CPU_SUITES:
+        result = json.loads((out / f"{name}.json").read_text())
+        assert result == summary["suites"][name]
+        assert "error" not in result, result.get("error")
+        assert result["goal"] == bench.GOALS[name] and isinstance(result["goal_met"], bool)
+
+
+@pytest.mark.parametrize("name", ["orchestration", "model"])
+def test_comparisons_have_every_contender_and_the_ratios(quick_run, name):
+    result = json.loads((quick_run[1] / f"{name}.json").read_text())
+    rows = result["params"]["rows"]
+    assert set(result["contenders"]) == {"ray-render", "ray-data", "loop"}
+    for contender, figures in result["contenders"].items():
+        assert CONTENDER_FIELDS <= set(figures), contender
+        assert figures["rows"] == rows and figures["rows_ok"] == rows and figures["images"] == rows
+    assert set(result["ratios"]) == {"ray-render/ray-data", "ray-render/loop"}
+    assert all(ratio > 0 for ratio in result["ratios"].values())
+
+
+def test_driver_scale_reports_rss_of_both_runs_and_planning_time(quick_run):
+    result = json.loads((quick_run[1] / "driver_scale.json").read_text())
+    base, large = result["runs"]["base"], result["runs"]["large"]
+    assert (base["rows"], large["rows"]) == (bench.QUICK["driver_scale"]["base_rows"],
+                                             bench.QUICK["driver_scale"]["rows"])
+    assert large["shards"] == 10 * base["shards"]
+    for run in (base, large):
+        assert run["peak_rss_mib"] > 0 and run["plan_s"] >= 0 and run["plan_s_source"] == "driver summary"
+    assert result["ratios"]["peak_rss large/base"] == pytest.approx(large["peak_rss_mib"] / base["peak_rss_mib"],
+                                                                    abs=1e-3)
+
+
+def test_resume_rerun_renders_nothing_and_starts_no_ray(quick_run):
+    result = json.loads((quick_run[1] / "resume.json").read_text())
+    assert result["first"]["rows_this_run"] == result["params"]["rows"]
+    assert result["rerun"]["rows_this_run"] == 0
+    assert result["rerun"]["shards_resumed"] == result["first"]["shards_total"]
+    assert result["rerun_started_ray"] is False
+    assert 0 < result["ratios"]["rerun/first wall"] < 1
+
+
+def test_actor_reports_every_batch_size(quick_run):
+    result = json.loads((quick_run[1] / "actor.json").read_text())
+    assert [r["batch_size"] for r in result["results"]] == list(bench.ACTOR_BATCH_SIZES)
+    for r in result["results"]:
+        assert r["images"] >= r["batch_size"] and r["images_per_s"] > 0 and r["bare_images_per_s"] > 0
+        assert 0 < r["model_share"] <= 1
+
+
+def test_gpu_suite_says_it_was_skipped_without_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the gpu suite runs for real")
+    result = bench.suite_gpu(tmp_path, bench.QUICK["gpu"])
+    assert result["skipped"] is True and "CUDA" in result["reason"]
+    assert "SKIPPED" in bench.format_suite("gpu", {**result, "suite": "gpu"})
+
+
+def test_unknown_suite_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["bench", "--suite", "orchestration,nope", "--out", str(tmp_path)]) == 2
+    assert "--suite must be" in capsys.readouterr().err
