@@ -73,13 +73,16 @@ def test_actor_reports_every_batch_size(quick_run):
         assert 0 < r["model_share"] <= 1
 
 
-def test_gpu_suite_says_it_was_skipped_without_cuda(tmp_path):
-    torch = pytest.importorskip("torch")
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: the gpu suite runs for real")
+def test_gpu_suite_runs_only_with_cuda_and_says_so(tmp_path):
+    import torch
+
     result = bench.suite_gpu(tmp_path, bench.QUICK["gpu"])
-    assert result["skipped"] is True and "CUDA" in result["reason"]
-    assert "SKIPPED" in bench.format_suite("gpu", {**result, "suite": "gpu"})
+    assert result["skipped"] is (not torch.cuda.is_available())
+    if result["skipped"]:
+        assert "CUDA" in result["reason"]
+        assert "SKIPPED" in bench.format_suite("gpu", result)
+    else:
+        assert [r["batch_size"] for r in result["results"]] == list(bench.GPU_BATCH_SIZES)
 
 
 def test_unknown_suite_is_a_clear_error(tmp_path, capsys):

@@ -121,10 +121,10 @@ def check_ray_cluster_spec(spec: dict, where: str) -> None:
     assert gpu_groups >= 1, f"{where}: no GPU worker group"
 
 
-def check_ray_job_spec(spec: dict, where: str) -> None:
+def check_ray_job_spec(spec: dict, where: str, script: str = "jobs/render.py") -> None:
     known(spec, RAY_JOB_SPEC, where)
     command = shlex.split(spec["entrypoint"])
-    assert command[:3] == ["python", "jobs/render.py", "--config"], f"{where}: entrypoint {spec['entrypoint']!r}"
+    assert command[:3] == ["python", script, "--config"], f"{where}: entrypoint {spec['entrypoint']!r}"
     config_path = command[3]
     options = load_config_file(str(REPO / config_path))  # a real job file, with valid option names
     job_from_options(options)
@@ -139,6 +139,13 @@ def check_ray_job_spec(spec: dict, where: str) -> None:
     assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode")
     assert spec["shutdownAfterJobFinishes"] is True  # GPU nodes go back when the job ends
     check_ray_cluster_spec(spec["rayClusterSpec"], f"{where}.rayClusterSpec")
+
+
+def as_refresh(spec: dict) -> dict:
+    """A one-off RayJob spec turned into the scheduled one: the same job, refreshed instead of run again."""
+    scheduled = copy.deepcopy(spec)
+    scheduled["entrypoint"] = spec["entrypoint"].replace("jobs/render.py", "jobs/refresh.py", 1)
+    return scheduled
 
 
 def check_runtime_env(env: dict, where: str) -> None:
@@ -203,8 +210,8 @@ def test_ray_cron_job_schedules_the_same_job():
     assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
     known(cron["spec"], RAY_CRON_JOB_SPEC, "raycronjob.yaml")
     assert len(cron["spec"]["schedule"].split()) == 5
-    check_ray_job_spec(cron["spec"]["jobTemplate"], "raycronjob.yaml jobTemplate")
-    assert cron["spec"]["jobTemplate"] == only("rayjob.yaml")["spec"], "raycronjob.yaml drifted from rayjob.yaml"
+    check_ray_job_spec(cron["spec"]["jobTemplate"], "raycronjob.yaml jobTemplate", script="jobs/refresh.py")
+    assert as_refresh(only("rayjob.yaml")["spec"]) == cron["spec"]["jobTemplate"], "raycronjob.yaml drifted"
 
 
 def test_kubernetes_cron_job_creates_the_same_ray_job_with_least_privilege():
@@ -245,7 +252,8 @@ def test_kubernetes_cron_job_creates_the_same_ray_job_with_least_privilege():
     ray_job = yaml.safe_load(documents["ConfigMap"]["data"][key])
     reference = only("rayjob.yaml")
     assert ray_job["metadata"]["generateName"].endswith("-") and "name" not in ray_job["metadata"]
-    assert ray_job["spec"] == reference["spec"], "cronjob.yaml's RayJob drifted from rayjob.yaml"
+    check_ray_job_spec(ray_job["spec"], "cronjob.yaml RayJob", script="jobs/refresh.py")
+    assert ray_job["spec"] == as_refresh(reference["spec"]), "cronjob.yaml's RayJob drifted from rayjob.yaml"
     assert (ray_job["apiVersion"], ray_job["kind"]) == ("ray.io/v1", "RayJob")
 
 
