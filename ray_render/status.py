@@ -7,7 +7,7 @@ shard's counts) and the summary (`_summary.json`, written when a run ends).
 
 from __future__ import annotations
 
-from ray_render import writer
+from ray_render import storage, writer
 from ray_render.progress import commit_totals
 
 
@@ -23,6 +23,9 @@ def job_status(out: str, storage_options: dict | None = None) -> dict | None:
         state = summary.get("state", "finished")  # the latest run has ended
     else:
         state = "running"  # or stopped without a summary (killed): `ray-render run` again resumes it
+    if "refresh" in record and state != "running":
+        # A refresh supersedes rows of older shards, whose markers still count them: count the metadata instead.
+        rows, images, rows_done = metadata_totals(out, storage_options)
     total_rows = record.get("total_rows", 0)
     return {
         "out": out,
@@ -41,6 +44,22 @@ def job_status(out: str, storage_options: dict | None = None) -> dict | None:
     }
 
 
+def metadata_totals(out: str, storage_options: dict | None = None) -> tuple[dict, int, int]:
+    """(rows per status, images, rows) counted from the metadata's `status` and `image_index` columns alone."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    fs, path = storage.open_fs(storage.join(out, writer.METADATA_DIR), storage_options)
+    table = ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=["status", "image_index"])
+    # One metadata row per image; a row that produced no image has a null image_index.
+    first = table.filter(pc.or_(pc.is_null(table["image_index"]), pc.equal(table["image_index"], 0)))
+    rows = {status: 0 for status in writer.ALL_STATUSES}
+    for status, count in zip(*(column.to_pylist() for column in pc.value_counts(first["status"]).flatten())):
+        rows[status] = count
+    images = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+    return rows, images, sum(count for status, count in rows.items() if status != writer.REMOVED)
+
+
 def format_status(report: dict) -> str:
     rows = report["rows"]
     model = report.get("model") or {}
@@ -51,7 +70,8 @@ def format_status(report: dict) -> str:
         f"  model     {model.get('name', '?')} ({model.get('family', '?')} {model.get('revision', '?')})",
         f"  shards    {report['shards_committed']}/{report['shards_total']} committed",
         f"  rows      {report['rows_done']}/{report['rows_total']} ({report['percent']}%)  ok {rows['ok']}  "
-        f"invalid {rows['invalid']}  failed {rows['failed']}",
+        f"invalid {rows['invalid']}  failed {rows['failed']}"
+        + (f"  removed {rows['removed']}" if rows.get("removed") else ""),
         f"  images    {report['images']}",
     ]
     summary = report.get("summary")

@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from conftest import prompt_rows
-from ray_render import cli, driver, refresh, writer
+from ray_render import cli, driver, refresh, status, writer
 from ray_render.config import JobConfig
 
 
@@ -93,6 +93,12 @@ def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path,
     record = writer.read_job_record(out)
     assert record["refresh"] == {"generation": 1, "new": 5, "changed": 3, "unchanged": 995, "removed": 2,
                                  "pruned": 0, "state": "done"}
+
+    # `ray-render status` counts the current rows, not the superseded ones the old commit markers still hold
+    report = status.job_status(out)
+    assert (report["state"], report["rows_done"], report["rows_total"]) == ("finished", 1003, 1003)
+    assert report["rows"] == {"ok": 1003, "invalid": 0, "failed": 0, "removed": 2}
+    assert report["images"] == 1003
 
     # Idempotent: the same refresh again renders nothing and changes nothing
     again = refresh.run(job_for(manifest, out))
