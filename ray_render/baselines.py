@@ -108,8 +108,9 @@ class RayDataRenderer:
 
 def ray_data_render(manifest_spec: str | list[str], out: str, model: str = "placeholder", actors: int = 2,
                     batch_size: int = 8, fmt: str = "png", *, num_blocks: int | None = None,
-                    num_cpus: float = 0.5, **options) -> dict:
-    """Render the manifest with Ray Data; returns {"rows", "images"} counted from the metadata written.
+                    num_cpus: float = 0.5, count: bool = True, **options) -> dict:
+    """Render the manifest with Ray Data; returns {"rows", "images"} counted from the metadata written (or {}
+    without `count`).
 
     `num_blocks` repartitions what was read into that many blocks; give it the shard count ray-render would use:
     Ray Data reads a manifest of a few MB as one block (even with `override_num_blocks`), and one block keeps one
@@ -132,7 +133,7 @@ def ray_data_render(manifest_spec: str | list[str], out: str, model: str = "plac
                                    compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=num_cpus,
                                    fn_constructor_kwargs={"job": job, "passthrough_schema": plan.passthrough_schema})
     rendered.write_parquet(storage.join(job.out, writer.METADATA_DIR))
-    return _count(job.out)
+    return count_output(job.out) if count else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,8 +141,9 @@ def ray_data_render(manifest_spec: str | list[str], out: str, model: str = "plac
 
 
 def loop_render(manifest_spec: str | list[str], out: str, model: str = "placeholder", *, shard_size: int = 1000,
-                fmt: str = "png", **options) -> dict:
-    """Render the manifest in this process, one prompt per model call; returns {"rows", "images"}."""
+                fmt: str = "png", count: bool = True, **options) -> dict:
+    """Render the manifest in this process, one prompt per model call; returns {"rows", "images"} (or {} without
+    `count`)."""
     job = _job(manifest_spec, out, model, 1, fmt, shard_size=shard_size, **options)
     plan = manifest.plan(job.manifests, job.shard_size, job.storage_options)
     loaded = _load(job)
@@ -153,10 +155,11 @@ def loop_render(manifest_spec: str | list[str], out: str, model: str = "placehol
         writer.write_shard_metadata(job.out, shard.shard_id, writer.metadata_table(meta, schema),
                                     job.storage_options)
         writer.commit_shard(job.out, shard.shard_id, {"rows": len(rows)}, job.storage_options)
-    return _count(job.out)
+    return count_output(job.out) if count else {}
 
 
-def _count(out: str) -> dict:
+def count_output(out: str) -> dict:
+    """{"rows": distinct ids, "images": ok rows} of the metadata under `out`."""
     import pyarrow.dataset as ds
 
     fs, path = storage.open_fs(storage.join(out, writer.METADATA_DIR))

@@ -22,6 +22,7 @@ up; `ray-render soak --minutes N` (or `python -m ray_render.chaos`) prints the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import io
@@ -217,7 +218,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            if self.command != "HEAD":  # a HEAD answer has no body, errors included
+                self.wfile.write(payload)
             return None
         headers = {key: value for key, value in self.headers.items() if key.lower() != "transfer-encoding"}
         headers["Content-Length"] = str(len(body))
@@ -234,7 +236,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         for key, value in response.getheaders():
             if key.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
                 self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
+        # A HEAD answer carries the object's length without its bytes.
+        length = response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(payload))
+        self.send_header("Content-Length", length)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
@@ -376,12 +380,13 @@ def _lost(check: OutputCheck) -> int:
 
 
 def actor_chaos(workdir: str, *, rows: int = 2000, min_kills: int = 10, seed: int = 0, model: str = "tiny",
-                steps: int = 2, batch_size: int = 16, shard_size: int = 50,
-                interval: tuple[float, float] = (2.0, 4.0)) -> Figures:
+                steps: int = 2, batch_size: int = 16, shard_size: int = 32,
+                interval: tuple[float, float] = (2.0, 4.0), max_kills: int | None = None) -> Figures:
     """`rows` rows on 2 actors while an ActorKiller SIGKILLs a busy actor every `interval` seconds.
 
-    Needs a local Ray started by this process (`ray.init(...)`). The killer keeps going until the job ends, and
-    the drill fails loudly if it ran out of job before `min_kills`.
+    Needs a local Ray started by this process (`ray.init(...)`). The killer stops after `max_kills` (default
+    `min_kills` + 2: an actor restart loads the model again, so endless kills every few seconds would outpace any
+    progress on a small machine), and the drill fails loudly if the job ended before `min_kills`.
     """
     from ray_render import driver
     from ray_render.config import JobConfig
@@ -391,7 +396,7 @@ def actor_chaos(workdir: str, *, rows: int = 2000, min_kills: int = 10, seed: in
     job = JobConfig(manifests=[manifest], out=out, model=model, device="cpu", actors=2, batch_size=batch_size,
                     shard_size=shard_size, params={"num_sampling_steps": steps}, progress=False, overwrite=True)
     started = time.monotonic()
-    with ActorKiller(interval=interval, seed=seed) as killer:
+    with ActorKiller(interval=interval, seed=seed, max_kills=max_kills or min_kills + 2) as killer:
         summary = driver.run(job)
     wall = time.monotonic() - started
     check = check_output(out, [row["id"] for row in _prompt_rows(rows)])
@@ -482,6 +487,7 @@ def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 30
         flaky = driver.run(JobConfig(manifests=[manifest], out=out, model="placeholder", shard_size=20,
                                      batch_size=8, actors=2, storage_options=so, progress=False))
         wall = time.monotonic() - started
+        flaky_counts = dict(proxy.counts)
         check = check_output(out, [row["id"] for row in manifest_rows], clean)
 
         # The storage goes away for good in the middle of a job, then comes back.
@@ -499,16 +505,19 @@ def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 30
 
         plug = threading.Thread(target=pull_the_plug, daemon=True)
         plug.start()
+        outage_started = time.monotonic()
         aborted = driver.run(outage_job)
+        abort_s = time.monotonic() - outage_started
         plug.join()
         committed_during_outage = len(writer.committed_shard_ids(outage_out, clean))
         proxy.down = False
         resumed = driver.run(outage_job)
         outage_check = check_output(outage_out, [row["id"] for row in slow_rows], clean)
-        faults = proxy.counts
+        faults = flaky_counts
     details = {"flaky_summary": flaky.to_dict(), "check": check.__dict__, "proxy": faults,
                "outage": {"exit_code": aborted.exit_code, "message": aborted.message,
-                          "committed": committed_during_outage, "resumed_exit_code": resumed.exit_code,
+                          "committed": committed_during_outage, "abort_s": round(abort_s, 1),
+                          "outage_requests": proxy.counts["down"], "resumed_exit_code": resumed.exit_code,
                           "shards_resumed": resumed.shards_resumed, "check": outage_check.__dict__}}
     injected = faults["500"] + faults["503"] + faults["reset_before"] + faults["reset_after"]
     return Figures("storage faults (10% 500/503, resets, delays)",
@@ -649,8 +658,9 @@ def _soak_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    figures = soak(args.minutes, seed=args.seed, workdir=args.workdir, actor_rows=args.actor_rows,
-                   log=lambda text: print(text, file=sys.stderr, flush=True))
+    with contextlib.redirect_stdout(sys.stderr):  # each job prints its summary: keep stdout for the table
+        figures = soak(args.minutes, seed=args.seed, workdir=args.workdir, actor_rows=args.actor_rows,
+                       log=lambda text: print(text, file=sys.stderr, flush=True))
     print(figures_table(figures))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps([f.__dict__ for f in figures], indent=2, default=str))

@@ -320,10 +320,16 @@ def _forwarded(argv: list[str]):
     return None
 
 
+def add_soak_parser(subparsers) -> None:
+    from ray_render import chaos  # fault-injection drills: `ray-render soak --minutes N`
+
+    chaos.add_soak_parser(subparsers)
+
+
 # -- main ----------------------------------------------------------------------------------------------------------
 
 SUBCOMMANDS = [add_run_parser, add_status_parser, add_refresh_parser, add_expand_parser, add_export_parser,
-               add_report_parser, add_eval_parser, add_bench_parser]
+               add_report_parser, add_eval_parser, add_bench_parser, add_soak_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

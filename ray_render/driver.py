@@ -46,6 +46,7 @@ EXIT_CODES = {  # what `ray-render run --help` prints
 MIN_ROWS_FOR_BUDGET = 100  # judge --max-failed-fraction only after this many rows finished in this run
 NO_ACTOR_TIMEOUT_S = 1800.0  # give up when no actor has been ready this long (model download, autoscaling)
 WAIT_S = 1.0  # how long one wait for results may block: the loop's tick for progress and checks
+_REPORT_HTML = "report.html"  # report.REPORT_HTML, named here: importing report.py costs PIL and pyarrow.dataset
 
 # Settings that change what an image looks like; the rest (actors, batch size, retries, ...) only change how fast.
 OUTPUT_SETTINGS = ("model", "vae", "revision", "preset", "params", "presets", "format", "quality", "dtype", "noise",
@@ -85,6 +86,7 @@ def run(job: JobConfig) -> Summary:
         for warning in plan.warnings:
             log.warning(warning)
         summary.rows_total, summary.shards_total = plan.total_rows, len(plan.shards)
+        summary.plan_s = time.monotonic() - started
 
         # 2. Job record: an output root holds one job; --overwrite clears it first
         record = writer.read_job_record(job.out, so)
@@ -136,6 +138,7 @@ def run(job: JobConfig) -> Summary:
     except storage.StorageError as exc:
         _finish(summary, "aborted", f"storage unreachable: {exc}; committed shards are kept: rerun the same "
                                     f"command to resume once the storage is back")
+        owns_output = False  # writing the summary there would only wait out the retries again; a rerun cleans up
     except KeyboardInterrupt:
         _finish(summary, "interrupted", "interrupted; rerun the same command to resume")
     except JobLost as exc:
@@ -351,7 +354,8 @@ def _close_output(job: JobConfig, summary: Summary) -> None:
         writer.write_job_record(job.out, record, so)
     except Exception as exc:  # noqa: BLE001 - the printed summary still tells the outcome
         log.error("could not write the summary to %s: %s", job.out, storage.redact(str(exc), so))
-    if job.report:
+    # A run that rendered nothing leaves the output as it found it: its report stands (a rerun stays cheap).
+    if job.report and (summary.rows_this_run or not storage.exists(storage.join(job.out, _REPORT_HTML), so)):
         write_report(job, summary)
 
 

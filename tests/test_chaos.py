@@ -30,7 +30,7 @@ def assert_complete(figures: chaos.Figures, check: dict) -> None:
 
 def test_actor_chaos_2000_rows_tiny_model_at_least_10_kills(ray_cluster, tmp_path):
     figures = chaos.actor_chaos(str(tmp_path), rows=2000, min_kills=10, seed=1, steps=2, batch_size=16,
-                                shard_size=50, interval=(1.5, 3.0))
+                                shard_size=32, interval=(2.0, 4.0))
     assert figures.details["kills"] >= 10
     assert_complete(figures, figures.details["check"])
     summary = figures.details["summary"]
