@@ -38,7 +38,7 @@ from pathlib import Path
 ALL_SUITES = ("orchestration", "model", "driver_scale", "resume", "actor", "gpu")
 CPU_SUITES = ALL_SUITES[:-1]
 ACTOR_BATCH_SIZES = (1, 4, 16, 32)
-GPU_BATCH_SIZES = (1, 4, 16, 32)
+GPU_BATCH_SIZES = (1, 8, 32)
 
 # Sizes the issue names, and the --quick ones (a smoke run: every field, no meaningful figures).
 FULL = {"orchestration": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
@@ -46,13 +46,13 @@ FULL = {"orchestration": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "driver_scale": {"rows": 1_000_000, "base_rows": 10_000, "shard_size": 1000},
         "resume": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "actor": {"rows": 128},
-        "gpu": {"rows": 64, "steps": 50}}
+        "gpu": {"rows": 8, "steps": 50, "side": 512}}
 QUICK = {"orchestration": {"rows": 240, "shard_size": 60, "batch_size": 8},
          "model": {"rows": 8, "shard_size": 4, "batch_size": 4},
          "driver_scale": {"rows": 2_000, "base_rows": 200, "shard_size": 100},
          "resume": {"rows": 240, "shard_size": 60, "batch_size": 8},
          "actor": {"rows": 4},
-         "gpu": {"rows": 4, "steps": 4}}
+         "gpu": {"rows": 2, "steps": 4, "side": 256}}
 GOALS = {"orchestration": "ray-render >= 1.5x Ray Data in rows/s",
          "model": "ray-render >= 3x the loop and >= 1.2x Ray Data in rows/s",
          "driver_scale": "peak driver RSS at 1,000,000 rows <= 1.3x that at 10,000 rows",
@@ -224,14 +224,15 @@ def _work_actor(manifest: str, out: str, model: str, batch_sizes: list[int], row
     return {"model_info": actor.info(), "results": measured, "rows": rows}
 
 
-def _work_gpu(batch_sizes: list[int], rows: int, steps: int) -> dict:
+def _work_gpu(batch_sizes: list[int], rows: int, steps: int, side: int) -> dict:
     import torch
 
     if not torch.cuda.is_available():
         return {"skipped": True, "reason": "no CUDA device: torch.cuda.is_available() is False on this machine"}
     from ray_render.models.nextstep.bench import measure_batching
 
-    result = measure_batching(batch_sizes, rows=rows, steps=steps, model="large-random", device="cuda")
+    result = measure_batching(batch_sizes, rows=rows, steps=steps, model="large-random", device="cuda",
+                              width=side, height=side)
     return {"skipped": False, **result}
 
 
@@ -403,9 +404,11 @@ def suite_actor(work: Path, sizes: dict, repeat: int = 1) -> dict:
 
 def suite_gpu(work: Path, sizes: dict, repeat: int = 1) -> dict:
     """The full-size architecture (random bf16 weights) at several batch sizes, when a CUDA device is present."""
-    result = _child("gpu", work, batch_sizes=list(GPU_BATCH_SIZES), rows=sizes["rows"], steps=sizes["steps"])
+    result = _child("gpu", work, batch_sizes=list(GPU_BATCH_SIZES), rows=sizes["rows"], steps=sizes["steps"],
+                    side=sizes["side"])
     return {"params": {"model": "large-random (NextStep-1-Large sizes, random bf16 weights)",
-                       "batch_sizes": list(GPU_BATCH_SIZES), "rows": sizes["rows"], "steps": sizes["steps"]},
+                       "batch_sizes": list(GPU_BATCH_SIZES), "rows": sizes["rows"], "steps": sizes["steps"],
+                       "size": f"{sizes['side']}x{sizes['side']}"},
             **result, "goal_met": None}
 
 
