@@ -264,8 +264,9 @@ class RenderActor:
             return sum(self._render(batch[i:i + size], shard_id, pending) for i in range(0, len(batch), size))
         for item in batch:
             item.calls += 1
-        if self._journal is not None:  # durable before the call: if it kills the process, the journal names the rows
-            self._journal.rendering(sorted({item.request.key.rsplit("#", 1)[0] for item in batch}))
+        row_ids = sorted({item.request.key.rsplit("#", 1)[0] for item in batch})
+        if self._journal is not None and not __import__("os").environ.get("RR_NOJOURNAL"):  # EXPERIMENT
+            self._journal.rendering(row_ids)
         started = time.monotonic()
         try:
             arrays = self._render_requests([item.request for item in batch])
@@ -275,6 +276,9 @@ class RenderActor:
         except Exception as exc:  # noqa: BLE001 - any model error: isolate the request that raised
             error = exc
         spent = (time.monotonic() - started) * 1000.0
+        if self._journal is not None and self._journal.suspects.intersection(row_ids):
+            # A suspect survived its call: a death from here on (uploading, the next read) must not count against it.
+            self._journal.done_rendering()
         if error is None:
             if self._metrics is not None:
                 self._metrics.render_call(spent)

@@ -89,7 +89,8 @@ def evaluate(model_name: str = "tiny", prompts: Sequence[tuple[shapes.Scene, str
         defaults["num_sampling_steps"] = num_sampling_steps
     if cfg_values is None:
         cfg_values = [float(defaults.get("cfg", RenderRequest.cfg)), 1.0]
-    report: dict = {"model": model_name, "num_prompts": len(pairs), "settings": defaults, "results": []}
+    report: dict = {"model": model_name, "num_prompts": len(pairs), "prompts": "held-out" if prompts is None
+                    else "given", "settings": defaults, "results": []}
     if keep_images:
         report["images"] = {}
     for cfg in cfg_values:
@@ -119,7 +120,7 @@ def evaluate(model_name: str = "tiny", prompts: Sequence[tuple[shapes.Scene, str
 
 def format_table(report: dict) -> str:
     """The report as a small fixed-width table."""
-    lines = [f"prompt adherence of {report['model']!r} on {report['num_prompts']} held-out prompts "
+    lines = [f"prompt adherence of {report['model']!r} on {report['num_prompts']} {report['prompts']} prompts "
              f"({report['settings'].get('width')}x{report['settings'].get('height')}, "
              f"{report['settings'].get('num_sampling_steps')} steps)",
              f"{'cfg':>6} {'object':>8} {'background':>11} {'both':>6} {'seconds':>8}"]

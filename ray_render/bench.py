@@ -2,10 +2,12 @@
 
 Every suite is a small function returning a dict. A suite that compares contenders (ray-render, Ray Data doing
 the same work, a plain loop; see baselines.py) runs them one after another in this one invocation, `--repeat`
-rounds in turn, and judges the median of the per-round ratios, so that the load of a shared machine falls on
-both sides of a ratio. Each contender runs in a fresh Python process: it starts its own local Ray, its wall time
-covers everything from the call to the return (Ray start-up, model loading, shutdown), and the process's peak
-RSS is the driver's own.
+rounds in turn (every other round in reverse order), and judges the median of the per-round ratios, so that the
+load of a shared machine falls on both sides of a ratio. Each contender runs in a fresh Python process, which
+connects to one local Ray the bench starts for the whole run (as jobs on a standing cluster do; `--cluster
+per-run` makes each start and stop its own). A contender's wall time covers everything from its call to its
+return: connecting, starting actors, loading the model, rendering, writing, shutting down. The process's peak
+RSS is taken before the bench reads the output back, so for ray-render it is the driver's own.
 
     orchestration  placeholder model, 20,000 rows of 64x64 PNG, 2 actors: ray-render vs Ray Data vs loop
     model          tiny NextStep model, 1,000 rows, 2 actors: ray-render vs Ray Data vs loop
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shlex
@@ -42,7 +45,7 @@ GPU_BATCH_SIZES = (1, 8, 32)
 
 # Sizes the issue names, and the --quick ones (a smoke run: every field, no meaningful figures).
 FULL = {"orchestration": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
-        "model": {"rows": 1_000, "shard_size": 64, "batch_size": 16},
+        "model": {"rows": 1_000, "shard_size": 64, "batch_size": 32},
         "driver_scale": {"rows": 1_000_000, "base_rows": 10_000, "shard_size": 1000},
         "resume": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "actor": {"rows": 128},
@@ -60,7 +63,10 @@ GOALS = {"orchestration": "ray-render >= 1.5x Ray Data in rows/s",
          "actor": ">= 90% of actor wall time in the model (encode and upload overlapped)",
          "gpu": "reported only (images/s per batch size on the full-size architecture)"}
 ACTORS = 2
-RAY_WORKER_NICENESS = 15  # Ray's default `worker_niceness`: the priority its worker processes run at
+# Ray starts its workers at niceness 15 by default. On a machine shared with other work at niceness 0, that leaves
+# the actors (ray-render's and Ray Data's) a few percent of a busy core while the loop, a plain process, gets its
+# full share: the bench's Ray runs its workers at the loop's priority instead, so all contenders compete alike.
+WORKER_NICENESS = "0"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,6 +100,8 @@ def _child_main(spec_file: str, result_file: str) -> None:
 
     spec = json.loads(Path(spec_file).read_text())
     kind = spec.pop("kind")
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("ray_render").setLevel(logging.INFO)  # the driver's steps, timestamped, in the child's log
     load_before = _load_average()
     started, started_epoch = time.monotonic(), time.time()
     result = _CHILD_WORK[kind.split(":")[0]](**spec)
@@ -117,7 +125,8 @@ def _child_main(spec_file: str, result_file: str) -> None:
 
 
 def _image_times(out: str, started_epoch: float) -> dict:
-    """When the first and last image rows were created, from the metadata: start-up and steady rate."""
+    """When the first and last ok metadata rows were created (`created_at`; an actor stamps a shard's rows when it
+    finishes rendering it, Ray Data each batch's): a view of start-up, and the steady rate in between."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
@@ -137,7 +146,7 @@ def _image_times(out: str, started_epoch: float) -> dict:
     first = min(span[0] for span in spans.values()).timestamp()
     last = max(span[1] for span in spans.values()).timestamp()
     per_worker = [(count - 1) / (b - a).total_seconds() for a, b, count in spans.values() if b > a]
-    return {"first_image_s": round(first - started_epoch, 3), "last_image_s": round(last - started_epoch, 3),
+    return {"first_row_s": round(first - started_epoch, 3), "last_row_s": round(last - started_epoch, 3),
             "steady_rows_per_s": round((table.num_rows - 1) / (last - first), 2) if last > first else None,
             "workers": len(spans), "sum_worker_rows_per_s": round(sum(per_worker), 2)}
 
@@ -174,9 +183,6 @@ def _work_ray_data(manifest: str, out: str, model: str, actors: int, batch_size:
 def _work_loop(manifest: str, out: str, model: str, shard_size: int, **options) -> dict:
     from ray_render import baselines
 
-    # Ray runs its workers (the actors of ray-render and Ray Data) at this niceness; the loop renders in this process,
-    # so it takes the same priority: on a machine shared with other work every contender then competes on equal terms.
-    os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
     baselines.loop_render(manifest, out, model, shard_size=shard_size, device="cpu", count=False, **options)
     return {}
 
@@ -305,7 +311,8 @@ def suite_orchestration(work: Path, sizes: dict, repeat: int = 1) -> dict:
     manifest = make_manifest(work / f"prompts-{rows}.parquet", rows, row_group_size=shard_size)
     shards = -(-rows // shard_size)
     common = {"manifest": manifest, "model": "placeholder"}
-    contenders = {"ray-render": {**common, "actors": ACTORS, "batch_size": batch_size, "shard_size": shard_size},
+    contenders = {"ray-render": {**common, "actors": ACTORS, "batch_size": batch_size, "shard_size": shard_size,
+                                 "report": False},  # the same work as the others: images and metadata
                   "ray-data": {**common, "actors": ACTORS, "batch_size": batch_size, "num_blocks": shards},
                   "loop": {**common, "shard_size": shard_size}}
     compared = _compare(work, "orchestration", contenders, repeat, rows)
@@ -323,7 +330,8 @@ def suite_model(work: Path, sizes: dict, repeat: int = 1) -> dict:
     manifest = make_manifest(work / f"prompts-{rows}.parquet", rows, row_group_size=shard_size)
     shards = -(-rows // shard_size)
     common = {"manifest": manifest, "model": "tiny"}
-    contenders = {"ray-render": {**common, "actors": ACTORS, "batch_size": batch_size, "shard_size": shard_size},
+    contenders = {"ray-render": {**common, "actors": ACTORS, "batch_size": batch_size, "shard_size": shard_size,
+                                 "report": False},  # the same work as the others: images and metadata
                   "ray-data": {**common, "actors": ACTORS, "batch_size": batch_size, "num_blocks": shards},
                   "loop": {**common, "shard_size": shard_size}}
     compared = _compare(work, "model", contenders, repeat, rows)
@@ -395,7 +403,7 @@ def suite_actor(work: Path, sizes: dict, repeat: int = 1) -> dict:
     result = _child("actor", work, manifest=manifest, out=out, model="tiny", batch_sizes=list(ACTOR_BATCH_SIZES),
                     rows=rows)
     shutil.rmtree(out, ignore_errors=True)
-    worst = min(r["bare_model_share"] for r in result["results"])
+    worst = min(r["model_share"] for r in result["results"])
     return {"params": {"model": "tiny", "rows_per_batch_size": rows, "batch_sizes": list(ACTOR_BATCH_SIZES),
                        "device": "cpu"},
             "results": result["results"], "model_info": result["model_info"],
@@ -592,6 +600,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    niceness_before = os.environ.get("RAY_worker_niceness")
+    os.environ["RAY_worker_niceness"] = WORKER_NICENESS  # read by every Ray the bench or its children start
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="ray-render-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     sizes_table = QUICK if args.quick else FULL
@@ -600,6 +610,7 @@ def main(args: argparse.Namespace) -> int:
                "repeat": args.repeat, "machine": machine(), "goals": {n: GOALS[n] for n in names}, "suites": {}}
     failed = missed = False
     summary["cluster"] = args.cluster
+    summary["ray_worker_niceness"] = int(WORKER_NICENESS)
     try:
         if args.cluster == "shared":
             summary["cluster_address"] = _start_shared_cluster()
@@ -623,6 +634,10 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if args.cluster == "shared":
             _stop_shared_cluster()
+        if niceness_before is None:
+            os.environ.pop("RAY_worker_niceness", None)
+        else:
+            os.environ["RAY_worker_niceness"] = niceness_before
         summary["machine"]["load_average_end"] = _load_average()
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if not args.work_dir:

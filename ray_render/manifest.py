@@ -27,7 +27,7 @@ import json
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,6 +77,7 @@ class Shard:
     row_stop: int
     file_index: int = 0  # position of `file` in Plan.files; names rows whose own id is unusable
     rows: tuple[int, ...] | None = None  # only these rows of the range, ascending (a refresh's changed rows)
+    repeated_ids: tuple[tuple[int, str], ...] = ()  # (row, where its id first appears) for ids used earlier
 
     @property
     def num_rows(self) -> int:
@@ -98,6 +99,7 @@ class Plan:
     passthrough_columns: list[str]  # extra manifest columns copied to the output metadata, first-seen order
     passthrough_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))  # their Arrow types, all files
     warnings: list[str] = field(default_factory=list)  # things that work but cost, e.g. huge row groups
+    has_ids: list[bool] = field(default_factory=list)  # per file: does it have an `id` column
 
 
 @dataclass
@@ -336,7 +338,58 @@ def plan(specs: list[str], shard_size: int, storage_options: dict | None = None,
     if total_rows == 0:
         raise ManifestError(f"no rows to render: {', '.join(files)} hold 0 rows")
     return Plan(files=files, shards=shards, total_rows=total_rows, fingerprint=digest.hexdigest(),
-                passthrough_columns=passthrough.names, passthrough_schema=passthrough, warnings=warnings)
+                passthrough_columns=passthrough.names, passthrough_schema=passthrough, warnings=warnings,
+                has_ids=["id" in facts.schema.names for facts in all_facts])
+
+
+def mark_repeated_ids(plan: Plan, storage_options: dict | None = None) -> Plan:
+    """Tell each shard which of its rows repeat an id used earlier in the plan, so that the later rows end
+    `invalid` and the output never holds one id twice, even when the repeats fall in different shards.
+
+    The one pass over data before rendering (planning itself reads footers only): the `id` column alone. Memory is
+    8 bytes a row (a hash of the id, not the id); only ids whose hash repeats are read again and compared as text.
+    A file whose ids cannot be read is skipped here: its shards fail on their own when they read it.
+    """
+    import numpy as np
+
+    stops: dict[int, int] = {}  # file index -> rows of it in the plan
+    for shard in plan.shards:
+        stops[shard.file_index] = max(stops.get(shard.file_index, 0), shard.row_stop)
+    readable = [index for index in sorted(stops) if plan.has_ids and plan.has_ids[index]]
+
+    def ids_of(index: int) -> list:
+        """The id column of the file's planned rows, as text (None for nulls)."""
+        fs, path = storage.open_fs(plan.files[index], storage_options)
+        with fs.open(path, "rb") as handle:
+            column = pq.ParquetFile(handle).read(columns=["id"]).column(0).slice(0, stops[index])
+        return [None if value is None else str(value) for value in column.to_pylist()]
+
+    hashes = []
+    for index in list(readable):
+        try:
+            hashes.append(np.fromiter((hash(value) for value in ids_of(index) if value is not None), dtype=np.int64))
+        except Exception:  # noqa: BLE001 - reported by the shards that read this file
+            readable.remove(index)
+    values, counts = np.unique(np.concatenate(hashes) if hashes else np.zeros(0, np.int64), return_counts=True)
+    suspects = set(values[counts > 1].tolist())
+    if not suspects:
+        return plan
+    first_seen: dict[str, str] = {}
+    repeated: dict[tuple[int, int], str] = {}
+    for index in readable:
+        for row, value in enumerate(ids_of(index)):
+            if value is None or hash(value) not in suspects:
+                continue
+            if value in first_seen:
+                repeated[(index, row)] = first_seen[value]
+            else:
+                first_seen[value] = f"row {row} of {plan.files[index]}"
+    shards = []
+    for shard in plan.shards:
+        rows = tuple((row, repeated[(shard.file_index, row)]) for row in shard.row_indices()
+                     if (shard.file_index, row) in repeated)
+        shards.append(replace(shard, repeated_ids=rows) if rows else shard)
+    return replace(plan, shards=shards)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,6 +502,7 @@ def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
     presets = job.all_presets()
     defaults = base_params(model_defaults)
     first_row_of_id: dict[str, int] = {}
+    repeated_elsewhere = dict(shard.repeated_ids)  # ids first used in an earlier shard (see plan)
     results: list[RowTask | InvalidRow] = []
     for row_index, row in zip(shard.row_indices(), rows):
         passthrough = {name: _clean(value) for name, value in row.items() if is_passthrough(name)}
@@ -464,6 +518,8 @@ def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
                 if problem:
                     raise _RowProblem("id", problem)
                 row_id = raw_id
+                if row_index in repeated_elsewhere:
+                    raise _RowProblem("id", f"repeats the id of {repeated_elsewhere[row_index]}; ids must be unique")
                 if row_id in first_row_of_id:
                     raise _RowProblem("id", f"repeats the id of row {first_row_of_id[row_id]} in this shard")
                 first_row_of_id[row_id] = row_index

@@ -19,7 +19,7 @@ SIZE = 64  # pixels per side of a rendered picture
 # Colour names and their RGB values, far enough apart that the nearest palette entry names a pixel's colour.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
-    "orange": (245, 140, 30),
+    "cyan": (40, 200, 215),
     "yellow": (245, 225, 50),
     "green": (40, 170, 70),
     "blue": (40, 90, 220),
@@ -108,10 +108,10 @@ def _shape_mask(scene: Scene) -> np.ndarray:
     elif scene.shape == "square":
         inside = (np.abs(u) <= 0.85 * r) & (np.abs(v) <= 0.85 * r)  # 0.85: about the circle's area
     elif scene.shape == "triangle":
-        # Apex up, base down; half-width grows linearly from the apex to the base.
-        inside = (v >= -r) & (v <= 0.8 * r) & (np.abs(u) <= (v + r) * (1.1 * r) / (1.8 * r))
+        # Apex up, base down; the half-width grows linearly from 0 at the apex to r at the base.
+        inside = (v >= -r) & (v <= 0.8 * r) & (np.abs(u) <= (v + r) / 1.8)
     elif scene.shape == "diamond":
-        inside = np.abs(u) + np.abs(v) <= 1.15 * r
+        inside = np.abs(u) + np.abs(v) <= r
     else:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {scene.shape!r}")
     return inside.reshape(SIZE, _SUPERSAMPLE, SIZE, _SUPERSAMPLE).mean(axis=(1, 3), dtype=np.float32)
@@ -130,9 +130,9 @@ def render(scene: Scene) -> np.ndarray:
 
 # Caption templates: the position and size phrases are optional, so captions vary in length and word order.
 _TEMPLATES = (
-    "a {size}{colour} {shape}{position} on a {background} background",
-    "a {size}{colour} {shape} on a {background} background{position}",
-    "{background} background with a {size}{colour} {shape}{position}",
+    "{a} {size}{colour} {shape}{position} on {a_bg} {background} background",
+    "{a} {size}{colour} {shape} on {a_bg} {background} background{position}",
+    "{background} background with {a} {size}{colour} {shape}{position}",
 )
 
 
@@ -142,8 +142,13 @@ def caption(scene: Scene, template: int = 0, say_position: bool = True, say_size
     position = f" {scene.position}" if say_position else ""
     if template == 1 and say_position:
         position = f", {scene.position}"
-    return _TEMPLATES[template].format(size=size, colour=scene.colour, shape=scene.shape, position=position,
+    return _TEMPLATES[template].format(a=_article(size or scene.colour), size=size, colour=scene.colour,
+                                       shape=scene.shape, position=position, a_bg=_article(scene.background),
                                        background=scene.background)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def sample_scenes(n: int, seed: int, split: str = "train") -> list[tuple[Scene, str]]:
