@@ -296,8 +296,8 @@ def _compare(work: Path, name: str, contenders: dict[str, dict], repeat: int, ro
     merged = {}
     for contender in contenders:
         runs = [r[contender] for r in rounds]
-        best = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]  # the median run, whole
-        merged[contender] = {**best, "wall_s_runs": [r["wall_s"] for r in runs]}
+        median_run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]  # the median run, whole
+        merged[contender] = {**median_run, "wall_s_runs": [r["wall_s"] for r in runs]}
     return {"rounds": rounds, "contenders": merged}
 
 

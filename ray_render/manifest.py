@@ -357,12 +357,18 @@ def mark_repeated_ids(plan: Plan, storage_options: dict | None = None) -> Plan:
         stops[shard.file_index] = max(stops.get(shard.file_index, 0), shard.row_stop)
     readable = [index for index in sorted(stops) if plan.has_ids and plan.has_ids[index]]
 
-    def ids_of(index: int) -> list:
-        """The id column of the file's planned rows, as text (None for nulls)."""
+    def ids_of(index: int):
+        """The id column of the file's planned rows, as text (None for nulls), a batch at a time: the driver never
+        holds a whole column of ids, whose Python strings would cost it ~100 bytes a row."""
         fs, path = storage.open_fs(plan.files[index], storage_options)
+        left = stops[index]
         with fs.open(path, "rb") as handle:
-            column = pq.ParquetFile(handle).read(columns=["id"]).column(0).slice(0, stops[index])
-        return [None if value is None else str(value) for value in column.to_pylist()]
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=65_536, columns=["id"]):
+                values = batch.column(0).slice(0, left).to_pylist()
+                left -= len(values)
+                yield from (None if value is None else str(value) for value in values)
+                if left <= 0:
+                    return
 
     hashes = []
     for index in list(readable):

@@ -61,7 +61,7 @@ class Summary:
     render_s: float = 0.0  # model time summed over actors
     wall_s: float = 0.0  # the whole run, Ray start-up and model loading included
     startup_s: float = 0.0  # planning, connecting to Ray and loading the model in the actors
-    plan_s: float = 0.0  # of which planning: listing the manifests and reading their Parquet footers
+    plan_s: float = 0.0  # of which planning: the manifests' footers, and the id column for repeated ids
     rendering_s: float = 0.0  # from the actors being ready to the last shard: the basis of the rates
     started_at: str = ""
     finished_at: str = ""
