@@ -8,7 +8,6 @@ so prompts and images never travel through the driver: it receives a `manifest.S
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import time
 from collections import deque
@@ -28,8 +27,6 @@ log = logging.getLogger("ray_render")
 
 UPLOAD_THREADS = 8  # encode + upload run here while the model renders the next batch
 MAX_PENDING_IMAGES = 256  # rendered images waiting for encode/upload; bounds the actor's memory
-JOURNAL_COST_SHARE = 0.01  # journal writes may take about this share of model time (see _journal_before)
-MAX_JOURNAL_SPAN = 64  # model calls one journal write may name ahead, when the model is far faster than storage
 
 
 class ShardCancelled(Exception):
@@ -112,10 +109,6 @@ class RenderActor:
         self._metrics = RenderMetrics(job.model) if self._in_ray else None
         self._uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
         self._journal: ShardJournal | None = None  # the shard in progress: which rows each model call renders
-        self._journal_named: set[str] = set()  # rows the journal in storage names as being rendered
-        self._journal_span = 1  # model calls the next journal write names: 1 until write and model are timed
-        self._journal_write_s: float | None = None  # recent time of one journal write
-        self._lookahead: list[_Item] = []  # the requests of the next model calls, which a journal write may name
 
     def ping(self) -> str:
         return self.worker
@@ -149,7 +142,6 @@ class RenderActor:
         del rows
         # A row that killed earlier attempts' actors is not rendered again; suspects are rendered alone.
         journal = self._journal = ShardJournal(self.root, shard.shard_id, self.job.retries, self.so)
-        self._journal_named = set()
 
         # 2. Expand valid rows into requests; fetch input images; let the model reject what it cannot render
         items: list[_Item] = []
@@ -195,7 +187,6 @@ class RenderActor:
                     if self._cancelled():
                         raise ShardCancelled(f"shard {shard.shard_id} cancelled")
                     batch = group[done:done + self.batch_size]
-                    self._lookahead = group[done:done + self._journal_span * self.batch_size]
                     done += len(batch)
                     render_ms += self._render(batch, shard.shard_id, pending)
             for future in pending:
@@ -275,7 +266,7 @@ class RenderActor:
             item.calls += 1
         row_ids = sorted({item.request.key.rsplit("#", 1)[0] for item in batch})
         if self._journal is not None:  # durable before the call: if it kills the process, the journal names the rows
-            self._journal_before(row_ids)
+            self._journal.rendering(row_ids)
         started = time.monotonic()
         try:
             arrays = self._render_requests([item.request for item in batch])
@@ -288,11 +279,7 @@ class RenderActor:
         if self._journal is not None and self._journal.suspects.intersection(row_ids):
             # A suspect survived its call: a death from here on (uploading, the next read) must not count against it.
             self._journal.done_rendering()
-            self._journal_named = set()
         if error is None:
-            if self._journal_write_s is not None and spent > 0:
-                wanted = self._journal_write_s / (JOURNAL_COST_SHARE * spent / 1000.0)
-                self._journal_span = max(1, min(MAX_JOURNAL_SPAN, math.ceil(wanted)))
             if self._metrics is not None:
                 self._metrics.render_call(spent)
             for item, array in zip(batch, arrays):
@@ -321,29 +308,6 @@ class RenderActor:
                             self.worker, len(batch), size)
                 self.batch_size = size
         return spent + sum(self._render(batch[i:i + size], shard_id, pending) for i in range(0, len(batch), size))
-
-    def _journal_before(self, row_ids: list[str]) -> None:
-        """Make the journal in storage name `row_ids` before their model call starts.
-
-        One durable write per call costs a storage round trip, which is nothing beside a real model's call but a
-        large share of a fast one's (the placeholder model; a tiny model writing to an object store). So a write
-        names the rows of the next `_journal_span` calls of the same batch key, sized to keep the writes near
-        JOURNAL_COST_SHARE of model time: for a real model that is the one call about to run. A death then makes
-        all the named rows suspects, which the next attempt renders alone: slower, never wrong. Suspects are
-        always named alone, so a death while rendering one still counts against exactly that row.
-        """
-        if self._journal.suspects.intersection(row_ids):
-            self._journal.rendering(row_ids)
-            self._journal_named = set(row_ids)
-            return
-        if self._journal_named.issuperset(row_ids):
-            return  # the last write named these rows already
-        named = set(row_ids).union(item.request.key.rsplit("#", 1)[0] for item in self._lookahead)
-        started = time.monotonic()
-        self._journal.rendering(sorted(named))
-        took = time.monotonic() - started
-        self._journal_write_s = took if self._journal_write_s is None else (self._journal_write_s + took) / 2
-        self._journal_named = named
 
     def _render_requests(self, requests: list[RenderRequest]) -> list:
         """One model call for the batch: images, or with quality scoring on, quality.Outcomes (image, the seed

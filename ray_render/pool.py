@@ -192,7 +192,9 @@ class RenderPool:
                 age = now - call.submitted
                 if position > 0:
                     candidates.append((0, -age, ref))
-                elif threshold is not None and age > threshold:
+                elif threshold is not None and age > threshold and call.attempt == 1:
+                    # Only first attempts run twice: a retried shard may hold a row that kills its actor, and a
+                    # second copy would only double the deaths.
                     candidates.append((1, -age, ref))
         candidates.sort(key=lambda item: item[:2])
         issued = 0

@@ -47,15 +47,6 @@ def tiny_report(tiny_model):
     return adherence.evaluate("tiny", per_combo=1, model=tiny_model)
 
 
-def test_tiny_model_draws_the_colours_of_unseen_combinations(tiny_report):
-    default_cfg = tiny_report["settings"]["cfg"]
-    assert tiny_report["num_prompts"] == len(shapes.HELDOUT)
-    guided, unguided = tiny_report["results"]
-    assert guided["cfg"] == default_cfg > 1 and unguided["cfg"] == 1.0
-    assert guided["object_accuracy"] >= 0.9 and guided["background_accuracy"] >= 0.9
-    assert guided["both_accuracy"] > unguided["both_accuracy"]
-
-
 def test_evaluation_is_reproducible_and_scores_each_cfg(tiny_model, tiny_report):
     prompts = shapes.heldout_prompts(per_combo=1)[:6]
     again = adherence.evaluate("tiny", prompts=prompts, cfg_values=[tiny_report["settings"]["cfg"]],

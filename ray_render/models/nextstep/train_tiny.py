@@ -95,9 +95,9 @@ class Recipe:
     weight_decay: float = 0.01
     caption_dropout: float = 0.12  # share of captions replaced by "" (the unconditional row of guidance)
     head_batch_mul: int = 4  # noise levels drawn per image token and step, as the released training does
-    # Loss weight of tokens that show part of the object: they are a few of the 16, and the only ones that carry
-    # the object's colour. Each token has its own condition, so this shifts effort, not the optimum.
-    object_weight: float = 3.0
+    # Noise (std, at most) added to the teacher-forced input tokens, which are then normed again: at render time
+    # the model reads back its own samples, which are never exactly the pictures' tokens.
+    input_noise: float = 0.0
 
     def scaled(self, minutes: float) -> "Recipe":
         """The same recipe with every stage's step count scaled to a budget of `minutes`."""
@@ -219,15 +219,6 @@ def encode_tokens(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def object_tokens(images: np.ndarray, scenes: list) -> torch.Tensor:
-    """(B, N) float32: 1 where a token's 16x16 pixels show some of the object, 0 where only background."""
-    background = np.array([shapes.PALETTE[s.background] for s in scenes], dtype=np.uint8)[:, None, None, :]
-    differs = (images != background).any(axis=-1)  # (B, H, W)
-    b, h, w = differs.shape
-    per_token = differs.reshape(b, h // 16, 16, w // 16, 16).any(axis=(2, 4)).reshape(b, -1)
-    return torch.from_numpy(per_token.astype(np.float32))
-
-
 @torch.no_grad()
 def reconstruction_error(vae, seed: int, n: int = 64) -> float:
     """Mean absolute pixel error (0-255) of encode + decode on held-out-combination pictures."""
@@ -283,8 +274,8 @@ def sequence_mask(prompt_mask: torch.Tensor, n_image: int) -> torch.Tensor:
     return mask[:, None]
 
 
-def train_backbone(model: NextStepModel, tokenizer, tokens: torch.Tensor, objects: torch.Tensor, scenes: list,
-                   recipe: Recipe, seed: int) -> None:
+def train_backbone(model: NextStepModel, tokenizer, tokens: torch.Tensor, scenes: list, recipe: Recipe,
+                   seed: int) -> None:
     """Teacher-forced flow matching on (caption, image tokens) pairs; captions are re-worded every time."""
     config = model.config
     prompts = PromptBuilder(tokenizer, config.boi, config.eoi, config.image_placeholder_id, config.pad_token_id)
@@ -313,15 +304,19 @@ def train_backbone(model: NextStepModel, tokenizer, tokens: torch.Tensor, object
         ids = prompts.build(texts, [grid] * len(texts))
         target = tokens[torch.from_numpy(picks)]  # (B, N, D)
         # 2. Inputs: the prompt, then image tokens 0..N-2 through image_in_projector (teacher forcing).
-        embeds = torch.cat([model.embed(ids.input_ids), model.image_in_projector(target[:, :-1])], dim=1)
+        inputs = target[:, :-1]
+        if recipe.input_noise > 0:
+            sigma = recipe.input_noise * torch.rand((inputs.shape[0], 1, 1), generator=generator)
+            inputs = inputs + sigma * torch.randn(inputs.shape, generator=generator)
+            inputs = F.layer_norm(inputs, inputs.shape[-1:], None, None, 1e-6)
+        embeds = torch.cat([model.embed(ids.input_ids), model.image_in_projector(inputs)], dim=1)
         length = ids.input_ids.shape[1]
         hidden = model(embeds, attention_mask={"full_attention": sequence_mask(ids.attention_mask, n_tokens - 1)})
         # 3. The condition of token k is the output at the position before it: slots length-1 ... length+N-2.
         cond = model.image_out_projector(hidden[:, length - 1:])  # (B, N, hidden)
         rows = target.reshape(-1, target.shape[-1]).repeat(recipe.head_batch_mul, 1)
         conds = cond.reshape(-1, cond.shape[-1]).repeat(recipe.head_batch_mul, 1)
-        weights = (1.0 + (recipe.object_weight - 1.0) * objects[torch.from_numpy(picks)]).reshape(-1)
-        loss = model.image_head.loss(rows, conds, mask=weights.repeat(recipe.head_batch_mul), generator=generator)
+        loss = model.image_head.loss(rows, conds, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -356,14 +351,13 @@ def train(out: str | Path, minutes: float = DEFAULT_MINUTES, seed: int = 0, thre
     log(f"3/4 image tokens of {recipe.num_pictures} training pictures")
     images, _, scenes = shapes.make_batch(recipe.num_pictures, seed=seed + 6, split="train")
     tokens = encode_tokens(vae, images)
-    objects = object_tokens(images, scenes)
     del images
 
     config = model_config(recipe, tokenizer)
     model = build_model(config, seed)
     size = sum(p.numel() for p in model.parameters())
     log(f"4/4 backbone + head ({size / 1e6:.2f} M parameters, {recipe.steps} steps of {recipe.batch})")
-    train_backbone(model, tokenizer, tokens, objects, scenes, recipe, seed)
+    train_backbone(model, tokenizer, tokens, scenes, recipe, seed)
 
     path = snapshot.write_snapshot(out, config, model.official_state_dict(), tokenizer, dict(VAE_CONFIG),
                                    vae_lib.diffusers_to_official(vae.state_dict()), render_defaults=RENDER_DEFAULTS)
