@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -66,7 +67,7 @@ def _render_all(model, requests: list[RenderRequest], batch_size: int) -> list[n
 
 
 def evaluate(model_name: str = "tiny", prompts: Sequence[tuple[shapes.Scene, str]] | None = None,
-             cfg_values: Sequence[float] | None = None, *, per_combo: int = 2, seed: int = 0,
+             cfg_values: Sequence[float] | None = None, *, per_combo: int = 16, seed: int = 0,
              num_sampling_steps: int | None = None, batch_size: int = 32, device: str = "auto",
              noise: str = "fast", model=None, keep_images: bool = False, verbose: bool = False) -> dict:
     """Render each prompt once per guidance scale and score the colours.
@@ -77,7 +78,9 @@ def evaluate(model_name: str = "tiny", prompts: Sequence[tuple[shapes.Scene, str
     settings are the model's defaults. An already loaded `model` may be passed instead of loading `model_name`.
 
     Returns {"model", "num_prompts", "settings", "results": [{"cfg", "object_accuracy",
-    "background_accuracy", "both_accuracy", "seconds"}, ...]} and, with `keep_images`, "images" per cfg.
+    "background_accuracy", "both_accuracy", "seconds"}, ...]} and, with `keep_images`, "images" per cfg. When
+    cfg 1 is among the scales, every other row also has "vs_cfg_1" (`paired_comparison`): whether guidance helps
+    is judged prompt by prompt, not from two accuracies alone.
     """
     if model is None:
         model = load_model(model_name, device=device, noise=noise)
@@ -93,6 +96,7 @@ def evaluate(model_name: str = "tiny", prompts: Sequence[tuple[shapes.Scene, str
                     else "given", "settings": defaults, "results": []}
     if keep_images:
         report["images"] = {}
+    correct: dict[float, list[bool]] = {}  # cfg -> per prompt, both colours right
     for cfg in cfg_values:
         requests = [RenderRequest(**{**defaults, "key": f"adherence-{i}", "prompt": text, "cfg": float(cfg),
                                      "seed": seed + i}) for i, (_, text) in enumerate(pairs)]
@@ -102,20 +106,36 @@ def evaluate(model_name: str = "tiny", prompts: Sequence[tuple[shapes.Scene, str
         found = [classify(image) for image in images]
         object_ok = [obj == scene.colour for (scene, _), (obj, _) in zip(pairs, found)]
         background_ok = [bg == scene.background for (scene, _), (_, bg) in zip(pairs, found)]
+        both_ok = [a and b for a, b in zip(object_ok, background_ok)]
         report["results"].append({
             "cfg": float(cfg),
             "object_accuracy": float(np.mean(object_ok)),
             "background_accuracy": float(np.mean(background_ok)),
-            "both_accuracy": float(np.mean([a and b for a, b in zip(object_ok, background_ok)])),
+            "both_accuracy": float(np.mean(both_ok)),
             "seconds": round(seconds, 2),
         })
+        correct[float(cfg)] = both_ok
         if keep_images:
             report["images"][float(cfg)] = images
         if verbose:
             for (scene, text), (obj, bg) in zip(pairs, found):
                 mark = "ok " if (obj, bg) == (scene.colour, scene.background) else "BAD"
                 print(f"  cfg {cfg:g} {mark} {text!r}: object {obj}, background {bg}")
+    if 1.0 in correct:
+        for row in report["results"]:
+            if row["cfg"] != 1.0:
+                row["vs_cfg_1"] = paired_comparison(correct[row["cfg"]], correct[1.0])
     return report
+
+
+def paired_comparison(guided: Sequence[bool], unguided: Sequence[bool]) -> dict:
+    """Compare two scorings of the same prompts with the same seeds: how many prompts only the guided render got
+    right, how many only the unguided one, and the two-sided sign test's p-value on those (ties say nothing)."""
+    better = sum(g and not u for g, u in zip(guided, unguided))
+    worse = sum(u and not g for g, u in zip(guided, unguided))
+    n, k = better + worse, min(better, worse)
+    p_value = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"better": better, "worse": worse, "p_value": p_value}
 
 
 def format_table(report: dict) -> str:
@@ -123,10 +143,14 @@ def format_table(report: dict) -> str:
     lines = [f"prompt adherence of {report['model']!r} on {report['num_prompts']} {report['prompts']} prompts "
              f"({report['settings'].get('width')}x{report['settings'].get('height')}, "
              f"{report['settings'].get('num_sampling_steps')} steps)",
-             f"{'cfg':>6} {'object':>8} {'background':>11} {'both':>6} {'seconds':>8}"]
+             f"{'cfg':>6} {'object':>8} {'background':>11} {'both':>6} {'seconds':>8}  "
+             f"against cfg 1 (same prompts and seeds)"]
     for row in report["results"]:
+        versus = row.get("vs_cfg_1")
+        paired = (f"  right only here {versus['better']}, only at cfg 1 {versus['worse']}, "
+                  f"sign test p = {versus['p_value']:.2g}" if versus else "")
         lines.append(f"{row['cfg']:>6g} {row['object_accuracy']:>8.1%} {row['background_accuracy']:>11.1%} "
-                     f"{row['both_accuracy']:>6.1%} {row['seconds']:>8.1f}")
+                     f"{row['both_accuracy']:>6.1%} {row['seconds']:>8.1f}{paired}")
     return "\n".join(lines)
 
 
@@ -136,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny", help="model to evaluate (default: the embedded tiny model)")
     parser.add_argument("--cfg", type=float, action="append", dest="cfg_values",
                         help="guidance scale to evaluate; repeat for several (default: the model's cfg and 1)")
-    parser.add_argument("--per-combo", type=int, default=2, help="prompts per held-out combination (default 2)")
+    parser.add_argument("--per-combo", type=int, default=16,
+                        help="prompts per held-out combination (default 16: 448 prompts)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt i is seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=32)

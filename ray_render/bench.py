@@ -4,8 +4,8 @@ Every suite is a small function returning a dict. A suite that compares contende
 the same work, a plain loop; see baselines.py) runs them one after another in this one invocation, `--repeat`
 rounds in turn (every other round in reverse order), and judges the median of the per-round ratios, so that the
 load of a shared machine falls on both sides of a ratio. Each contender runs in a fresh Python process, which
-connects to one local Ray the bench starts for the whole run (as jobs on a standing cluster do; `--cluster
-per-run` makes each start and stop its own). A contender's wall time covers everything from its call to its
+connects to a local Ray the bench starts for each suite (as jobs on a standing cluster do; `--cluster per-run`
+makes each contender start and stop its own). A contender's wall time covers everything from its call to its
 return: connecting, starting actors, loading the model, rendering, writing, shutting down. The process's peak
 RSS is taken before the bench reads the output back, so for ray-render it is the driver's own.
 
@@ -107,6 +107,7 @@ def _child_main(spec_file: str, result_file: str) -> None:
     result = _CHILD_WORK[kind.split(":")[0]](**spec)
     wall_s = time.monotonic() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)  # before the bench reads any output back: the contender's own
+    peak_rss_mib = _peak_rss_mib(usage)
     ray_imported = "ray" in sys.modules
     if spec.get("out") and kind.split(":")[0] in ("ray-render", "ray-data", "loop"):
         result.update(_image_times(spec["out"], started_epoch))
@@ -115,13 +116,25 @@ def _child_main(spec_file: str, result_file: str) -> None:
 
             result.update(count_output(spec["out"]))
             result["rows_ok"] = result["images"]
-    result.update(wall_s=round(wall_s, 3), peak_rss_mib=round(usage.ru_maxrss / 1024, 1),
+    result.update(wall_s=round(wall_s, 3), peak_rss_mib=peak_rss_mib,
                   process_cpu_s=round(usage.ru_utime + usage.ru_stime, 2),
                   load_average_before=load_before, load_average_after=_load_average(),
                   ray_imported=ray_imported)
     if result.get("rows") and wall_s > 0:
         result["rows_per_s"] = round(result["rows"] / wall_s, 2)
     Path(result_file).write_text(json.dumps(result, default=str))
+
+
+def _peak_rss_mib(usage) -> float:
+    """This process's peak resident memory. Linux's ru_maxrss survives exec: a child forked from a big parent
+    would report the parent's size, so read the high-water mark of this process image (VmHWM) where there is one."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(usage.ru_maxrss / 1024, 1)
 
 
 def _image_times(out: str, started_epoch: float) -> dict:
@@ -559,10 +572,12 @@ def register(subparsers) -> None:
 
 
 def _start_shared_cluster() -> str:
-    """Start a local Ray for the whole run (no dashboard: it would only take CPU from the contenders); children
+    """Start a local Ray for one suite (no dashboard: it would only take CPU from the contenders); children
     reach it through RAY_ADDRESS, as jobs on a standing cluster do. Returns its address."""
     import ray
 
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
     ray.init(include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     os.environ["RAY_ADDRESS"] = address
@@ -612,8 +627,6 @@ def main(args: argparse.Namespace) -> int:
     summary["cluster"] = args.cluster
     summary["ray_worker_niceness"] = int(WORKER_NICENESS)
     try:
-        if args.cluster == "shared":
-            summary["cluster_address"] = _start_shared_cluster()
         for name in names:
             sizes = dict(sizes_table[name])
             if args.rows is not None:
@@ -621,10 +634,16 @@ def main(args: argparse.Namespace) -> int:
             print(f"-- {name}: {', '.join(f'{k} {v:,}' for k, v in sizes.items())} ...", flush=True)
             started = time.monotonic()
             try:
+                if args.cluster == "shared":
+                    # A fresh one per suite: what earlier suites left in the cluster must not weigh on this one.
+                    _start_shared_cluster()
                 result = SUITES[name](work, sizes, args.repeat)
             except Exception as exc:  # noqa: BLE001 - one broken suite must not hide the others' figures
                 failed = True
                 result = {"error": f"{type(exc).__name__}: {exc}", "goal_met": False}
+            finally:
+                if args.cluster == "shared":
+                    _stop_shared_cluster()
             result = {"suite": name, "goal": GOALS[name], "sizes": sizes,
                       "suite_s": round(time.monotonic() - started, 1), **result}
             missed |= result.get("goal_met") is False
@@ -632,8 +651,6 @@ def main(args: argparse.Namespace) -> int:
             (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
             print(format_suite(name, result), flush=True)
     finally:
-        if args.cluster == "shared":
-            _stop_shared_cluster()
         if niceness_before is None:
             os.environ.pop("RAY_worker_niceness", None)
         else:

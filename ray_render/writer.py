@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import numbers
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -293,6 +294,18 @@ def remove_orphans(root: str, committed_ids: set[str], storage_options: dict | N
             storage.delete_tree(storage.join(images_dir, name), storage_options)
             removed.add(name)
     return sorted(removed)
+
+
+def remove_empty_journal_dir(root: str, storage_options: dict | None = None) -> None:
+    """Remove `_journal/` once every shard's journal is gone (local storage only: an object store has no empty
+    directories), so that a finished output holds only what its README describes. Journals of unfinished shards
+    stay, and so does the directory then."""
+    fs, path = storage.open_fs(storage.join(root, "_journal"), storage_options)  # journal.JOURNAL_DIR
+    if storage.is_local(fs):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty, or not there
+            pass
 
 
 def remove_temp_files(root: str, shard_id: str, storage_options: dict | None = None) -> int:

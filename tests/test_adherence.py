@@ -44,7 +44,27 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def tiny_report(tiny_model):
-    return adherence.evaluate("tiny", per_combo=1, model=tiny_model)
+    """`ray-render eval`, the README's figures: 16 prompts for each held-out combination, at the model's cfg and 1."""
+    return adherence.evaluate("tiny", model=tiny_model)
+
+
+def test_shipped_tiny_model_draws_the_colours_held_out_prompts_ask_for(tiny_report):
+    guided, unguided = tiny_report["results"]
+    assert tiny_report["settings"]["width"] == tiny_report["settings"]["height"] == 64
+    assert (guided["cfg"], unguided["cfg"]) == (tiny_report["settings"]["cfg"], 1.0) and guided["cfg"] > 1
+    assert guided["object_accuracy"] >= 0.9 and guided["background_accuracy"] >= 0.9
+    # Guidance must help prompt by prompt, beyond chance: far more prompts fixed by it than broken.
+    versus = guided["vs_cfg_1"]
+    assert guided["both_accuracy"] > unguided["both_accuracy"]
+    assert versus["better"] > 2 * versus["worse"] and versus["p_value"] < 0.01
+
+
+def test_paired_comparison_counts_only_disagreements():
+    versus = adherence.paired_comparison([True, True, True, False, True, True, True],
+                                         [True, False, False, False, False, False, True])
+    assert versus == {"better": 4, "worse": 0, "p_value": pytest.approx(2 / 16)}
+    assert adherence.paired_comparison([True, False], [False, True])["p_value"] == 1.0
+    assert adherence.paired_comparison([True], [True]) == {"better": 0, "worse": 0, "p_value": 1.0}
 
 
 def test_evaluation_is_reproducible_and_scores_each_cfg(tiny_model, tiny_report):

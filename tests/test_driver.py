@@ -63,6 +63,7 @@ def test_all_ok_exits_0_and_a_rerun_renders_nothing(ray_cluster, tmp_path, make_
     job = job_for(make_manifest(n=12), str(tmp_path / "out"), shard_size=5, params={"num_images": 2})
     first = driver.run(job)
     assert first.exit_code == driver.EXIT_OK and first.images == 24 and first.shards_committed == 3
+    assert not (tmp_path / "out" / "_journal").exists()  # every shard committed: no journal left, nor its directory
     markers = {name: (tmp_path / "out" / "_commits" / name).read_bytes()
                for name in os.listdir(tmp_path / "out" / "_commits")}
     again = driver.run(job)

@@ -17,19 +17,19 @@ PROMPTS = [
     "a red circle on a blue background",
     "a yellow square on a black background",
     "a green triangle on a white background",
-    "a blue diamond on a orange background",
+    "a blue diamond on a cyan background",
     "a small purple square on a yellow background",
-    "a large orange triangle on a green background",
+    "a large cyan triangle on a green background",
     "a white circle at the top left on a purple background",
     "a black square on a red background, in the center",
     "a small red triangle on a white background",
     "a large blue square at the bottom right on a yellow background",
     "black background with a green circle on the left",
     "a yellow diamond on a purple background",
-    "a orange circle on a blue background, at the top",
+    "a cyan circle on a blue background, at the top",
     "purple background with a small white triangle",
     "a white square on a green background",
-    "a red diamond on a orange background, on the right",
+    "a red diamond on a cyan background, on the right",
 ]
 
 

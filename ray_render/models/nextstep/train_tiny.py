@@ -61,7 +61,7 @@ VAE_CONFIG = {
 RENDER_DEFAULTS = {"width": shapes.SIZE, "height": shapes.SIZE, "num_sampling_steps": 20, "cfg": 3.0,
                    "cfg_schedule": "constant", "use_norm": True, "timesteps_shift": 1.0}
 
-DEFAULT_MINUTES = 15.0
+DEFAULT_MINUTES = 22.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Recipe:
     head_width: int = 128
     head_depth: int = 3
     # Backbone training
-    steps: int = 3000
+    steps: int = 6500
     batch: int = 32
     lr: float = 2e-3
     warmup: int = 100
@@ -97,7 +97,7 @@ class Recipe:
     head_batch_mul: int = 4  # noise levels drawn per image token and step, as the released training does
     # Noise (std, at most) added to the teacher-forced input tokens, which are then normed again: at render time
     # the model reads back its own samples, which are never exactly the pictures' tokens.
-    input_noise: float = 0.0
+    input_noise: float = 0.3
 
     def scaled(self, minutes: float) -> "Recipe":
         """The same recipe with every stage's step count scaled to a budget of `minutes`."""
