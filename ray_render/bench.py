@@ -9,6 +9,11 @@ makes each contender start and stop its own). A contender's wall time covers eve
 return: connecting, starting actors, loading the model, rendering, writing, shutting down. The process's peak
 RSS is taken before the bench reads the output back, so for ray-render it is the driver's own.
 
+Outputs are deleted only when the whole bench is over. Deleting tens of thousands of files just before a timed
+run slows every file that run creates: for a minute or more, ext4's inode allocator scans the inodes freed
+recently (`recently_deleted` in a kernel profile), and a run writing 20,000 images on two processes spent twice
+the CPU in the kernel and ran 1.5-2x slower. Each round of each contender writes into a directory of its own.
+
     orchestration  placeholder model, 20,000 rows of 64x64 PNG, 2 actors: ray-render vs Ray Data vs loop
     model          tiny NextStep model, 1,000 rows, 2 actors: ray-render vs Ray Data vs loop
     driver_scale   plan and dispatch 1,000,000 rows vs 10,000: the driver's peak RSS, planning time
@@ -281,9 +286,23 @@ def make_manifest(path: Path, rows: int, *, prompt: str = "a {} on a plain backg
     return str(path)
 
 
+TRASH_DIR = "_trash"  # under the work directory: outputs to delete when the bench is over (see the docstring)
+
+
 def _fresh(path: Path) -> str:
-    shutil.rmtree(path, ignore_errors=True)
+    """An empty output directory at `path`; a leftover there (an earlier bench in the same --work-dir) is moved
+    aside, not deleted now."""
+    if path.exists():
+        trash = path.parent / TRASH_DIR
+        trash.mkdir(exist_ok=True)
+        path.rename(trash / f"{path.name}-{time.time_ns()}")
     return str(path)
+
+
+def _remove_outputs(work: Path) -> None:
+    """Delete every output the suites wrote under `work` (the manifests stay, for the next bench to reuse)."""
+    for path in [*work.glob("*-out"), work / TRASH_DIR]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,13 +317,12 @@ def _compare(work: Path, name: str, contenders: dict[str, dict], repeat: int, ro
         order = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))  # cancels load trends
         for contender in order:
             spec = contenders[contender]
-            out = _fresh(work / f"{name}-{contender}-out")
+            out = _fresh(work / f"{name}-{contender}-{round_index + 1}-out")
             result = _child(f"{contender}:{name}", work, out=out, **spec)
             if result.get("rows_ok") != rows:
                 raise RuntimeError(f"{name}: {contender} rendered {result.get('rows_ok')} of {rows} rows ok; see "
                                    f"{work}/{contender}:{name}.log")
             figures[contender] = result
-            shutil.rmtree(out, ignore_errors=True)
         rounds.append(figures)
     merged = {}
     for contender in contenders:
@@ -374,7 +392,6 @@ def suite_driver_scale(work: Path, sizes: dict, repeat: int = 1) -> dict:
                         actors=ACTORS, batch_size=64, shard_size=shard_size)
         if result["rows_this_run"] != count or result["rows"] != count:
             raise RuntimeError(f"driver_scale: the {count}-row run finished {result['rows_this_run']} rows")
-        shutil.rmtree(out, ignore_errors=True)
         runs[label] = {"rows": count, "shards": planned["shards"], "peak_rss_mib": result["peak_rss_mib"],
                        "plan_s": result.get("plan_s", planned["plan_s"]), "plan_only_s": planned["plan_s"],
                        "plan_only_peak_rss_mib": planned["peak_rss_mib"], "wall_s": result["wall_s"],
@@ -397,7 +414,6 @@ def suite_resume(work: Path, sizes: dict, repeat: int = 1) -> dict:
     again = _child("ray-render:resume-again", work, **spec)
     if first["rows_ok"] != rows or again["shards_resumed"] != first["shards_total"] or again["rows_this_run"]:
         raise RuntimeError(f"resume: the rerun did not resume every shard: {again}")
-    shutil.rmtree(out, ignore_errors=True)
     ratio = round(again["wall_s"] / first["wall_s"], 4)
     return {"params": {**{k: v for k, v in spec.items() if k not in ("manifest", "out")}, "rows": rows},
             "first": first, "rerun": again,
@@ -415,7 +431,6 @@ def suite_actor(work: Path, sizes: dict, repeat: int = 1) -> dict:
     out = _fresh(work / "actor-out")
     result = _child("actor", work, manifest=manifest, out=out, model="tiny", batch_sizes=list(ACTOR_BATCH_SIZES),
                     rows=rows)
-    shutil.rmtree(out, ignore_errors=True)
     worst = min(r["model_share"] for r in result["results"])
     return {"params": {"model": "tiny", "rows_per_batch_size": rows, "batch_sizes": list(ACTOR_BATCH_SIZES),
                        "device": "cpu"},
@@ -657,6 +672,7 @@ def main(args: argparse.Namespace) -> int:
             os.environ["RAY_worker_niceness"] = niceness_before
         summary["machine"]["load_average_end"] = _load_average()
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        _remove_outputs(work)
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     print(f"results: {out}/summary.json and one JSON per suite")

@@ -14,13 +14,14 @@ CONTENDER_FIELDS = {"rows", "images", "wall_s", "rows_per_s", "peak_rss_mib", "p
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench-out")
-    code = cli.main(["bench", "--quick", "--out", str(out), "--work-dir", str(tmp_path_factory.mktemp("work"))])
-    return code, out
+    out, work = tmp_path_factory.mktemp("bench-out"), tmp_path_factory.mktemp("work")
+    (work / "model-loop-1-out").mkdir()  # a leftover of an earlier bench in the same work directory
+    code = cli.main(["bench", "--quick", "--out", str(out), "--work-dir", str(work)])
+    return code, out, work
 
 
 def test_quick_run_writes_every_cpu_suite_and_a_summary(quick_run):
-    code, out = quick_run
+    code, out, work = quick_run
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["suites"]) == set(bench.CPU_SUITES)
@@ -30,6 +31,9 @@ def test_quick_run_writes_every_cpu_suite_and_a_summary(quick_run):
         assert result == summary["suites"][name]
         assert "error" not in result, result.get("error")
         assert result["goal"] == bench.GOALS[name] and isinstance(result["goal_met"], bool)
+    # Outputs go when the bench is over (not between timed runs); the manifests stay for the next bench.
+    assert [p.name for p in work.iterdir() if p.is_dir()] == []
+    assert {p.suffix for p in work.iterdir()} == {".parquet", ".json", ".log"}  # manifests; each run's spec and log
 
 
 @pytest.mark.parametrize("name", ["orchestration", "model"])
