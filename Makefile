@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest -q --durations=15
 
 bench: install
-	$(VENV)/bin/ray-render bench --out bench-results
+	$(VENV)/bin/ray-render bench --repeat 3 --out bench-results/full --check
 
 clean:
 	rm -rf out bench-results
