@@ -591,8 +591,6 @@ def _start_shared_cluster() -> str:
     reach it through RAY_ADDRESS, as jobs on a standing cluster do. Returns its address."""
     import ray
 
-    if ray.is_initialized():
-        return ray.get_runtime_context().gcs_address
     ray.init(include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     os.environ["RAY_ADDRESS"] = address

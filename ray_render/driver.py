@@ -353,7 +353,7 @@ def _close_output(job: JobConfig, summary: Summary) -> None:
     so = job.storage_options
     try:
         writer.remove_orphans(job.out, writer.committed_shard_ids(job.out, so), so)
-        writer.remove_empty_journal_dir(job.out, so)
+        journal.remove_empty_dir(job.out, so)
         writer.write_summary(job.out, summary.to_dict(), so)
         record = writer.read_job_record(job.out, so) or {}
         record["summary"] = summary.to_dict()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from ray_render import storage
 
@@ -38,6 +39,18 @@ JOURNAL_DIR = "_journal"
 
 def journal_url(root: str, shard_id: str) -> str:
     return storage.join(root, JOURNAL_DIR, f"{shard_id}.json")
+
+
+def remove_empty_dir(root: str, storage_options: dict | None = None) -> None:
+    """Remove `_journal/` once every shard's journal is gone (local storage only: an object store has no empty
+    directories), so that a finished output holds only its layout. Journals of unfinished shards stay, and so does
+    the directory then."""
+    fs, path = storage.open_fs(storage.join(root, JOURNAL_DIR), storage_options)
+    if storage.is_local(fs):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty, or not there
+            pass
 
 
 def _read(root: str, shard_id: str, storage_options: dict | None) -> dict:

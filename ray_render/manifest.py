@@ -355,7 +355,7 @@ def mark_repeated_ids(plan: Plan, storage_options: dict | None = None) -> Plan:
     stops: dict[int, int] = {}  # file index -> rows of it in the plan
     for shard in plan.shards:
         stops[shard.file_index] = max(stops.get(shard.file_index, 0), shard.row_stop)
-    readable = [index for index in sorted(stops) if plan.has_ids and plan.has_ids[index]]
+    readable = [index for index in sorted(stops) if plan.has_ids[index]]
 
     def ids_of(index: int):
         """The id column of the file's planned rows, as text (None for nulls), a batch at a time: the driver never

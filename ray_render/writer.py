@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import numbers
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -32,6 +31,7 @@ from PIL import Image
 
 from ray_render import storage
 from ray_render.config import IMAGE_FORMATS
+from ray_render.journal import JOURNAL_DIR
 
 if TYPE_CHECKING:
     from ray_render.manifest import InvalidRow, RowTask
@@ -296,18 +296,6 @@ def remove_orphans(root: str, committed_ids: set[str], storage_options: dict | N
     return sorted(removed)
 
 
-def remove_empty_journal_dir(root: str, storage_options: dict | None = None) -> None:
-    """Remove `_journal/` once every shard's journal is gone (local storage only: an object store has no empty
-    directories), so that a finished output holds only what its README describes. Journals of unfinished shards
-    stay, and so does the directory then."""
-    fs, path = storage.open_fs(storage.join(root, "_journal"), storage_options)  # journal.JOURNAL_DIR
-    if storage.is_local(fs):
-        try:
-            os.rmdir(path)
-        except OSError:  # not empty, or not there
-            pass
-
-
 def remove_temp_files(root: str, shard_id: str, storage_options: dict | None = None) -> int:
     """Delete temp files that killed attempts left in the shard's image directory (local storage only: an object
     store has no partial writes); returns how many. The actor calls it before committing the shard."""
@@ -325,7 +313,7 @@ def remove_temp_files(root: str, shard_id: str, storage_options: dict | None = N
 def clear_output(root: str, storage_options: dict | None = None) -> None:
     """Remove this layout's entries for --overwrite; anything else under the root is left alone."""
     # Markers first: if this is interrupted, no half-deleted shard still counts as committed.
-    for directory in (COMMITS_DIR, METADATA_DIR, IMAGES_DIR, "_journal"):  # _journal: journal.JOURNAL_DIR
+    for directory in (COMMITS_DIR, METADATA_DIR, IMAGES_DIR, JOURNAL_DIR):
         storage.delete_tree(storage.join(root, directory), storage_options)
     from ray_render import report  # the job report names its own files
 
