@@ -11,7 +11,7 @@ import logging
 import socket
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -195,6 +195,7 @@ class RenderActor:
         finally:
             for future in pending:
                 future.cancel()
+            wait(pending)  # an upload already running ends before the call does: a returned call writes nothing more
         if self._cancelled():
             raise ShardCancelled(f"shard {shard.shard_id} cancelled")
 

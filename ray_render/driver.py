@@ -156,8 +156,9 @@ def run(job: JobConfig) -> Summary:
     finally:
         restore_sigterm()
         # 7. Stop the actors; then the output holds only committed shards, and the summary
+        unsettled: set[str] = set()  # shards a killed actor may still be writing
         if pool is not None:
-            pool.shutdown()
+            unsettled = pool.shutdown()
         if ray_started_here:
             import ray
 
@@ -165,7 +166,7 @@ def run(job: JobConfig) -> Summary:
         summary.wall_s = time.monotonic() - started
         summary.message = storage.redact(summary.message, so)
         if owns_output:
-            _close_output(job, summary)
+            _close_output(job, summary, unsettled)
     # 8. Print the summary
     print(summary.format(), flush=True)
     return summary
@@ -348,12 +349,16 @@ def _finish(summary: Summary, state: str, message: str) -> None:
         summary.exit_code = EXIT_OK
 
 
-def _close_output(job: JobConfig, summary: Summary) -> None:
-    """Remove orphans of unfinished attempts (the actors are stopped now); write the summary and the record."""
+def _close_output(job: JobConfig, summary: Summary, unsettled: set[str] = frozenset()) -> None:
+    """Remove orphans of unfinished attempts (the actors are stopped now); write the summary and the record.
+
+    `unsettled` shards may still be written by an actor that is being killed: their files are left for the next
+    run to clean, since removing a metadata file that a dying copy commits a moment later would lose its rows."""
     so = job.storage_options
     try:
-        writer.remove_orphans(job.out, writer.committed_shard_ids(job.out, so), so)
-        journal.remove_empty_dir(job.out, so)
+        committed = writer.committed_shard_ids(job.out, so)
+        writer.remove_orphans(job.out, committed | unsettled, so)
+        journal.remove_settled(job.out, committed, so)
         writer.write_summary(job.out, summary.to_dict(), so)
         record = writer.read_job_record(job.out, so) or {}
         record["summary"] = summary.to_dict()

@@ -41,11 +41,17 @@ def journal_url(root: str, shard_id: str) -> str:
     return storage.join(root, JOURNAL_DIR, f"{shard_id}.json")
 
 
-def remove_empty_dir(root: str, storage_options: dict | None = None) -> None:
-    """Remove `_journal/` once every shard's journal is gone (local storage only: an object store has no empty
-    directories), so that a finished output holds only its layout. Journals of unfinished shards stay, and so does
-    the directory then."""
-    fs, path = storage.open_fs(storage.join(root, JOURNAL_DIR), storage_options)
+def remove_settled(root: str, committed_ids: set[str], storage_options: dict | None = None) -> None:
+    """Delete the journals of committed shards, then `_journal/` itself once it is empty (local storage only: an
+    object store has no empty directories), so that a finished output holds only its layout.
+
+    A committed shard's own attempt deletes its journal, but a losing straggler copy may write one more entry
+    before its cancellation lands; call this once the actors are stopped. Journals of unfinished shards stay."""
+    directory = storage.join(root, JOURNAL_DIR)
+    for name in storage.list_names(directory, storage_options):
+        if name.endswith(".json") and name[: -len(".json")] in committed_ids:
+            storage.delete(storage.join(directory, name), storage_options)
+    fs, path = storage.open_fs(directory, storage_options)
     if storage.is_local(fs):
         try:
             os.rmdir(path)

@@ -36,6 +36,7 @@ log = logging.getLogger("ray_render")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STRAGGLER_FACTOR = 2.0  # re-issue a running shard once it has run this many times the median shard's wall time
 STRAGGLER_MIN_S = 5.0  # ... and at least this long: short shards are not worth a second copy
+SHUTDOWN_GRACE_S = 10.0  # how long shutdown lets cancelled calls return before it kills their actors
 
 
 class PoolError(RuntimeError):
@@ -294,21 +295,37 @@ class RenderPool:
             return []
         return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started)]
 
-    def shutdown(self) -> None:
-        """Cancel everything outstanding and kill every actor (their models go with them).
+    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> set[str]:
+        """Stop every actor (their models go with them); return the ids of shards a killed actor may still write.
+
+        Cancel first: a queued call is dropped and a running one stops at its next batch boundary without
+        committing. Once a call has returned, its shard is settled: nothing writes to it any more, so the driver
+        may clean up after it. Calls still running after `grace_s` (a long model call, a hung actor) are settled by
+        the kill, but `ray.kill` returns before the process is gone, so their shards are reported back and the
+        driver leaves their files to the next run's cleanup rather than race a dying writer.
 
         Best effort: after a lost cluster these calls fail too, and the job's own outcome matters more.
         """
-        for ref in self._future_to_actor:
-            _quietly(ray.cancel, ref)
-        for actor in self._actors.values():
-            _quietly(ray.kill, actor, no_restart=True)
-        self._actors.clear()
-        self._starting.clear()
-        self._in_flight.clear()
-        self._future_to_actor.clear()
-        self._shard_futures.clear()
-        self._cancelled.clear()
+        outstanding = {ref: call.shard.shard_id for ref, call in self._future_to_actor.items()}
+        unsettled = set(outstanding.values())
+        try:
+            for ref in outstanding:
+                _quietly(ray.cancel, ref)
+            if outstanding:
+                _, running = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=grace_s)
+                unsettled = {outstanding[ref] for ref in running}
+        except Exception as exc:  # noqa: BLE001 - every shard in flight stays unsettled
+            log.debug("ignored during shutdown: %s", exc)
+        finally:  # even on a second Ctrl-C: no actor outlives the driver's decision to stop
+            for actor in self._actors.values():
+                _quietly(ray.kill, actor, no_restart=True)
+            self._actors.clear()
+            self._starting.clear()
+            self._in_flight.clear()
+            self._future_to_actor.clear()
+            self._shard_futures.clear()
+            self._cancelled.clear()
+        return unsettled
 
 
 def _quietly(fn: Callable, *args, **kwargs) -> None:

@@ -126,6 +126,7 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
     pool = None
     ray_started_here = False
     owns_output = False
+    unsettled: set[str] = set()  # shards a killed actor may still be writing
     facts: dict = {}
     try:
         if job.limit is not None:
@@ -171,7 +172,7 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         owns_output = True
         if todo:
             driver._dispatch(job, pool, todo, summary)
-        pool.shutdown()
+        unsettled = pool.shutdown()
         pool = None
 
         # 6. Supersede older rows, mark removed ids, prune, unify schemas
@@ -196,7 +197,7 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
             raise
     finally:
         if pool is not None:
-            pool.shutdown()
+            unsettled = pool.shutdown()
         if ray_started_here:
             import ray
 
@@ -204,7 +205,7 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         summary.wall_s = time.monotonic() - started
         summary.message = storage.redact(summary.message, so)
         if owns_output:
-            driver._close_output(job, summary)
+            driver._close_output(job, summary, unsettled)
     # 7. Print what changed and the summary
     if facts:
         print(f"refresh generation {facts['generation']}: {facts['new']} new, {facts['changed']} changed, "

@@ -66,10 +66,15 @@ def test_all_ok_exits_0_and_a_rerun_renders_nothing(ray_cluster, tmp_path, make_
     assert not (tmp_path / "out" / "_journal").exists()  # every shard committed: no journal left, nor its directory
     markers = {name: (tmp_path / "out" / "_commits" / name).read_bytes()
                for name in os.listdir(tmp_path / "out" / "_commits")}
+    # What a losing straggler copy can leave when it writes its journal after the winner committed:
+    stale = tmp_path / "out" / "_journal" / next(iter(markers))  # named <shard_id>.json, as its marker
+    stale.parent.mkdir()
+    stale.write_text('{"rendering": ["r0"]}')
     again = driver.run(job)
     assert again.exit_code == driver.EXIT_OK
     assert (again.shards_resumed, again.rows_this_run, again.images) == (3, 0, 24)
     assert markers == {name: (tmp_path / "out" / "_commits" / name).read_bytes() for name in markers}
+    assert not (tmp_path / "out" / "_journal").exists()
 
 
 def test_error_budget_aborts_the_job(ray_cluster, tmp_path, make_manifest):

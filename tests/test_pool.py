@@ -174,6 +174,27 @@ def test_idle_actor_takes_a_copy_of_a_queued_shard_and_the_first_result_wins(ray
     assert len(metadata(job.out)) == 4
 
 
+def test_shutdown_lets_cancelled_calls_return_and_names_the_shards_still_running(ray_cluster, tmp_path,
+                                                                                 make_manifest):
+    path = make_manifest(slow_rows(4, 0.5) + slow_rows(1, 60.0, start=4))
+    job = JobConfig(manifests=[path], out=str(tmp_path / "out"), model="placeholder", shard_size=4, device="cpu",
+                    actors=2, max_in_flight=1, batch_size=1)
+    plan = manifest.plan(job.manifests, job.shard_size)
+    stoppable, stuck = plan.shards  # 4 model calls of 0.5 s; one model call of 60 s
+    remote = ray.remote(RenderActor).options(num_cpus=0.5, max_restarts=0, max_task_retries=0)
+    pool = RenderPool(lambda index: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
+    while pool.num_ready < 2:
+        pool.wait(1.0)
+    for shard in plan.shards:
+        pool.submit(shard, 1)
+    time.sleep(1.0)  # both calls are inside the model now
+    started = time.monotonic()
+    unsettled = pool.shutdown(grace_s=3.0)
+    assert unsettled == {stuck.shard_id}  # the stoppable call returned at its next batch boundary
+    assert time.monotonic() - started < 10
+    assert writer.committed_shard_ids(job.out) == set()  # a cancelled call never commits
+
+
 def test_a_model_that_does_not_load_aborts_the_job(ray_cluster, tmp_path, make_manifest):
     job = JobConfig(manifests=[make_manifest()], out=str(tmp_path / "out"), model=str(tmp_path / "no-such-model"),
                     device="cpu", progress=False)

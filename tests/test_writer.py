@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ray_render import storage, writer
+from ray_render import journal, storage, writer
 from ray_render.config import JobConfig
 from ray_render.manifest import InvalidRow, plan, read_shard_rows, validate_rows
 
@@ -183,6 +183,21 @@ def test_commits_list_and_orphans_are_removed(tmp_path, make_manifest):
     assert ds.dataset(root + "/metadata").count_rows() == 6
     assert sorted(os.listdir(os.path.join(root, "images"))) == [first.shard_id, second.shard_id]
     assert writer.remove_orphans(root, writer.committed_shard_ids(root)) == []
+
+
+def test_journals_of_committed_shards_go_and_the_others_stay(tmp_path, make_manifest):
+    root = str(tmp_path / "out")
+    the_plan, _, _ = run_plan(make_manifest, [[{"id": f"r{i}", "prompt": "p"} for i in range(6)]], root)
+    first, second = (shard.shard_id for shard in the_plan.shards)
+    os.remove(os.path.join(root, "_commits", f"{second}.json"))  # the second shard is not committed
+    for shard_id in (first, second):
+        storage.write_bytes(journal.journal_url(root, shard_id), b'{"rendering": ["r0"]}')
+
+    journal.remove_settled(root, writer.committed_shard_ids(root))
+    assert os.listdir(os.path.join(root, "_journal")) == [f"{second}.json"]  # still names its suspects
+    assert journal.died_rendering(root, second)
+    journal.remove_settled(root, {first, second})
+    assert not os.path.exists(os.path.join(root, "_journal"))
 
 
 def test_a_retried_shard_overwrites_its_own_objects(tmp_path, make_manifest):
