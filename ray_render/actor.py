@@ -185,6 +185,7 @@ class RenderActor:
                 done = 0
                 while done < len(group):
                     if self._cancelled():
+                        journal.done_rendering()  # a clean stop, not a death: the next attempt blames no row
                         raise ShardCancelled(f"shard {shard.shard_id} cancelled")
                     batch = group[done:done + self.batch_size]
                     done += len(batch)

@@ -7,8 +7,9 @@ without help every attempt of the shard dies on the same row and the whole shard
 The design (the smallest one that leaves the commit protocol alone):
 
 1. Before each model call the actor writes `_journal/<shard_id>.json` naming the rows of the batch it is about to
-   render (`rendering`), plus what earlier attempts learned (`suspects`, `deaths`). After its last model call it
-   writes `rendering: []`, so a death while uploading or committing blames no row.
+   render (`rendering`), plus what earlier attempts learned (`suspects`, `deaths`). After its last model call, and
+   when it is cancelled, it writes `rendering: []`, so a death while uploading or committing blames no row, nor
+   does a clean stop.
 2. The next attempt of the shard reads the journal first. A non-empty `rendering` means the last attempt died inside
    a model call: the rows of a batch become `suspects`; a row that was being rendered alone gets one more death.
 3. Suspects are rendered alone, so the next death names exactly one row. A row that died more than `retries` times

@@ -12,7 +12,7 @@ import pytest
 import ray
 from PIL import Image
 
-from ray_render import driver, manifest, writer
+from ray_render import driver, journal, manifest, writer
 from ray_render.actor import RenderActor
 from ray_render.config import JobConfig
 from ray_render.pool import RenderPool, ShardDone
@@ -193,6 +193,7 @@ def test_shutdown_lets_cancelled_calls_return_and_names_the_shards_still_running
     assert unsettled == {stuck.shard_id}  # the stoppable call returned at its next batch boundary
     assert time.monotonic() - started < 10
     assert writer.committed_shard_ids(job.out) == set()  # a cancelled call never commits
+    assert not journal.died_rendering(job.out, stoppable.shard_id)  # it stopped cleanly: the next attempt blames no row
 
 
 def test_a_model_that_does_not_load_aborts_the_job(ray_cluster, tmp_path, make_manifest):
