@@ -187,7 +187,10 @@ def test_shutdown_lets_cancelled_calls_return_and_names_the_shards_still_running
         pool.wait(1.0)
     for shard in plan.shards:
         pool.submit(shard, 1)
-    time.sleep(1.0)  # both calls are inside the model now
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(journal.journal_url(job.out, shard.shard_id)) for shard in plan.shards):
+        assert time.monotonic() < deadline, "the calls never reached the model"
+        time.sleep(0.05)  # each call writes its shard's journal right before its first model call
     started = time.monotonic()
     unsettled = pool.shutdown(grace_s=3.0)
     assert unsettled == {stuck.shard_id}  # the stoppable call returned at its next batch boundary
