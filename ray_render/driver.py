@@ -24,10 +24,14 @@ import time
 import uuid
 from collections import deque
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from ray_render import journal, manifest, storage, writer
 from ray_render.config import ConfigError, JobConfig
 from ray_render.progress import Progress, Summary, commit_totals
+
+if TYPE_CHECKING:  # the pool imports ray, which a run with nothing left to do never loads
+    from ray_render.pool import RenderPool
 
 log = logging.getLogger("ray_render")
 
@@ -156,17 +160,7 @@ def run(job: JobConfig) -> Summary:
     finally:
         restore_sigterm()
         # 7. Stop the actors; then the output holds only committed shards, and the summary
-        unsettled: set[str] = set()  # shards a killed actor may still be writing
-        if pool is not None:
-            unsettled = pool.shutdown()
-        if ray_started_here:
-            import ray
-
-            ray.shutdown()
-        summary.wall_s = time.monotonic() - started
-        summary.message = storage.redact(summary.message, so)
-        if owns_output:
-            _close_output(job, summary, unsettled)
+        wind_down(job, summary, started, pool, ray_started_here, owns_output)
     # 8. Print the summary
     print(summary.format(), flush=True)
     return summary
@@ -347,6 +341,22 @@ def _finish(summary: Summary, state: str, message: str) -> None:
         summary.exit_code = EXIT_ROWS
     else:
         summary.exit_code = EXIT_OK
+
+
+def wind_down(job: JobConfig, summary: Summary, started: float, pool: RenderPool | None, ray_started_here: bool,
+              owns_output: bool, unsettled: set[str] = frozenset()) -> None:
+    """The end of every run, whatever ended it: stop the actors (and the Ray this run started), then clean the
+    output and write the summary there if this run claimed it. `unsettled`: shards an earlier shutdown left."""
+    if pool is not None:
+        unsettled = set(unsettled) | pool.shutdown()
+    if ray_started_here:
+        import ray
+
+        ray.shutdown()
+    summary.wall_s = time.monotonic() - started
+    summary.message = storage.redact(summary.message, job.storage_options)
+    if owns_output:
+        _close_output(job, summary, unsettled)
 
 
 def _close_output(job: JobConfig, summary: Summary, unsettled: set[str] = frozenset()) -> None:

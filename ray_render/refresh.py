@@ -196,16 +196,7 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         else:
             raise
     finally:
-        if pool is not None:
-            unsettled = pool.shutdown()
-        if ray_started_here:
-            import ray
-
-            ray.shutdown()
-        summary.wall_s = time.monotonic() - started
-        summary.message = storage.redact(summary.message, so)
-        if owns_output:
-            driver._close_output(job, summary, unsettled)
+        driver.wind_down(job, summary, started, pool, ray_started_here, owns_output, unsettled)
     # 7. Print what changed and the summary
     if facts:
         print(f"refresh generation {facts['generation']}: {facts['new']} new, {facts['changed']} changed, "
