@@ -336,43 +336,37 @@ def _ratio(rounds: list[dict], a: str, b: str) -> float:
     return round(statistics.median(r[a]["rows_per_s"] / r[b]["rows_per_s"] for r in rounds), 3)
 
 
-def suite_orchestration(work: Path, sizes: dict, repeat: int = 1) -> dict:
-    """Placeholder model, 64x64 PNG, 2 actors, local output: ray-render vs Ray Data vs a one-process loop."""
+def _three_way(work: Path, suite: str, model: str, sizes: dict, repeat: int) -> dict:
+    """ray-render, Ray Data and the one-process loop on the same manifest and model; ratios are ray-render's rows/s
+    over each of the others'."""
     rows, shard_size, batch_size = sizes["rows"], sizes["shard_size"], sizes["batch_size"]
     manifest = make_manifest(work / f"prompts-{rows}.parquet", rows, row_group_size=shard_size)
     shards = -(-rows // shard_size)
-    common = {"manifest": manifest, "model": "placeholder"}
+    common = {"manifest": manifest, "model": model}
     contenders = {"ray-render": {**common, "actors": ACTORS, "batch_size": batch_size, "shard_size": shard_size,
                                  "report": False},  # the same work as the others: images and metadata
                   "ray-data": {**common, "actors": ACTORS, "batch_size": batch_size, "num_blocks": shards},
                   "loop": {**common, "shard_size": shard_size}}
-    compared = _compare(work, "orchestration", contenders, repeat, rows)
+    compared = _compare(work, suite, contenders, repeat, rows)
     ratios = {"ray-render/ray-data": _ratio(compared["rounds"], "ray-render", "ray-data"),
               "ray-render/loop": _ratio(compared["rounds"], "ray-render", "loop")}
-    return {"params": {"rows": rows, "model": "placeholder", "size": "64x64", "format": "png", "actors": ACTORS,
+    return {"params": {"rows": rows, "model": model, "size": "64x64", "format": "png", "actors": ACTORS,
                        "batch_size": batch_size, "shard_size": shard_size, "ray_data_blocks": shards,
                        "output": "local disk", "repeat": repeat},
-            **compared, "ratios": ratios, "goal_met": ratios["ray-render/ray-data"] >= 1.5}
+            **compared, "ratios": ratios}
+
+
+def suite_orchestration(work: Path, sizes: dict, repeat: int = 1) -> dict:
+    """Placeholder model, 64x64 PNG, 2 actors, local output: ray-render vs Ray Data vs a one-process loop."""
+    result = _three_way(work, "orchestration", "placeholder", sizes, repeat)
+    return {**result, "goal_met": result["ratios"]["ray-render/ray-data"] >= 1.5}
 
 
 def suite_model(work: Path, sizes: dict, repeat: int = 1) -> dict:
     """Tiny NextStep model, 2 actors: ray-render vs Ray Data (same model code) vs one prompt at a time."""
-    rows, shard_size, batch_size = sizes["rows"], sizes["shard_size"], sizes["batch_size"]
-    manifest = make_manifest(work / f"prompts-{rows}.parquet", rows, row_group_size=shard_size)
-    shards = -(-rows // shard_size)
-    common = {"manifest": manifest, "model": "tiny"}
-    contenders = {"ray-render": {**common, "actors": ACTORS, "batch_size": batch_size, "shard_size": shard_size,
-                                 "report": False},  # the same work as the others: images and metadata
-                  "ray-data": {**common, "actors": ACTORS, "batch_size": batch_size, "num_blocks": shards},
-                  "loop": {**common, "shard_size": shard_size}}
-    compared = _compare(work, "model", contenders, repeat, rows)
-    ratios = {"ray-render/ray-data": _ratio(compared["rounds"], "ray-render", "ray-data"),
-              "ray-render/loop": _ratio(compared["rounds"], "ray-render", "loop")}
-    return {"params": {"rows": rows, "model": "tiny", "size": "64x64", "format": "png", "actors": ACTORS,
-                       "batch_size": batch_size, "shard_size": shard_size, "ray_data_blocks": shards,
-                       "repeat": repeat},
-            **compared, "ratios": ratios,
-            "goal_met": ratios["ray-render/loop"] >= 3.0 and ratios["ray-render/ray-data"] >= 1.2}
+    result = _three_way(work, "model", "tiny", sizes, repeat)
+    ratios = result["ratios"]
+    return {**result, "goal_met": ratios["ray-render/loop"] >= 3.0 and ratios["ray-render/ray-data"] >= 1.2}
 
 
 def suite_driver_scale(work: Path, sizes: dict, repeat: int = 1) -> dict:

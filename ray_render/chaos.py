@@ -149,8 +149,9 @@ class StorageFaultProxy(ThreadingHTTPServer):
         """Requests that failed or were delayed on purpose (outage resets included)."""
         return sum(value for key, value in self.counts.items() if key != "requests")
 
-    def decide(self) -> tuple[str | None, float]:
-        """(fault, delay) for the next request: fault is None, "500", "503", "reset_before" or "reset_after"."""
+    def decide(self, method: str = "") -> tuple[str | None, float]:
+        """(fault, delay) for the next request (of HTTP `method`): fault is None, "500", "503", "reset_before" or
+        "reset_after"."""
         with self.lock:
             self.counts["requests"] += 1
             if self.down:
@@ -209,7 +210,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
-        fault, delay = self.server.decide()
+        fault, delay = self.server.decide(self.command)
         if delay:
             time.sleep(delay)
         if fault in ("down", "reset_before"):

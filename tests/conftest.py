@@ -3,20 +3,18 @@ front of it, and a manifest factory."""
 
 from __future__ import annotations
 
-import http.client
 import io
 import itertools
 import os
-import threading
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from ray_render import storage
+from ray_render.chaos import StorageFaultProxy
 
 
 @dataclass
@@ -94,95 +92,28 @@ class FlakyS3(S3Server):
         return self.proxy.failures
 
 
-class _FaultProxy(ThreadingHTTPServer):
-    daemon_threads = True
+class _FaultProxy(StorageFaultProxy):
+    """The chaos drills' proxy, with faults on demand instead of at random rates."""
 
-    def __init__(self, upstream: tuple[str, int]):
-        super().__init__(("127.0.0.1", 0), _FaultProxyHandler)
-        self.upstream = upstream
-        self.lock = threading.Lock()
+    FAULTS = {"slowdown": "503", "error": "500", "reset": "reset_before"}
+
+    def __init__(self, upstream_url: str):
+        super().__init__(upstream_url)
         self.failures, self.mode, self.method, self.requests = 0, "slowdown", None, 0
 
-    def take_failure(self, method: str) -> str | None:
+    def decide(self, method: str = "") -> tuple[str | None, float]:
         with self.lock:
             self.requests += 1
             if self.failures > 0 and self.method in (None, method):
                 self.failures -= 1
-                return self.mode
-        return None
-
-
-_S3_ERRORS = {"slowdown": (503, "SlowDown", "Please reduce your request rate."),
-              "error": (500, "InternalError", "We encountered an internal error. Please try again.")}
-
-
-class _FaultProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:  # keep test output quiet
-        pass
-
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0], 16)
-                chunk = self.rfile.read(size + 2)[:size]  # chunk + CRLF
-                if size == 0:
-                    break
-                chunks.append(chunk)
-            return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _handle(self) -> None:
-        body = self._body()
-        mode = self.server.take_failure(self.command)
-        if mode == "reset":
-            self.close_connection = True
-            self.connection.shutdown(2)
-            return
-        if mode is not None:
-            status, code, message = _S3_ERRORS[mode]
-            payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}'
-                       f"</Message><RequestId>fault</RequestId></Error>").encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            return
-        headers = {key: value for key, value in self.headers.items() if key.lower() != "transfer-encoding"}
-        headers["Content-Length"] = str(len(body))
-        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=30)
-        try:
-            upstream.request(self.command, self.path, body=body, headers=headers)
-            response = upstream.getresponse()
-            payload = response.read()
-            self.send_response(response.status, response.reason)
-            for key, value in response.getheaders():
-                if key.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(payload)
-        finally:
-            upstream.close()
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+                return self.FAULTS[self.mode], 0.0
+        return None, 0.0
 
 
 @pytest.fixture(scope="session")
 def _fault_proxy(s3):
-    host, port = s3.endpoint_url.removeprefix("http://").split(":")
-    proxy = _FaultProxy((host, int(port)))
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _FaultProxy(s3.endpoint_url) as proxy:
         yield proxy
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
 
 
 @pytest.fixture
@@ -191,7 +122,7 @@ def flaky_s3(s3, _fault_proxy):
 
     Its storage_options turn botocore's own retries off, so the failures reach s3fs's and ray-render's retries.
     """
-    endpoint = f"http://127.0.0.1:{_fault_proxy.server_address[1]}"
+    endpoint = _fault_proxy.endpoint_url
     options = {**s3.storage_options, "endpoint_url": endpoint,
                "config_kwargs": {"retries": {"total_max_attempts": 1}}}
     yield FlakyS3(endpoint_url=endpoint, bucket=s3.bucket, storage_options=options, proxy=_fault_proxy)
