@@ -359,7 +359,7 @@ def wind_down(job: JobConfig, summary: Summary, started: float, pool: RenderPool
         _close_output(job, summary, unsettled)
 
 
-def _close_output(job: JobConfig, summary: Summary, unsettled: set[str] = frozenset()) -> None:
+def _close_output(job: JobConfig, summary: Summary, unsettled: set[str]) -> None:
     """Remove orphans of unfinished attempts (the actors are stopped now); write the summary and the record.
 
     `unsettled` shards may still be written by an actor that is being killed: their files are left for the next
