@@ -1,7 +1,9 @@
-"""The `ray-render` command line: argument parsing only; the work happens in driver.run and friends.
+"""The `ray-render` command line: argument parsing only; the work happens in engine.driver.run and friends.
 
 A subcommand is a small `cmd_<name>(args) -> exit code` function plus a `add_<name>_parser(subparsers)` that
-registers its options; list the latter in SUBCOMMANDS. Errors print one line (no traceback) and exit 2.
+registers its options; list the latter in SUBCOMMANDS (the tools' own subcommands are in tools/commands.py, and
+`ray_render/__main__.py` puts both in one program). A bad command line or job file prints one line and exits 2; an
+unexpected error prints one line and exits 4 (the traceback with --verbose).
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import logging
 import sys
 import textwrap
 
-from ray_render import driver
-from ray_render.config import (CFG_SCHEDULES, DEVICES, DTYPES, IMAGE_FORMATS, NOISE_MODES, ConfigError, JobConfig,
-                               job_from_options, load_config_file)
+from collections.abc import Callable
+
+from ray_render.config import (CFG_SCHEDULES, DEVICES, DTYPES, IMAGE_FORMATS, NOISE_MODES, RENDER_PARAMETERS,
+                               ConfigError, JobConfig, job_from_options, load_config_file)
+from ray_render.engine.summary import EXIT_ABORTED, EXIT_CODES, EXIT_INTERNAL
 
 PROG = "ray-render"
 
 EXIT_CODES_HELP = "exit status:\n" + "\n".join(
     textwrap.fill(meaning, width=100, initial_indent=f"  {code}  ", subsequent_indent="     ")
-    for code, meaning in driver.EXIT_CODES.items())
+    for code, meaning in EXIT_CODES.items())
 
 
 class CliError(Exception):
@@ -52,18 +56,13 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 
     render = parser.add_argument_group("render parameters (job defaults; manifest columns override them)")
     render.add_argument("--preset", help="draft, standard, premium, or one of the job file's presets")
-    render.add_argument("--width", type=int, metavar="PX", help="pixels, a multiple of 16 (default: the model's)")
-    render.add_argument("--height", type=int, metavar="PX", help="pixels, a multiple of 16 (default: the model's)")
-    render.add_argument("--cfg", type=float, help="text guidance scale, >= 1")
-    render.add_argument("--cfg-img", dest="cfg_img", type=float, metavar="CFG", help="image guidance scale (editing), >= 1")
-    render.add_argument("--cfg-schedule", dest="cfg_schedule", choices=CFG_SCHEDULES)
-    render.add_argument("--use-norm", dest="use_norm", action=argparse.BooleanOptionalAction,
-                        help="layer-norm each sampled token")
-    render.add_argument("--shift", dest="timesteps_shift", type=float, metavar="SHIFT", help="timesteps shift, > 0")
-    render.add_argument("--steps", dest="num_sampling_steps", type=int, metavar="N", help="sampling steps, >= 2")
-    render.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT")
-    render.add_argument("--positive-prompt", dest="positive_prompt", metavar="TEXT")
-    render.add_argument("--num-images", dest="num_images", type=int, metavar="N", help="images per row (default: 1)")
+    for param in RENDER_PARAMETERS:
+        if param.type is bool:
+            render.add_argument(param.flag, dest=param.name, action=argparse.BooleanOptionalAction, help=param.help)
+        elif param.name == "cfg_schedule":
+            render.add_argument(param.flag, dest=param.name, choices=CFG_SCHEDULES, help=param.help)
+        else:
+            render.add_argument(param.flag, dest=param.name, type=param.type, metavar=param.metavar, help=param.help)
 
     output = parser.add_argument_group("output")
     output.add_argument("--format", choices=IMAGE_FORMATS, help=f"(default: {d.format})")
@@ -110,7 +109,8 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 
 def job_from_args(args: argparse.Namespace) -> JobConfig:
     """The job file's options, overridden by the flags given on the command line."""
-    given = {key: value for key, value in vars(args).items() if key not in ("command", "handler", "config")}
+    given = {key: value for key, value in vars(args).items()
+             if key not in ("command", "handler", "config", "verbose")}
     options = _read_job_file(args.config) if getattr(args, "config", None) else {}
     if not given.get("manifests"):
         given.pop("manifests", None)
@@ -143,6 +143,8 @@ def add_run_parser(subparsers) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ray_render.engine import driver
+
     return driver.run(job_from_args(args)).exit_code
 
 
@@ -161,7 +163,7 @@ def add_status_parser(subparsers) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ray_render import status
+    from ray_render.output import status
 
     report = status.job_status(args.out, parse_storage_options(args.storage_options))
     if report is None:
@@ -186,7 +188,7 @@ def parse_storage_options(text: str | None) -> dict:
 
 
 def add_expand_parser(subparsers) -> None:
-    from ray_render import templates
+    from ray_render.synthesis import templates
 
     parser = subparsers.add_parser("expand", help="expand a prompt template and its values into a manifest",
                                    description="Expand a prompt template (YAML) and its values table into a "
@@ -203,7 +205,7 @@ def add_expand_parser(subparsers) -> None:
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
-    from ray_render import templates
+    from ray_render.synthesis import templates
 
     try:
         rows = templates.expand_file(args.template, args.out, parse_storage_options(args.storage_options),
@@ -215,7 +217,7 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
 
 def add_export_parser(subparsers) -> None:
-    from ray_render import export
+    from ray_render.output import export
 
     parser = subparsers.add_parser("export", help="export a finished output as WebDataset or Parquet shards",
                                    description="Write the committed ok images of an output root as WebDataset tar "
@@ -235,7 +237,7 @@ def add_export_parser(subparsers) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ray_render import export
+    from ray_render.output import export
 
     so = parse_storage_options(args.storage_options)
     dest_so = parse_storage_options(args.dest_storage_options) if args.dest_storage_options else None
@@ -261,10 +263,11 @@ def add_report_parser(subparsers) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ray_render import report, storage, writer
+    from ray_render import storage
+    from ray_render.output import commits, record, report
 
     so = parse_storage_options(args.storage_options)
-    if writer.read_job_record(args.out, so) is None and not writer.committed_shard_ids(args.out, so):
+    if record.read_job_record(args.out, so) is None and not commits.committed_shard_ids(args.out, so):
         raise CliError(f"{args.out}: no ray-render job here (no _job.json, no committed shards)")
     try:
         result = report.write_report(args.out, so, samples=args.samples)
@@ -283,88 +286,70 @@ def add_refresh_parser(subparsers) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    description="Bring an output up to date with a manifest: render the rows that "
                                                "are new or whose render settings changed, mark rows that left the "
-                                               "manifest `removed` (see ray_render/refresh.py).")
+                                               "manifest `removed` (see ray_render/engine/refresh.py).")
     add_job_options(parser)
     parser.add_argument("--prune", action="store_true", help="delete the images of removed rows")
     parser.set_defaults(handler=cmd_refresh)
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from ray_render import refresh
+    from ray_render.engine import refresh
 
     prune = bool(vars(args).pop("prune", False))
     return refresh.run(job_from_args(args), prune=prune).exit_code
 
 
-# -- eval and bench ------------------------------------------------------------------------------------------------
-
-
-def add_eval_parser(subparsers) -> None:
-    # Listed here for `ray-render --help`; main() hands everything after `eval` to adherence.main unparsed.
-    subparsers.add_parser("eval", add_help=False, help="prompt adherence of a model on held-out shape prompts "
-                          "(`ray-render eval --help` for its options)")
-
-
-def add_bench_parser(subparsers) -> None:
-    from ray_render import bench
-
-    bench.register(subparsers)
-
-
-def _forwarded(argv: list[str]):
-    """Subcommands with their own argument parser: the handler, given the arguments after the subcommand."""
-    if argv and argv[0] == "eval":
-        from ray_render import adherence
-
-        return lambda: adherence.main(argv[1:])
-    return None
-
-
-def add_soak_parser(subparsers) -> None:
-    from ray_render import chaos  # fault-injection drills: `ray-render soak --minutes N`
-
-    chaos.add_soak_parser(subparsers)
-
-
 # -- main ----------------------------------------------------------------------------------------------------------
 
 SUBCOMMANDS = [add_run_parser, add_status_parser, add_refresh_parser, add_expand_parser, add_export_parser,
-               add_report_parser, add_eval_parser, add_bench_parser, add_soak_parser]
+               add_report_parser]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(subcommands=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Render Parquet prompt manifests with NextStep-1 "
                                      "on a Ray cluster.", epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_parser in SUBCOMMANDS:
+    for add_parser in SUBCOMMANDS if subcommands is None else subcommands:
         add_parser(subparsers)
+    for subparser in subparsers.choices.values():  # -v after the subcommand too
+        if not any("--verbose" in action.option_strings for action in subparser._actions):
+            subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                   help="debug logging, and tracebacks of errors")
     return parser
 
 
-def _setup_logging() -> None:
+def _setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("ray_render")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `ray-render` and `python -m ray_render`; returns the exit status."""
-    forwarded = _forwarded(sys.argv[1:] if argv is None else list(argv))
-    if forwarded is not None:
+def main(argv: list[str] | None = None, subcommands=None,
+         forwarded: dict[str, Callable[[list[str]], int]] | None = None) -> int:
+    """Run one subcommand (default: the SUBCOMMANDS above); returns the exit status. `forwarded` names subcommands
+    that parse their own arguments: they get everything after their name."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in (forwarded or {}):
         _setup_logging()
-        return forwarded()
-    args = build_parser().parse_args(argv)
-    _setup_logging()
+        return forwarded[argv[0]](argv[1:])
+    args = build_parser(subcommands).parse_args(argv)
+    _setup_logging(args.verbose)
     try:
         return args.handler(args)
     except (CliError, ConfigError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ABORTED
     except OSError as exc:  # a job file or output root that cannot be read
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ABORTED
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback only when asked for
+        logging.getLogger("ray_render").debug("internal error", exc_info=exc)
+        hint = "" if args.verbose else "; rerun with --verbose for the traceback"
+        print(f"{PROG}: internal error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+        return EXIT_INTERNAL

@@ -13,20 +13,34 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# The per-row render parameters a manifest column or a job option may set, with their types.
-RENDER_PARAMS: dict[str, type] = {
-    "negative_prompt": str,
-    "positive_prompt": str,
-    "width": int,
-    "height": int,
-    "cfg": float,
-    "cfg_img": float,
-    "cfg_schedule": str,
-    "use_norm": bool,
-    "timesteps_shift": float,
-    "num_sampling_steps": int,
-    "num_images": int,
-}
+
+@dataclass(frozen=True)
+class RenderParam:
+    """A per-row render parameter: a manifest column of this name and a job option set it (the row wins)."""
+
+    name: str
+    type: type
+    flag: str  # the command-line option
+    help: str
+    metavar: str | None = None
+
+
+# The one declaration of the render parameters; the manifest's column types, the metadata schema's columns and the
+# command line's options are derived from it. Their allowed values are checked in `check_render_param`.
+RENDER_PARAMETERS = (
+    RenderParam("negative_prompt", str, "--negative-prompt", "negative prompt", "TEXT"),
+    RenderParam("positive_prompt", str, "--positive-prompt", "appended to the caption", "TEXT"),
+    RenderParam("width", int, "--width", "pixels, a multiple of 16 (default: the model's)", "PX"),
+    RenderParam("height", int, "--height", "pixels, a multiple of 16 (default: the model's)", "PX"),
+    RenderParam("cfg", float, "--cfg", "text guidance scale, >= 1"),
+    RenderParam("cfg_img", float, "--cfg-img", "image guidance scale (editing), >= 1", "CFG"),
+    RenderParam("cfg_schedule", str, "--cfg-schedule", "constant or linear"),
+    RenderParam("use_norm", bool, "--use-norm", "layer-norm each sampled token"),
+    RenderParam("timesteps_shift", float, "--shift", "timesteps shift, > 0", "SHIFT"),
+    RenderParam("num_sampling_steps", int, "--steps", "sampling steps, >= 2", "N"),
+    RenderParam("num_images", int, "--num-images", "images per row (default: 1)", "N"),
+)
+RENDER_PARAMS: dict[str, type] = {param.name: param.type for param in RENDER_PARAMETERS}
 
 CFG_SCHEDULES = ("constant", "linear")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
@@ -97,20 +111,26 @@ def check_render_param(name: str, value: Any) -> Any:
     return value
 
 
+# Which job settings decide the pixels (field metadata of JobConfig): a resumed job must not mix two sets of them.
+# "job": a change re-renders every row; "row": resolved into each row's parameters, so a row's fingerprint holds it.
+PIXELS = {"pixels": "job"}
+ROW_PIXELS = {"pixels": "row"}
+
+
 @dataclass
 class JobConfig:
     """Everything `ray-render run` needs; the command line, a `--config` file and `jobs/render.py` build one."""
 
     manifests: list[str]
     out: str
-    model: str = "tiny"  # "tiny" (embedded), "placeholder", a snapshot dir, a hub repo id, or an fsspec URL
-    vae: str | None = None  # overrides the VAE path in the model's config.json
-    revision: str | None = None  # hub revision when `model` is a repo id
-    preset: str | None = None
-    params: dict = field(default_factory=dict)  # explicit job-level render parameters (RENDER_PARAMS names)
-    presets: dict = field(default_factory=dict)  # the job's own named presets: name -> {param: value}
-    format: str = "png"
-    quality: int = 95  # jpeg / webp quality
+    model: str = field(default="tiny", metadata=PIXELS)  # "tiny" (embedded), "placeholder", a snapshot dir, a hub repo id, or an fsspec URL
+    vae: str | None = field(default=None, metadata=PIXELS)  # overrides the VAE path in the model's config.json
+    revision: str | None = field(default=None, metadata=PIXELS)  # hub revision when `model` is a repo id
+    preset: str | None = field(default=None, metadata=ROW_PIXELS)
+    params: dict = field(default_factory=dict, metadata=ROW_PIXELS)  # explicit job-level render parameters (RENDER_PARAMS names)
+    presets: dict = field(default_factory=dict, metadata=ROW_PIXELS)  # the job's own named presets: name -> {param: value}
+    format: str = field(default="png", metadata=PIXELS)
+    quality: int = field(default=95, metadata=PIXELS)  # jpeg / webp quality
     actors: int | None = None  # default: one per GPU, or 1 on CPU
     batch_size: int = 8  # requests per model call
     shard_size: int = 1000  # manifest rows per shard
@@ -118,8 +138,8 @@ class JobConfig:
     retries: int = 3  # attempts per row and per shard beyond the first
     max_failed_fraction: float = 0.1  # abort once more than this fraction of finished rows failed
     device: str = "auto"
-    dtype: str = "auto"
-    noise: str = "fast"
+    dtype: str = field(default="auto", metadata=PIXELS)
+    noise: str = field(default="fast", metadata=PIXELS)
     address: str | None = None  # Ray address; default RAY_ADDRESS or a local Ray for this run
     storage_options: dict = field(default_factory=dict)  # fsspec options; never logged or recorded
     limit: int | None = None  # render only the first N rows of the plan
@@ -129,8 +149,8 @@ class JobConfig:
     cpus_per_actor: float = 0.5  # small on purpose: leave CPU for Ray's own tasks on small machines
     gpus_per_actor: float = 1.0  # used when device resolves to cuda
     quality_scores: bool = False  # write the quality columns (on automatically when min_quality is set)
-    min_quality: float | None = None  # 0..1: re-render images whose quality_score is below it
-    quality_retries: int = 2  # re-renders per image at most under min_quality, each with a new deterministic seed
+    min_quality: float | None = field(default=None, metadata=PIXELS)  # 0..1: re-render images whose quality_score is below it
+    quality_retries: int = field(default=2, metadata=PIXELS)  # re-renders per image at most under min_quality, each with a new deterministic seed
     report: bool = True  # write contact_sheet.png and report.html under the output root when the job ends
 
     def __post_init__(self) -> None:
@@ -191,6 +211,10 @@ class JobConfig:
         settings = asdict(self)
         settings["storage_options"] = sorted(self.storage_options)  # the option names only
         return settings
+
+
+PIXEL_SETTINGS = tuple(f.name for f in fields(JobConfig) if f.metadata.get("pixels"))
+JOB_PIXEL_SETTINGS = tuple(f.name for f in fields(JobConfig) if f.metadata.get("pixels") == "job")
 
 
 def resolve_params(model_defaults: dict, presets: dict[str, Preset], job_preset: str | None, job_params: dict,

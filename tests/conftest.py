@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_render import storage
-from ray_render.chaos import StorageFaultProxy
+from ray_render.tools.chaos import StorageFaultProxy
 
 
 @dataclass

@@ -8,8 +8,9 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from ray_render import quality, writer
-from ray_render.manifest import InvalidRow, RowTask
+from ray_render.engine import quality
+from ray_render.output import commits, images, schema
+from ray_render.engine.rows import InvalidRow, RowTask
 
 PASSTHROUGH = pa.schema([pa.field("category", pa.string())])
 CREATED_AT = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)  # fixed, so two builds give equal metadata
@@ -41,10 +42,10 @@ def build_output_root(root: str, *, shards: int = 2, rows_per_shard: int = 3, nu
     """Write `shards` committed shards (each row: `num_images` ok images; the shard's last row also gets one
     failed and one invalid row) plus `uncommitted_shards` shards whose metadata and images exist without a marker.
     With `scores`, the metadata carries the quality columns, computed from the pixels."""
-    schema = writer.metadata_schema(PASSTHROUGH)
+    meta_schema = schema.metadata_schema(PASSTHROUGH)
     if scores:
-        extra = [pa.field(name, pa.type_for_alias(kind)) for name, kind in quality.QUALITY_COLUMNS.items()]
-        schema = pa.schema(list(schema) + extra)
+        extra = [pa.field(name, pa.type_for_alias(kind)) for name, kind in schema.QUALITY_COLUMNS.items()]
+        meta_schema = pa.schema(list(meta_schema) + extra)
     built = BuiltRoot(root=root)
     number = 0
     for shard in range(shards + uncommitted_shards):
@@ -60,9 +61,9 @@ def build_output_root(root: str, *, shards: int = 2, rows_per_shard: int = 3, nu
             for k in range(num_images):
                 array = picture(number)
                 number += 1
-                data = writer.encode_image(array, fmt)
-                url = writer.write_image(root, shard_id, row_id, k, fmt, data, storage_options)
-                row = writer.ok_row(task, k, image_uri=url, sha256=writer.sha256_hex(data), width=32, height=32,
+                data = images.encode_image(array, fmt)
+                url = images.write_image(root, shard_id, row_id, k, fmt, data, storage_options)
+                row = task.ok_row(k, image_uri=url, sha256=images.sha256_hex(data), width=32, height=32,
                                     fmt=fmt, model="tiny", model_revision="rev1", render_ms=1.0, attempts=1,
                                     worker="w0", created_at=CREATED_AT)
                 if scores:
@@ -74,13 +75,12 @@ def build_output_root(root: str, *, shards: int = 2, rows_per_shard: int = 3, nu
         task = RowTask(row_index=rows_per_shard, id=f"bad-{shard}", prompt="a prompt that failed", params={},
                        seed=5, input_image=None, preset=None, passthrough={"category": "animals"}, fingerprint="x",
                        source_file="manifest.parquet")
-        rows.append(writer.failed_row(task, "out of memory after 3 attempts", 3, created_at=CREATED_AT))
-        rows.append(writer.invalid_row(InvalidRow(row_index=rows_per_shard + 1, id=f"inv-{shard}", column="width",
-                                                  error="width must be a multiple of 16, got 30",
-                                                  passthrough={"category": "plants"}, source_file="manifest.parquet",
-                                                  prompt="bad size"), created_at=CREATED_AT))
-        writer.write_shard_metadata(root, shard_id, writer.metadata_table(rows, schema), storage_options)
+        rows.append(task.failed_row("out of memory after 3 attempts", 3, created_at=CREATED_AT))
+        rows.append(InvalidRow(row_index=rows_per_shard + 1, id=f"inv-{shard}", column="width",
+                               error="width must be a multiple of 16, got 30", passthrough={"category": "plants"},
+                               source_file="manifest.parquet", prompt="bad size").metadata_row(created_at=CREATED_AT))
+        commits.write_shard_metadata(root, shard_id, schema.metadata_table(rows, meta_schema), storage_options)
         if shard < shards:
-            writer.commit_shard(root, shard_id, {"rows": len(rows)}, storage_options)
+            commits.commit_shard(root, shard_id, {"rows": len(rows)}, storage_options)
             built.committed.append(shard_id)
     return built

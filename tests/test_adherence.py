@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from ray_render import adherence, shapes
+from ray_render.models.nextstep import shapes
+from ray_render.tools import adherence
 
 
 def test_classifier_names_every_ground_truth_picture():

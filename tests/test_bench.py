@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from ray_render import bench, cli
+from ray_render.__main__ import main as program
+from ray_render.tools import bench
 
 CONTENDER_FIELDS = {"rows", "images", "wall_s", "rows_per_s", "peak_rss_mib", "process_s", "rows_ok"}
 
@@ -16,7 +17,7 @@ CONTENDER_FIELDS = {"rows", "images", "wall_s", "rows_per_s", "peak_rss_mib", "p
 def quick_run(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("bench-out"), tmp_path_factory.mktemp("work")
     (work / "model-loop-1-out").mkdir()  # a leftover of an earlier bench in the same work directory
-    code = cli.main(["bench", "--quick", "--out", str(out), "--work-dir", str(work)])
+    code = program(["bench", "--quick", "--out", str(out), "--work-dir", str(work)])
     return code, out, work
 
 
@@ -90,5 +91,5 @@ def test_gpu_suite_runs_only_with_cuda_and_says_so(tmp_path):
 
 
 def test_unknown_suite_is_a_clear_error(tmp_path, capsys):
-    assert cli.main(["bench", "--suite", "orchestration,nope", "--out", str(tmp_path)]) == 2
+    assert program(["bench", "--suite", "orchestration,nope", "--out", str(tmp_path)]) == 2
     assert "--suite must be" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Fault injection (`-m chaos`): actors and the driver SIGKILLed, storage failing and gone, out-of-memory, poison rows.
 
-Each test runs one drill of `ray_render.chaos` (the same code `ray-render soak` runs) and asserts its figures.
+Each test runs one drill of `ray_render.tools.chaos` (the same code `ray-render soak` runs) and asserts its figures.
 """
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ import pyarrow.dataset as ds
 import pytest
 import ray
 
-from ray_render import chaos, driver, storage, writer
+from ray_render import storage
+from ray_render.engine import summary as exits
+from ray_render.output import commits
+from ray_render.tools import chaos
 
 pytestmark = pytest.mark.chaos
 
@@ -34,7 +37,7 @@ def test_actor_chaos_2000_rows_tiny_model_at_least_10_kills(ray_cluster, tmp_pat
     assert figures.details["kills"] >= 10
     assert_complete(figures, figures.details["check"])
     summary = figures.details["summary"]
-    assert summary["exit_code"] == driver.EXIT_OK and summary["shards_lost"] == []
+    assert summary["exit_code"] == exits.EXIT_OK and summary["shards_lost"] == []
     assert summary["actors_replaced"] >= 10  # every kill was seen and the actor replaced
     # Metadata matches images one to one: one ok row per image object, no image without its row.
     table = ds.dataset(str(tmp_path / "actor-chaos-out" / "metadata")).to_table().to_pylist()
@@ -67,15 +70,15 @@ def test_storage_faults_and_outage(ray_cluster, tmp_path, upstream, monkeypatch)
     proxy = figures.details["proxy"]
     assert proxy["500"] + proxy["503"] >= 0.05 * proxy["requests"], proxy
     assert proxy["reset_before"] + proxy["reset_after"] > 0 and proxy["delayed"] > 0, proxy
-    assert figures.details["flaky_summary"]["exit_code"] == driver.EXIT_OK
+    assert figures.details["flaky_summary"]["exit_code"] == exits.EXIT_OK
     assert_complete(figures, figures.details["check"])
 
     outage = figures.details["outage"]
-    assert outage["exit_code"] == driver.EXIT_ABORTED
+    assert outage["exit_code"] == exits.EXIT_ABORTED
     assert "storage unreachable" in outage["message"] and "rerun" in outage["message"], outage["message"]
     assert upstream["secret"] not in outage["message"]
     assert 3 <= outage["committed"] < 15
-    assert outage["resumed_exit_code"] == driver.EXIT_OK and outage["shards_resumed"] == outage["committed"]
+    assert outage["resumed_exit_code"] == exits.EXIT_OK and outage["shards_resumed"] == outage["committed"]
     check = outage["check"]
     assert (check["rows"], check["duplicates"], check["lost"], check["undecodable"], check["unreferenced_images"]) \
         == (300, 0, 0, 0, 0), check
@@ -85,14 +88,14 @@ def test_out_of_memory_halves_the_batch_and_goes_on(ray_cluster, tmp_path):
     figures = chaos.out_of_memory(str(tmp_path), rows=48, batch_size=16)
     assert_complete(figures, figures.details["check"])
     assert figures.details["batch_sizes"] == [chaos.TinyOutOfMemoryAbove4.MAX_BATCH]  # 16 -> 8 -> 4
-    assert figures.details["summary"]["exit_code"] == driver.EXIT_OK
+    assert figures.details["summary"]["exit_code"] == exits.EXIT_OK
 
 
 def test_poison_row_is_isolated_and_failed_and_the_rest_renders(ray_cluster, tmp_path):
     retries = 2
     figures = chaos.poison_row(str(tmp_path), rows=200, seed=4, retries=retries)
     summary = figures.details["summary"]
-    assert summary["exit_code"] == driver.EXIT_ROWS and summary["shards_lost"] == []
+    assert summary["exit_code"] == exits.EXIT_ROWS and summary["shards_lost"] == []
     assert summary["rows"] == {"ok": 199, "invalid": 0, "failed": 1, "removed": 0} or \
         (summary["rows"]["ok"], summary["rows"]["failed"]) == (199, 1)
     assert (figures.ok, figures.duplicates, figures.lost) == (199, 0, 0)
@@ -104,5 +107,5 @@ def test_poison_row_is_isolated_and_failed_and_the_rest_renders(ray_cluster, tmp
     assert "died" in failed[0]["error"] and "alone" in failed[0]["error"]
     check = figures.details["check"]
     assert (check["rows"], check["unreferenced_images"], check["undecodable"]) == (200, 0, 0), check
-    assert writer.committed_shard_ids(str(tmp_path / "poison-out")) == {
+    assert commits.committed_shard_ids(str(tmp_path / "poison-out")) == {
         f"00000-poison-{start:010d}" for start in range(0, 200, 25)}

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from ray_render import cli, driver, writer
+from ray_render import cli
+from ray_render.engine import summary as exits
+from ray_render.output import commits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +102,7 @@ def test_python_m_ray_render_is_the_same_program_and_documents_exit_codes():
     result = subprocess.run([sys.executable, "-m", "ray_render", "run", "--help"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0
-    for code, meaning in driver.EXIT_CODES.items():
+    for code, meaning in exits.EXIT_CODES.items():
         assert f"  {code}  " in result.stdout
     for option in ("--storage-options", "--max-failed-fraction", "--no-resume", "--shift", "--steps", "--config"):
         assert option in result.stdout
@@ -126,7 +128,7 @@ def test_status_follows_a_running_job_to_its_end(ray_cluster, tmp_path, make_man
     thread = threading.Thread(target=lambda: outcome.setdefault("code", cli.main(argv)))
     thread.start()
     deadline = time.monotonic() + 60
-    while not writer.committed_shard_ids(out) and time.monotonic() < deadline:
+    while not commits.committed_shard_ids(out) and time.monotonic() < deadline:
         time.sleep(0.05)
     capsys.readouterr()
     assert cli.main(["status", out, "--json"]) == 0
@@ -136,7 +138,7 @@ def test_status_follows_a_running_job_to_its_end(ray_cluster, tmp_path, make_man
     assert 1 <= running["shards_committed"] < 6 and running["shards_total"] == 6
     assert running["rows_total"] == 24 and running["rows_done"] == 4 * running["shards_committed"]
 
-    assert outcome["code"] == driver.EXIT_ROWS  # row 3 is invalid
+    assert outcome["code"] == exits.EXIT_ROWS  # row 3 is invalid
     assert cli.main(["status", out]) == 0
     text = capsys.readouterr().out
     assert f"{out}: finished" in text

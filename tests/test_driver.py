@@ -14,7 +14,10 @@ import pyarrow.dataset as ds
 import pytest
 import ray
 
-from ray_render import driver, status, storage, writer
+from ray_render import storage
+from ray_render.engine import driver
+from ray_render.engine import summary as exits
+from ray_render.output import commits, record, status
 from ray_render.config import JobConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +47,7 @@ def test_bad_rows_end_invalid_with_messages_and_the_rest_render(ray_cluster, tmp
     rows[8]["prompt"] = "a red circle [placeholder:raise]"
     job = job_for(make_manifest(rows), str(tmp_path / "out"), shard_size=4, retries=1)
     summary = driver.run(job)
-    assert summary.exit_code == driver.EXIT_ROWS
+    assert summary.exit_code == exits.EXIT_ROWS
     assert summary.rows == {"ok": 6, "invalid": 3, "failed": 1} and summary.images == 6
     table = rows_of(job.out)
     assert len(table) == 10
@@ -53,16 +56,16 @@ def test_bad_rows_end_invalid_with_messages_and_the_rest_render(ray_cluster, tmp
     assert "column 'prompt'" in errors[4]
     assert "column 'id'" in errors[6]
     assert "placeholder:raise" in errors[8]
-    saved = writer.read_summary(job.out)
-    assert saved["exit_code"] == driver.EXIT_ROWS and saved["rows"]["invalid"] == 3
-    record = writer.read_job_record(job.out)
-    assert record["plan_fingerprint"] and record["model"]["revision"] == "placeholder-1"
+    saved = record.read_summary(job.out)
+    assert saved["exit_code"] == exits.EXIT_ROWS and saved["rows"]["invalid"] == 3
+    job_record = record.read_job_record(job.out)
+    assert job_record["plan_fingerprint"] and job_record["model"]["revision"] == "placeholder-1"
 
 
 def test_all_ok_exits_0_and_a_rerun_renders_nothing(ray_cluster, tmp_path, make_manifest):
     job = job_for(make_manifest(n=12), str(tmp_path / "out"), shard_size=5, params={"num_images": 2})
     first = driver.run(job)
-    assert first.exit_code == driver.EXIT_OK and first.images == 24 and first.shards_committed == 3
+    assert first.exit_code == exits.EXIT_OK and first.images == 24 and first.shards_committed == 3
     assert not (tmp_path / "out" / "_journal").exists()  # every shard committed: no journal left, nor its directory
     markers = {name: (tmp_path / "out" / "_commits" / name).read_bytes()
                for name in os.listdir(tmp_path / "out" / "_commits")}
@@ -71,7 +74,7 @@ def test_all_ok_exits_0_and_a_rerun_renders_nothing(ray_cluster, tmp_path, make_
     stale.parent.mkdir()
     stale.write_text('{"rendering": ["r0"]}')
     again = driver.run(job)
-    assert again.exit_code == driver.EXIT_OK
+    assert again.exit_code == exits.EXIT_OK
     assert (again.shards_resumed, again.rows_this_run, again.images) == (3, 0, 24)
     assert markers == {name: (tmp_path / "out" / "_commits" / name).read_bytes() for name in markers}
     assert not (tmp_path / "out" / "_journal").exists()
@@ -83,36 +86,36 @@ def test_error_budget_aborts_the_job(ray_cluster, tmp_path, make_manifest):
     job = job_for(make_manifest(rows), str(tmp_path / "out"), shard_size=20, retries=0, max_failed_fraction=0.1,
                   batch_size=4)
     summary = driver.run(job)
-    assert summary.exit_code == driver.EXIT_ABORTED
+    assert summary.exit_code == exits.EXIT_ABORTED
     assert "--max-failed-fraction" in summary.message
     assert summary.rows_this_run < 400  # stopped early
-    committed = writer.committed_shard_ids(job.out)
+    committed = commits.committed_shard_ids(job.out)
     assert {row["id"] for row in rows_of(job.out)} == {
         f"r{i}" for shard in committed for i in range(int(shard[-10:]), int(shard[-10:]) + 20)}
 
 
 def test_rerun_with_another_plan_or_settings_is_refused_unless_overwrite(ray_cluster, tmp_path, make_manifest):
     out = str(tmp_path / "out")
-    assert driver.run(job_for(make_manifest(n=6, name="a.parquet"), out)).exit_code == driver.EXIT_OK
-    before = writer.read_job_record(out)
+    assert driver.run(job_for(make_manifest(n=6, name="a.parquet"), out)).exit_code == exits.EXIT_OK
+    before = record.read_job_record(out)
 
     other_plan = driver.run(job_for(make_manifest(n=7, name="b.parquet"), out))
-    assert other_plan.exit_code == driver.EXIT_ABORTED
+    assert other_plan.exit_code == exits.EXIT_ABORTED
     assert "holds another job" in other_plan.message and "--overwrite" in other_plan.message
     other_settings = driver.run(job_for(str(tmp_path / "manifests" / "a.parquet"), out, format="jpeg"))
-    assert other_settings.exit_code == driver.EXIT_ABORTED and "format" in other_settings.message
-    assert writer.read_job_record(out) == before  # a refused run leaves the output alone
+    assert other_settings.exit_code == exits.EXIT_ABORTED and "format" in other_settings.message
+    assert record.read_job_record(out) == before  # a refused run leaves the output alone
     assert len(rows_of(out)) == 6
 
     replaced = driver.run(job_for(str(tmp_path / "manifests" / "b.parquet"), out, overwrite=True))
-    assert replaced.exit_code == driver.EXIT_OK
+    assert replaced.exit_code == exits.EXIT_OK
     assert sorted(row["id"] for row in rows_of(out)) == sorted(f"r{i}" for i in range(7))
 
 
 def test_unreadable_manifest_aborts_before_any_work(ray_cluster, tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     summary = driver.run(job_for(str(tmp_path / "bad.parquet"), str(tmp_path / "out")))
-    assert summary.exit_code == driver.EXIT_ABORTED and "bad.parquet" in summary.message
+    assert summary.exit_code == exits.EXIT_ABORTED and "bad.parquet" in summary.message
     assert not (tmp_path / "out").exists()
 
 
@@ -124,32 +127,32 @@ def test_driver_killed_then_rerun_renders_only_uncommitted_shards(ray_cluster, t
     command = [sys.executable, "-m", "ray_render", "run", path, "--out", str(out), "--model", "placeholder",
                "--shard-size", "4", "--batch-size", "2", "--address", ray_cluster, "--no-progress"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    commits = out / "_commits"
+    commits_dir = out / "_commits"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
-        if commits.exists() and len([n for n in os.listdir(commits) if n.endswith(".json")]) >= 3:
+        if commits_dir.exists() and len([n for n in os.listdir(commits_dir) if n.endswith(".json")]) >= 3:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     # The killed driver's actors live on until Ray notices their owner is gone, and may commit a shard meanwhile:
     # take the committed set once it has stopped changing (a live actor commits a shard every ~0.6 s).
-    done_before, stable_since = writer.committed_shard_ids(str(out)), time.monotonic()
+    done_before, stable_since = commits.committed_shard_ids(str(out)), time.monotonic()
     while time.monotonic() - stable_since < 3 and time.monotonic() < deadline + 30:
         time.sleep(0.2)
-        now = writer.committed_shard_ids(str(out))
+        now = commits.committed_shard_ids(str(out))
         if now != done_before:
             done_before, stable_since = now, time.monotonic()
     assert 3 <= len(done_before) < 10, done_before
-    markers = {shard: (commits / f"{shard}.json").read_bytes() for shard in done_before}
+    markers = {shard: (commits_dir / f"{shard}.json").read_bytes() for shard in done_before}
 
     rerun = subprocess.run(command + ["--config", str(_write(tmp_path / "job.yaml", "retries: 2\n"))], cwd=REPO,
                            capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    summary = writer.read_summary(str(out))
+    summary = record.read_summary(str(out))
     assert summary["shards_resumed"] == len(done_before)
     assert summary["rows_this_run"] == 40 - 4 * len(done_before)
-    assert {shard: (commits / f"{shard}.json").read_bytes() for shard in done_before} == markers
+    assert {shard: (commits_dir / f"{shard}.json").read_bytes() for shard in done_before} == markers
     ids = [row["id"] for row in rows_of(str(out))]
     assert sorted(ids) == sorted(f"r{i}" for i in range(40))  # exactly once
     image_files = [name for shard in os.listdir(out / "images") for name in os.listdir(out / "images" / shard)]
@@ -167,7 +170,7 @@ def test_s3_manifest_and_output(ray_cluster, s3, make_manifest):
                                  url=s3.fresh_url("manifests") + "/m.parquet", storage_options=so)
     out = s3.fresh_url("out")
     summary = driver.run(job_for(manifest_url, out, shard_size=4, storage_options=so))
-    assert summary.exit_code == driver.EXIT_OK, summary.format()
+    assert summary.exit_code == exits.EXIT_OK, summary.format()
     table = rows_of(out, so)
     assert sorted(row["tag"] for row in table) == list(range(9))
     assert all(row["image_uri"].startswith("s3://") for row in table)
@@ -187,11 +190,11 @@ def test_tiny_nextstep_end_to_end(ray_cluster, tmp_path):
     job = JobConfig(manifests=[str(REPO / "jobs" / "examples" / "prompts.parquet")], out=str(tmp_path / "out"),
                     model="tiny", device="cpu", actors=1, shard_size=8, batch_size=4, progress=False)
     summary = driver.run(job)
-    assert summary.exit_code == driver.EXIT_OK, summary.format()
+    assert summary.exit_code == exits.EXIT_OK, summary.format()
     assert summary.model["family"] == "nextstep"
     table = rows_of(job.out)
     assert len(table) == 17  # 16 rows, one of them with two images
     assert {row["model"] for row in table} == {"tiny"}
     assert len({row["sha256"] for row in table}) == 17
-    record = json.loads((tmp_path / "out" / "_job.json").read_text())
-    assert record["model"]["family"] == "nextstep" and record["summary"]["images"] == 17
+    job_record = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert job_record["model"]["family"] == "nextstep" and job_record["summary"]["images"] == 17

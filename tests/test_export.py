@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from output_factory import build_output_root
-from ray_render import export, storage, writer
-from ray_render.export import ExportError
+from ray_render import storage
+from ray_render.output import export, layout
+from ray_render.output.export import ExportError
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_a_smaller_export_removes_the_earlier_shards(root, tmp_path):
 
 def test_a_corrupt_image_stops_the_export_and_leaves_no_partial_shard(root, tmp_path):
     last = root.ok[-1]
-    image_path = os.path.join(root.root, writer.image_key("s002", last["id"], last["image_index"], "png"))
+    image_path = os.path.join(root.root, layout.image_key("s002", last["id"], last["image_index"], "png"))
     with open(image_path, "r+b") as handle:
         handle.write(b"garbage")
     dest = tmp_path / "wds"
@@ -162,7 +163,7 @@ def test_a_failed_shard_upload_leaves_no_object(s3):
     options = s3.storage_options
     source = build_output_root(s3.fresh_url("out"), shards=2, storage_options=options)
     last = source.ok[-1]
-    storage.write_bytes(storage.join(source.root, writer.image_key("s001", last["id"], last["image_index"], "png")),
+    storage.write_bytes(storage.join(source.root, layout.image_key("s001", last["id"], last["image_index"], "png")),
                         b"not the rendered image", options)
     dest = s3.fresh_url("export")
     with pytest.raises(ExportError, match="does not match the sha256"):

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from ray_render import driver
+from ray_render.engine import driver
+from ray_render.engine import summary as exits
 from ray_render.config import JobConfig
 
 pytestmark = pytest.mark.chaos
@@ -96,7 +97,7 @@ def test_bad_rows_are_invalid_with_a_message_and_the_good_rows_render(ray_cluste
     before = _snapshot(tmp_path)
 
     summary = driver.run(_job(manifest, out, shard_size=16))
-    assert summary.exit_code == driver.EXIT_ROWS, summary.format()
+    assert summary.exit_code == exits.EXIT_ROWS, summary.format()
     metadata = ds.dataset(str(out / "metadata")).to_table().to_pylist()
     by_row = {row["source_row"]: row for row in metadata}
     assert len(metadata) == len(table)  # every input row accounted for, exactly once
@@ -156,7 +157,7 @@ def test_unusable_manifests_fail_the_job_before_rendering(tmp_path, name, make, 
     manifest = make(tmp_path / "manifests" / "bad.parquet")
     out = tmp_path / "out"
     summary = driver.run(_job(manifest, out))
-    assert summary.exit_code == driver.EXIT_ABORTED, (name, summary.format())
+    assert summary.exit_code == exits.EXIT_ABORTED, (name, summary.format())
     assert phrase in summary.message, (name, summary.message)
     assert "bad.parquet" in summary.message, (name, summary.message)
     assert not out.exists()  # nothing rendered, nothing claimed

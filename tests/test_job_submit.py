@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from ray_render import writer
+from ray_render.output import record
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -115,7 +115,7 @@ def test_ray_job_submit_renders_the_example_job(head, tmp_path):
 
     table = ds.dataset(str(out / "metadata"), format="parquet").to_table().to_pylist()
     assert len(table) == 17 and {row["status"] for row in table} == {"ok"}  # 16 rows, one with two images
-    summary = writer.read_summary(str(out))
+    summary = record.read_summary(str(out))
     assert summary["exit_code"] == 0 and summary["shards_committed"] == 4
     assert all("/gpu" in row["worker"] for row in table)  # the head's declared GPUs: GPU actors
 

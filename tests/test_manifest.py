@@ -1,4 +1,4 @@
-"""manifest.py: finding files, the shard plan from footers only, reading shard rows, validating rows."""
+"""engine/plan.py and engine/rows.py: finding files, the shard plan from footers only, reading shard rows, validating rows."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from conftest import prompt_rows
 from ray_render import storage
 from ray_render.config import RENDER_PARAMS, JobConfig
-from ray_render.manifest import (MAX_PROMPT_CHARS, ROW_ID_PATTERN, InvalidRow, ManifestError, RowTask, Shard,
-                                 list_manifest_files, plan, read_shard_rows, validate_rows)
+from ray_render.engine.plan import ROW_ID_PATTERN, ManifestError, Shard, list_manifest_files, plan
+from ray_render.engine.rows import MAX_PROMPT_CHARS, InvalidRow, RowTask, read_shard_rows, validate_rows
 
 MODEL_DEFAULTS = {"width": 64, "height": 64, "num_sampling_steps": 50, "cfg": 7.5, "use_norm": True}
 

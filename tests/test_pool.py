@@ -12,10 +12,14 @@ import pytest
 import ray
 from PIL import Image
 
-from ray_render import driver, journal, manifest, writer
-from ray_render.actor import RenderActor
+from ray_render.engine import driver, journal
+from ray_render.engine import plan as planning
+from ray_render.engine.session import RunSession
+from ray_render.engine import summary as exits
+from ray_render.output import commits, layout
+from ray_render.engine.actor import RenderActor
 from ray_render.config import JobConfig
-from ray_render.pool import RenderPool, ShardDone
+from ray_render.engine.pool import RenderPool, ShardDone
 
 
 def metadata(out: str):
@@ -23,7 +27,7 @@ def metadata(out: str):
 
 
 def render_all(job: JobConfig):
-    plan = manifest.plan(job.manifests, job.shard_size, job.storage_options)
+    plan = planning.plan(job.manifests, job.shard_size, job.storage_options)
     actor = RenderActor(job, 0, plan.passthrough_schema)
     return actor, [actor.render_shard(shard) for shard in plan.shards]
 
@@ -44,7 +48,7 @@ def test_actor_isolates_a_raising_row_and_fails_it_after_retries(tmp_path, make_
     assert failed["status"] == "failed" and "placeholder:raise" in failed["error"]
     # Bisection 8 -> 4 -> 2 -> 1 puts it in 4 calls, then 2 retries alone.
     assert failed["attempts"] == 4 + 2
-    assert not os.path.exists(writer.image_url(job.out, result.shard_id, "r5", 0, "png"))
+    assert not os.path.exists(layout.image_url(job.out, result.shard_id, "r5", 0, "png"))
     for row_id in ("r0", "r4", "r6", "r7"):
         assert by_id[row_id]["status"] == "ok" and os.path.exists(by_id[row_id]["image_uri"])
 
@@ -55,7 +59,7 @@ def test_actor_halves_its_batch_size_on_out_of_memory(tmp_path, make_manifest):
     job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", batch_size=8)
     actor, (result,) = render_all(job)
     assert result.counts["ok"] == 8  # nothing lost: the batch was split, not failed
-    assert actor.batch_size == 1 and result.batch_size == 1  # 8 -> 4 -> 2 -> 1, kept for the actor's life
+    assert actor.renderer.batch_size == 1 and result.batch_size == 1  # 8 -> 4 -> 2 -> 1, kept for the actor's life
 
 
 def test_actor_writes_every_row_once_with_its_settings(tmp_path, make_manifest):
@@ -105,12 +109,13 @@ def slow_rows(n: int, seconds: float, start: int = 0) -> list[dict]:
 
 def test_one_actor_per_declared_gpu(ray_cluster, tmp_path, make_manifest):
     job = JobConfig(manifests=[make_manifest()], out=str(tmp_path / "out"), model="placeholder")  # device auto
-    pool = driver.start_pool(job, manifest.plan(job.manifests, job.shard_size))
+    session = RunSession(job)
+    pool = session.start_pool(planning.plan(job.manifests, job.shard_size))
     try:
         deadline = time.monotonic() + 60
         while pool.num_ready < 2 and time.monotonic() < deadline:
             pool.wait(1.0)
-        workers = [info["worker"] for info in pool.actor_infos()]
+        workers = [info["worker"] for info in ray.get([actor.info.remote() for actor in pool.ready_actors()])]
     finally:
         pool.shutdown()
     assert sorted(worker.rsplit("/", 1)[-1] for worker in workers) == ["gpu0", "gpu1"], workers
@@ -140,7 +145,7 @@ def test_an_actor_killed_mid_shard_is_replaced_and_every_row_lands_once(ray_clus
     thread.join(120)
     assert killed is not None, "no actor was seen rendering"
     summary = outcome["summary"]
-    assert summary.exit_code == driver.EXIT_OK, summary.format()
+    assert summary.exit_code == exits.EXIT_OK, summary.format()
     assert summary.actors_replaced >= 1 and summary.shard_retries >= 1
     ids = [row["id"] for row in metadata(job.out)]
     assert sorted(ids) == sorted(f"r{i}" for i in range(24))  # every row exactly once
@@ -152,7 +157,7 @@ def test_idle_actor_takes_a_copy_of_a_queued_shard_and_the_first_result_wins(ray
     path = make_manifest(slow_rows(1, 3.0) + [{"id": f"f{i}", "prompt": f"fast {i}"} for i in range(3)])
     job = JobConfig(manifests=[path], out=str(tmp_path / "out"), model="placeholder", shard_size=1, device="cpu",
                     actors=2, max_in_flight=2)
-    plan = manifest.plan(job.manifests, job.shard_size)
+    plan = planning.plan(job.manifests, job.shard_size)
     remote = ray.remote(RenderActor).options(num_cpus=0.5, max_restarts=0, max_task_retries=0)
     pool = RenderPool(lambda index: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
     try:
@@ -179,7 +184,7 @@ def test_shutdown_lets_cancelled_calls_return_and_names_the_shards_still_running
     path = make_manifest(slow_rows(4, 0.5) + slow_rows(1, 60.0, start=4))
     job = JobConfig(manifests=[path], out=str(tmp_path / "out"), model="placeholder", shard_size=4, device="cpu",
                     actors=2, max_in_flight=1, batch_size=1)
-    plan = manifest.plan(job.manifests, job.shard_size)
+    plan = planning.plan(job.manifests, job.shard_size)
     stoppable, stuck = plan.shards  # 4 model calls of 0.5 s; one model call of 60 s
     remote = ray.remote(RenderActor).options(num_cpus=0.5, max_restarts=0, max_task_retries=0)
     pool = RenderPool(lambda index: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
@@ -188,14 +193,14 @@ def test_shutdown_lets_cancelled_calls_return_and_names_the_shards_still_running
     for shard in plan.shards:
         pool.submit(shard, 1)
     deadline = time.monotonic() + 60
-    while not all(os.path.exists(journal.journal_url(job.out, shard.shard_id)) for shard in plan.shards):
+    while not all(os.path.exists(layout.journal_url(job.out, shard.shard_id)) for shard in plan.shards):
         assert time.monotonic() < deadline, "the calls never reached the model"
         time.sleep(0.05)  # each call writes its shard's journal right before its first model call
     started = time.monotonic()
     unsettled = pool.shutdown(grace_s=3.0)
     assert unsettled == {stuck.shard_id}  # the stoppable call returned at its next batch boundary
     assert time.monotonic() - started < 10
-    assert writer.committed_shard_ids(job.out) == set()  # a cancelled call never commits
+    assert commits.committed_shard_ids(job.out) == set()  # a cancelled call never commits
     assert not journal.died_rendering(job.out, stoppable.shard_id)  # it stopped cleanly: the next attempt blames no row
 
 
@@ -203,5 +208,5 @@ def test_a_model_that_does_not_load_aborts_the_job(ray_cluster, tmp_path, make_m
     job = JobConfig(manifests=[make_manifest()], out=str(tmp_path / "out"), model=str(tmp_path / "no-such-model"),
                     device="cpu", progress=False)
     summary = driver.run(job)
-    assert summary.exit_code == driver.EXIT_ABORTED
+    assert summary.exit_code == exits.EXIT_ABORTED
     assert "no render actor could start" in summary.message

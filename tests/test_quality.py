@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from ray_render import quality
+from ray_render.engine import quality
+from ray_render.output import schema
 from ray_render.models.base import RenderRequest
 
 
@@ -93,7 +94,7 @@ def test_quality_score_follows_the_documented_formula_and_ranks_images():
     s = scores["sharpness"]
     expected = (0.6 * s / (s + 100) + 0.4 * scores["colour_diversity"]) * (1 - scores["artefact_level"])
     assert scores["quality_score"] == pytest.approx(expected)
-    assert set(scores) == set(quality.QUALITY_COLUMNS)
+    assert set(scores) == set(schema.QUALITY_COLUMNS)
     blurred, blocky = quality.score(blur(clean, 4)), quality.score(jpeg(clean, 5))
     assert 0.0 <= blurred["quality_score"] < scores["quality_score"] <= 1.0
     assert blocky["quality_score"] < scores["quality_score"]
@@ -149,7 +150,7 @@ def test_failing_images_are_rerendered_with_new_seeds_in_one_batch():
         assert outcome.request.key == request.key
         assert outcome.scores["quality_score"] >= 0.2
     assert outcomes[3].passed and outcomes[3].renders == 1 and outcomes[3].request == good
-    assert set(outcomes[0].columns()) == set(quality.QUALITY_COLUMNS) | set(quality.RERENDER_COLUMNS)
+    assert set(outcomes[0].columns()) == set(schema.QUALITY_COLUMNS) | set(schema.RERENDER_COLUMNS)
     assert outcomes[0].columns()["quality_renders"] == 2 and outcomes[0].columns()["quality_passed"] is True
 
 

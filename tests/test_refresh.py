@@ -12,7 +12,10 @@ import pytest
 import ray
 
 from conftest import prompt_rows
-from ray_render import cli, driver, refresh, status, writer
+from ray_render import cli
+from ray_render.engine import driver, refresh
+from ray_render.engine import summary as exits
+from ray_render.output import commits, record, status
 from ray_render.config import JobConfig
 
 
@@ -46,14 +49,14 @@ def metadata_files(out: str) -> dict[str, bytes]:
 def rendered_by_generation(out: str, generation: int) -> int:
     """Images the generation's shards rendered, from their commit markers (what the actors report)."""
     prefix = refresh.generation_shard_id(generation, "")
-    return sum(info["images"] for shard_id, info in writer.list_commits(out).items() if shard_id.startswith(prefix))
+    return sum(info["images"] for shard_id, info in commits.list_commits(out).items() if shard_id.startswith(prefix))
 
 
 def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path, make_manifest):
     rows = prompt_rows(1000)
     manifest = make_manifest(rows, name="catalogue.parquet")
     out = str(tmp_path / "out")
-    assert driver.run(job_for(manifest, out)).exit_code == driver.EXIT_OK
+    assert driver.run(job_for(manifest, out)).exit_code == exits.EXIT_OK
     before = image_files(out)
     assert len(before) == 1000
 
@@ -65,7 +68,7 @@ def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path,
     make_manifest(rows, name="catalogue.parquet")
 
     summary = refresh.run(job_for(manifest, out))
-    assert summary.exit_code == driver.EXIT_OK
+    assert summary.exit_code == exits.EXIT_OK
     assert (summary.rows_this_run, summary.images_this_run) == (8, 8)
     assert rendered_by_generation(out, 1) == 8
     after = image_files(out)
@@ -90,8 +93,8 @@ def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path,
         if row["status"] == "ok":
             assert Path(row["image_uri"]).exists()
     files_after = metadata_files(out)
-    record = writer.read_job_record(out)
-    assert record["refresh"] == {"generation": 1, "new": 5, "changed": 3, "unchanged": 995, "removed": 2,
+    job_record = record.read_job_record(out)
+    assert job_record["refresh"] == {"generation": 1, "new": 5, "changed": 3, "unchanged": 995, "removed": 2,
                                  "pruned": 0, "state": "done"}
 
     # `ray-render status` counts the current rows, not the superseded ones the old commit markers still hold
@@ -102,13 +105,13 @@ def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path,
 
     # Idempotent: the same refresh again renders nothing and changes nothing
     again = refresh.run(job_for(manifest, out))
-    assert again.exit_code == driver.EXIT_OK and (again.rows_this_run, again.images_this_run) == (0, 0)
+    assert again.exit_code == exits.EXIT_OK and (again.rows_this_run, again.images_this_run) == (0, 0)
     assert image_files(out) == after
     assert metadata_files(out) == files_after
 
     # A plain run would render the refreshed rows a second time: it refuses the output
     refused = driver.run(job_for(manifest, out))
-    assert refused.exit_code == driver.EXIT_ABORTED and "ray-render refresh" in refused.message
+    assert refused.exit_code == exits.EXIT_ABORTED and "ray-render refresh" in refused.message
 
     # --prune deletes the removed rows' images and clears their image_uri; still nothing renders
     assert cli.main(["refresh", manifest, "--out", out, "--model", "placeholder", "--shard-size", "250",
@@ -119,7 +122,7 @@ def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path,
         assert not Path(by_id[row_id]["image_uri"]).exists()
     assert image_files(out) == {path: mtime for path, mtime in after.items()
                                 if path.split("/")[1] not in ("r20_0.png", "r700_0.png")}
-    assert writer.read_job_record(out)["refresh"] == {"generation": 1, "new": 0, "changed": 0, "unchanged": 1003,
+    assert record.read_job_record(out)["refresh"] == {"generation": 1, "new": 0, "changed": 0, "unchanged": 1003,
                                                       "removed": 0, "pruned": 2, "state": "done"}
 
 
@@ -128,7 +131,7 @@ def test_a_refresh_interrupted_before_superseding_finishes_on_the_next_run(ray_c
     rows = prompt_rows(40)
     manifest = make_manifest(rows, name="m.parquet")
     out = str(tmp_path / "out")
-    assert driver.run(job_for(manifest, out, shard_size=10)).exit_code == driver.EXIT_OK
+    assert driver.run(job_for(manifest, out, shard_size=10)).exit_code == exits.EXIT_OK
     rows[3]["prompt"] = "changed"
     rows = rows[:-1]  # r39 leaves
     make_manifest(rows, name="m.parquet")
@@ -137,12 +140,12 @@ def test_a_refresh_interrupted_before_superseding_finishes_on_the_next_run(ray_c
         raise KeyboardInterrupt
 
     monkeypatch.setattr(refresh, "supersede", crash)  # the generation's shards are committed, nothing superseded
-    assert refresh.run(job_for(manifest, out, shard_size=10)).exit_code == driver.EXIT_LOST
+    assert refresh.run(job_for(manifest, out, shard_size=10)).exit_code == exits.EXIT_LOST
     monkeypatch.undo()
     assert Counter(row["id"] for row in metadata(out))["r3"] == 2  # the old row and the new one, for now
 
     resumed = refresh.run(job_for(manifest, out, shard_size=10))
-    assert resumed.exit_code == driver.EXIT_OK and resumed.images_this_run == 0
+    assert resumed.exit_code == exits.EXIT_OK and resumed.images_this_run == 0
     table = metadata(out)
     assert Counter(row["id"] for row in table).most_common(1)[0][1] == 1
     by_id = {row["id"]: row for row in table}

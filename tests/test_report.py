@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from output_factory import build_output_root, picture
-from ray_render import report, storage, writer
+from ray_render import storage
+from ray_render.output import layout, record, report
 
 
 def cells(sheet: Image.Image, count: int, columns: int, thumb: int):
@@ -25,9 +26,9 @@ def cells(sheet: Image.Image, count: int, columns: int, thumb: int):
 
 def test_report_shows_a_sample_of_every_committed_shard(tmp_path):
     built = build_output_root(str(tmp_path / "out"), shards=3, rows_per_shard=3, uncommitted_shards=1, scores=True)
-    writer.write_summary(built.root, {"state": "finished", "rows": {"ok": 9, "failed": 3, "invalid": 3},
+    record.write_summary(built.root, {"state": "finished", "rows": {"ok": 9, "failed": 3, "invalid": 3},
                                       "images": 18, "message": "<script>alert(1)</script>"})
-    writer.write_job_record(built.root, {"settings": {"model": "tiny", "params": {"cfg": 7.5},
+    record.write_job_record(built.root, {"settings": {"model": "tiny", "params": {"cfg": 7.5},
                                                       "manifests": [f"m{i}.parquet" for i in range(50)]}})
     result = report.write_report(built.root, samples=6, columns=3, thumb=64)
     assert result.contact_sheet == os.path.join(built.root, "contact_sheet.png")
@@ -62,7 +63,7 @@ def test_report_reads_only_the_sampled_shards(tmp_path):
     built = build_output_root(str(tmp_path / "out"), shards=5, rows_per_shard=2, num_images=1)
     # Two samples spread over five shards read shards s000 and s002; the others may be unreadable.
     for shard_id in ("s001", "s003", "s004"):
-        os.remove(writer.metadata_url(built.root, shard_id))
+        os.remove(layout.metadata_url(built.root, shard_id))
     result = report.write_report(built.root, samples=2)
     page = open(result.html, encoding="utf-8").read()
     assert result.samples == 2 and "row.0.0" in page and "row.2.0" in page
@@ -72,8 +73,8 @@ def test_report_reads_only_the_sampled_shards(tmp_path):
 def test_missing_or_broken_images_become_grey_cells(tmp_path):
     built = build_output_root(str(tmp_path / "out"), shards=1, rows_per_shard=1, num_images=2)
     first, second = built.ok
-    os.remove(os.path.join(built.root, writer.image_key("s000", first["id"], 0, "png")))
-    with open(os.path.join(built.root, writer.image_key("s000", second["id"], 1, "png")), "wb") as handle:
+    os.remove(os.path.join(built.root, layout.image_key("s000", first["id"], 0, "png")))
+    with open(os.path.join(built.root, layout.image_key("s000", second["id"], 1, "png")), "wb") as handle:
         handle.write(b"not an image")
     result = report.write_report(built.root, samples=2, columns=2, thumb=40)
     sheet = Image.open(result.contact_sheet).convert("RGB")

@@ -12,7 +12,11 @@ import pyarrow.dataset as ds
 import pytest
 import ray
 
-from ray_render import chaos, driver, status, storage, writer
+from ray_render import storage
+from ray_render.engine import driver
+from ray_render.engine import summary as exits
+from ray_render.output import layout, record, status
+from ray_render.tools import chaos
 from ray_render.config import JobConfig
 
 pytestmark = pytest.mark.chaos
@@ -40,7 +44,7 @@ def test_credentials_never_reach_logs_metadata_or_records(ray_cluster, s3, make_
     caplog.set_level(logging.DEBUG, logger="ray_render")
     summary = driver.run(JobConfig(manifests=[manifest], out=out, model="placeholder", shard_size=4, retries=1,
                                    storage_options=so, progress=False))
-    assert summary.exit_code == driver.EXIT_ROWS, summary.format()
+    assert summary.exit_code == exits.EXIT_ROWS, summary.format()
     # A job that fails on storage: its message names the URL, never the credentials.
     proxy.down = True
     try:
@@ -48,7 +52,7 @@ def test_credentials_never_reach_logs_metadata_or_records(ray_cluster, s3, make_
                                        storage_options=so, progress=False))
     finally:
         proxy.stop()
-    assert aborted.exit_code == driver.EXIT_ABORTED and aborted.message
+    assert aborted.exit_code == exits.EXIT_ABORTED and aborted.message
 
     texts = {"driver log": caplog.text, "stdout/stderr (actors' logs too)": "".join(capfd.readouterr()),
              "summary": summary.format() + aborted.format() + aborted.message,
@@ -56,7 +60,7 @@ def test_credentials_never_reach_logs_metadata_or_records(ray_cluster, s3, make_
     fs, root = storage.open_fs(out, s3.storage_options)
     for path in fs.find(root):
         texts[path] = fs.cat_file(path).decode("latin-1")
-    texts["job record settings"] = str(writer.read_job_record(out, s3.storage_options)["settings"])
+    texts["job record settings"] = str(record.read_job_record(out, s3.storage_options)["settings"])
     session = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     for path in session.glob("worker-*"):
         texts[str(path)] = path.read_text(errors="replace")
@@ -115,9 +119,9 @@ def test_a_pickled_checkpoint_with_code_is_refused_and_never_runs(tmp_path, monk
                                   "s3://bucket/k", "~"])
 def test_unsafe_names_cannot_become_output_keys(name):
     with pytest.raises(ValueError):
-        writer.image_key("00000-m-0000000000", name, 0, "png")
+        layout.image_key("00000-m-0000000000", name, 0, "png")
     with pytest.raises(ValueError):
-        writer.image_key(name, "row", 0, "png")
+        layout.image_key(name, "row", 0, "png")
 
 
 def test_hostile_file_names_and_ids_stay_under_the_output_root(ray_cluster, tmp_path, make_manifest):
@@ -130,7 +134,7 @@ def test_hostile_file_names_and_ids_stay_under_the_output_root(ray_cluster, tmp_
     out = tmp_path / "deep" / "out"
     before = {p for p in tmp_path.rglob("*")}
     summary = driver.run(JobConfig(manifests=[str(weird)], out=str(out), model="placeholder", progress=False))
-    assert summary.exit_code == driver.EXIT_ROWS and summary.rows["ok"] == 3 and summary.rows["invalid"] == 5
+    assert summary.exit_code == exits.EXIT_ROWS and summary.rows["ok"] == 3 and summary.rows["invalid"] == 5
     created = {p for p in tmp_path.rglob("*")} - before - set(out.parents)
     assert created and all(str(p).startswith(str(out)) for p in created), sorted(map(str, created))[:5]
     table = ds.dataset(str(out / "metadata")).to_table().to_pylist()

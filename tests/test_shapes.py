@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ray_render import shapes
+from ray_render.models.nextstep import shapes
 
 
 def test_batches_are_deterministic_per_seed():

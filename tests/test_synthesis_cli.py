@@ -13,7 +13,10 @@ import pytest
 import ray
 
 from conftest import prompt_rows
-from ray_render import cli, driver, quality, report, writer
+from ray_render.__main__ import main as program
+from ray_render.engine import driver, quality
+from ray_render.engine import summary as exits
+from ray_render.output import images, report
 from ray_render.config import JobConfig
 from ray_render.models import RenderRequest, load_model
 
@@ -32,7 +35,7 @@ def metadata(out: str) -> list[dict]:
 
 
 def run_cli(*argv: str) -> int:
-    return cli.main([str(arg) for arg in argv])
+    return program([str(arg) for arg in argv])
 
 
 def test_min_quality_records_scores_and_the_seed_actually_used(ray_cluster, tmp_path, make_manifest):
@@ -40,7 +43,7 @@ def test_min_quality_records_scores_and_the_seed_actually_used(ray_cluster, tmp_
     out = tmp_path / "out"
     # No placeholder image reaches 1.0: every image is rendered 1 + 2 times and the best attempt is kept.
     assert run_cli("run", manifest, "--out", out, "--model", "placeholder", "--width", "32", "--height", "32",
-                   "--min-quality", "1", "--quality-retries", "2", "--no-progress", "--no-report") == driver.EXIT_OK
+                   "--min-quality", "1", "--quality-retries", "2", "--no-progress", "--no-report") == exits.EXIT_OK
     rows = metadata(str(out))
     model = load_model("placeholder")
     kept_attempts = []
@@ -59,7 +62,7 @@ def test_min_quality_records_scores_and_the_seed_actually_used(ray_cluster, tmp_
         seed, image = attempts[best]
         # The row records the seed of the best attempt, and the stored image and its scores are that image's.
         assert row["seed"] == seed
-        assert writer.sha256_hex(writer.encode_image(image)) == row["sha256"]
+        assert images.sha256_hex(images.encode_image(image)) == row["sha256"]
         assert row["quality_score"] == pytest.approx(scores[best])
         kept_attempts.append(best)
     assert any(kept_attempts), "every row kept its first render: the re-render path went untested"
@@ -68,14 +71,14 @@ def test_min_quality_records_scores_and_the_seed_actually_used(ray_cluster, tmp_
     easy = tmp_path / "easy"
     job = JobConfig(manifests=[manifest], out=str(easy), model="placeholder", progress=False, report=False,
                     min_quality=0.0, params={"width": 32, "height": 32})
-    assert driver.run(job).exit_code == driver.EXIT_OK
+    assert driver.run(job).exit_code == exits.EXIT_OK
     for row in metadata(str(easy)):
         assert row["quality_renders"] == 1 and row["quality_passed"] is True
         assert 0.0 <= row["quality_score"] <= 1.0 and len(row["phash"]) == 16
     # The same rows without scoring: no quality columns at all.
     plain = tmp_path / "plain"
     assert run_cli("run", manifest, "--out", plain, "--model", "placeholder", "--width", "32", "--height", "32",
-                   "--no-progress", "--no-report") == driver.EXIT_OK
+                   "--no-progress", "--no-report") == exits.EXIT_OK
     assert "quality_score" not in pq.read_schema(next((plain / "metadata").glob("*.parquet"))).names
 
 
@@ -83,7 +86,7 @@ def test_job_report_and_export_and_report_subcommands(ray_cluster, tmp_path, mak
     manifest = make_manifest(prompt_rows(5, num_images=2))
     out = tmp_path / "out"
     assert run_cli("run", manifest, "--out", out, "--model", "placeholder", "--shard-size", "2",
-                   "--quality-scores", "--no-progress") == driver.EXIT_OK
+                   "--quality-scores", "--no-progress") == exits.EXIT_OK
     # The job wrote its report
     sheet, page = out / report.CONTACT_SHEET, out / report.REPORT_HTML
     assert sheet.stat().st_size > 0 and "contact_sheet.png" in page.read_text()
@@ -112,7 +115,7 @@ def test_job_report_and_export_and_report_subcommands(ray_cluster, tmp_path, mak
     # --no-report: no report files
     quiet = tmp_path / "quiet"
     assert run_cli("run", manifest, "--out", quiet, "--model", "placeholder", "--no-progress",
-                   "--no-report") == driver.EXIT_OK
+                   "--no-report") == exits.EXIT_OK
     assert not (quiet / report.REPORT_HTML).exists()
 
 
@@ -128,7 +131,7 @@ def test_expand_subcommand_writes_the_manifest_a_job_renders(tmp_path, capsys):
 
 def test_quality_flags_are_checked_and_eval_and_bench_are_subcommands(capsys):
     with pytest.raises(SystemExit):
-        cli.main(["--help"])
+        program(["--help"])
     help_text = capsys.readouterr().out
     for command in ("run", "status", "refresh", "expand", "export", "report", "eval", "bench"):
         assert command in help_text
@@ -136,5 +139,5 @@ def test_quality_flags_are_checked_and_eval_and_bench_are_subcommands(capsys):
     assert "--min-quality must be from 0 to 1" in capsys.readouterr().err
     assert run_cli("run", "m.parquet", "--out", "o", "--quality-retries", "-1") == 2
     with pytest.raises(SystemExit) as exited:
-        cli.main(["eval", "--help"])  # forwarded to the adherence evaluation's own options
+        program(["eval", "--help"])  # forwarded to the adherence evaluation's own options
     assert exited.value.code == 0 and "--per-combo" in capsys.readouterr().out

@@ -9,9 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_render import manifest, storage, templates
+from ray_render import storage
+from ray_render.engine import plan as planning
+from ray_render.engine import rows as rows_lib
+from ray_render.synthesis import templates
 from ray_render.config import job_from_options, load_config_file
-from ray_render.templates import Template, TemplateError
+from ray_render.synthesis.templates import Template, TemplateError
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ["brand_identity", "marketing_ab", "educational_visuals"]
@@ -24,14 +27,14 @@ def write(path: Path, text: str) -> str:
 
 
 def planned_tasks(manifest_url: str, storage_options: dict | None = None, **job_options):
-    """The manifest as the renderer sees it: planned, read and validated by ray_render.manifest."""
+    """The manifest as the renderer sees it: planned, read and validated by ray_render.engine (plan and rows)."""
     job = job_from_options({"manifests": [manifest_url], "out": "unused", "storage_options": storage_options or {},
                             **job_options})
-    plan = manifest.plan(job.manifests, job.shard_size, storage_options)
+    plan = planning.plan(job.manifests, job.shard_size, storage_options)
     results = []
     for shard in plan.shards:
-        rows = manifest.read_shard_rows(shard, storage_options)
-        results += manifest.validate_rows(rows, shard, model_defaults={}, job=job)
+        rows = rows_lib.read_shard_rows(shard, storage_options)
+        results += rows_lib.validate_rows(rows, shard, model_defaults={}, job=job)
     return results
 
 
@@ -48,7 +51,7 @@ def test_product_mode_makes_every_combination_with_stable_ids(tmp_path):
     assert first["prompt"] == "a card for Zenith in 3d"
     assert first["negative_prompt"] == "no 3d clutter"
     assert first["template"] == "logo"
-    assert all(re.fullmatch(manifest.ROW_ID_PATTERN, r["id"]) and r["id"].startswith("logo-") for r in rows)
+    assert all(re.fullmatch(planning.ROW_ID_PATTERN, r["id"]) and r["id"].startswith("logo-") for r in rows)
     assert len({r["id"] for r in rows}) == 12
     # Same values, columns in another order and new wording: same ids, so a refresh re-renders changed prompts only.
     reworded = Template(name="logo", prompt="{brand}: {asset}, {style} style", mode="product")
@@ -195,4 +198,4 @@ def test_shipped_jobs_are_ready_to_run(job, tmp_path):
     assert pq.read_table(shipped).equals(pq.read_table(fresh)), f"regenerate {shipped} from its template"
     # Every row is valid for the renderer with the job's own settings.
     tasks = planned_tasks(str(shipped), **{k: v for k, v in options.items() if k not in ("manifests", "out")})
-    assert tasks and all(isinstance(t, manifest.RowTask) for t in tasks), [getattr(t, "error", "") for t in tasks]
+    assert tasks and all(isinstance(t, rows_lib.RowTask) for t in tasks), [getattr(t, "error", "") for t in tasks]

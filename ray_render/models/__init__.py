@@ -19,7 +19,7 @@ def load_model(name: str, *, vae: str | None = None, revision: str | None = None
     `name` may also be `package.module:factory`: your own model family, a class or function importable on every
     node (installed, or shipped in the runtime_env), called with this function's keyword arguments and returning
     an `ImageModel`. It comes from the job's settings only, never from a manifest, and is imported by name, never
-    unpickled. `ray_render.chaos:TinyOutOfMemoryAbove4` is one (a fault injector for drills).
+    unpickled. `ray_render.tools.chaos:TinyOutOfMemoryAbove4` is one (a fault injector for drills).
     """
     if _PLUGIN.fullmatch(name):
         module_name, attribute = name.split(":")

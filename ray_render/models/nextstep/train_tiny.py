@@ -16,8 +16,8 @@ NextStep-1 checkpoint has, read by the same loader):
    x1 - noise at x_t = t*x1 + (1-t)*noise. Captions are dropped to "" now and then, which is what the
    unconditional row of classifier-free guidance renders with.
 
-Pictures and captions come from `ray_render.shapes` (training combinations only: the held-out ones are left for
-`ray_render.adherence`). A run is deterministic for a given seed, thread count and torch build. `--minutes` is the
+Pictures and captions come from `ray_render.models.nextstep.shapes` (training combinations only: the held-out ones are left for
+`ray_render.tools.adherence`). A run is deterministic for a given seed, thread count and torch build. `--minutes` is the
 budget on a 2-core CPU: it scales the number of steps of every stage (a fixed number per minute), it does not stop
 on the clock, so the same command always trains the same weights.
 """
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_render import shapes
+from ray_render.models.nextstep import shapes
 from ray_render.models.nextstep import snapshot, vae as vae_lib
 from ray_render.models.nextstep.config import NextStepConfig
 from ray_render.models.nextstep.model import NextStepModel
@@ -57,7 +57,7 @@ VAE_CONFIG = {
     "encoder_norm": True, "psz": 2,
 }
 
-# The tiny model's native render settings, chosen with `ray_render.adherence` (see the README's figures).
+# The tiny model's native render settings, chosen with `ray_render.tools.adherence` (see the README's figures).
 RENDER_DEFAULTS = {"width": shapes.SIZE, "height": shapes.SIZE, "num_sampling_steps": 20, "cfg": 3.0,
                    "cfg_schedule": "constant", "use_norm": True, "timesteps_shift": 1.0}
 

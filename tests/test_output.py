@@ -13,53 +13,43 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ray_render import journal, storage, writer
+from ray_render import storage
+from ray_render.engine import journal
+from ray_render.output import commits, images, layout, record, schema
 from ray_render.config import JobConfig
-from ray_render.manifest import InvalidRow, plan, read_shard_rows, validate_rows
+from ray_render.engine.plan import plan
+from ray_render.engine.shard import ShardRenderer
+from ray_render.models.placeholder import PlaceholderModel
 
-MODEL = {"model": "tiny", "model_revision": "rev-1", "worker": "actor-0"}
 
 
 def pixels(height=32, width=48, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
 
-def render_shard(root, shard, items, schema, storage_options=None, fmt="png", commit=True) -> pa.Table:
-    """What an actor does with a validated shard: store images, write metadata, then commit."""
-    rows = []
-    for item in items:
-        if isinstance(item, InvalidRow):
-            rows.append(writer.invalid_row(item, **MODEL))
-            continue
-        if item.prompt.startswith("fail"):
-            rows.append(writer.failed_row(item, "model raised: boom", attempts=3, **MODEL))
-            continue
-        for request in item.requests():
-            index = request.seed - item.seed
-            data = writer.encode_image(pixels(request.height, request.width, request.seed % 1000), fmt)
-            url = writer.write_image(root, shard.shard_id, item.id, index, fmt, data, storage_options)
-            rows.append(writer.ok_row(item, index, image_uri=url, sha256=writer.sha256_hex(data),
-                                      width=request.width, height=request.height, fmt=fmt, render_ms=12.5,
-                                      attempts=1, **MODEL))
-    table = writer.metadata_table(rows, schema)
-    writer.write_shard_metadata(root, shard.shard_id, table, storage_options)
-    if commit:
-        writer.commit_shard(root, shard.shard_id, {"file": shard.file, "rows": shard.num_rows}, storage_options)
-    return table
-
-
 def run_plan(make_manifest, manifests_rows, root, shard_size=3, storage_options=None, commit=True):
+    """Plan the manifests and render every shard with the placeholder model through the actor's own steps
+    (engine.shard.ShardRenderer); `commit=False` stops after the metadata, before the commit marker."""
     files = [make_manifest(rows, name=f"m{i}.parquet", storage_options=storage_options,
                            url=None if storage_options is None else storage.join(root + "-in", f"m{i}.parquet"))
              for i, rows in enumerate(manifests_rows)]
-    job = JobConfig(manifests=files, out=root, params={"width": 32, "height": 16})
+    job = JobConfig(manifests=files, out=root, model="placeholder", params={"width": 32, "height": 16}, retries=2,
+                    storage_options=storage_options or {})
     the_plan = plan(files, shard_size, storage_options)
-    schema = writer.metadata_schema(the_plan.passthrough_schema)
+    meta_schema = schema.metadata_schema(the_plan.passthrough_schema)
+    renderer = ShardRenderer(PlaceholderModel(), job, meta_schema, "actor-0", journal=False)
     tables = {}
     for shard in the_plan.shards:
-        items = validate_rows(read_shard_rows(shard, storage_options), shard, model_defaults={}, job=job)
-        tables[shard.shard_id] = render_shard(root, shard, items, schema, storage_options, commit=commit)
-    return the_plan, schema, tables
+        work = renderer.prepare(shard)
+        renderer.render_batches(work)
+        meta, counts, stored = renderer.build_rows(work)
+        if commit:
+            renderer.commit(work, meta, counts, stored, attempt=1)
+        else:
+            commits.write_shard_metadata(root, shard.shard_id, schema.metadata_table(meta, meta_schema),
+                                         storage_options)
+        tables[shard.shard_id] = schema.metadata_table(meta, meta_schema)
+    return the_plan, meta_schema, tables
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,33 +59,33 @@ def run_plan(make_manifest, manifests_rows, root, shard_size=3, storage_options=
 @pytest.mark.parametrize("fmt, pil_format", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_images_decode_to_the_rendered_size(fmt, pil_format):
     array = pixels(24, 40)
-    data = writer.encode_image(array, fmt, quality=90)
+    data = images.encode_image(array, fmt, quality=90)
     image = Image.open(io.BytesIO(data))
     assert image.format == pil_format and image.size == (40, 24) and image.mode == "RGB"
     if fmt == "png":  # lossless and byte-for-byte repeatable, so retries store identical objects
         assert np.array_equal(np.asarray(image), array)
-        assert writer.encode_image(array, "png") == data
+        assert images.encode_image(array, "png") == data
 
 
 def test_encode_rejects_wrong_arrays_and_formats():
     with pytest.raises(ValueError, match="uint8"):
-        writer.encode_image(np.zeros((8, 8, 3), np.float32))
+        images.encode_image(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
-        writer.encode_image(np.zeros((8, 8), np.uint8))
+        images.encode_image(np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match="png, jpeg, webp"):
-        writer.encode_image(pixels(), "gif")
+        images.encode_image(pixels(), "gif")
 
 
 def test_image_keys_are_deterministic_and_never_escape_the_root():
-    assert writer.image_key("00000-m-0000000000", "cat-3", 2, "jpeg") == "images/00000-m-0000000000/cat-3_2.jpg"
-    assert writer.image_url("s3://b/out", "s", "a.b", 0, "webp") == "s3://b/out/images/s/a.b_0.webp"
+    assert layout.image_key("00000-m-0000000000", "cat-3", 2, "jpeg") == "images/00000-m-0000000000/cat-3_2.jpg"
+    assert layout.image_url("s3://b/out", "s", "a.b", 0, "webp") == "s3://b/out/images/s/a.b_0.webp"
     for bad in ("..", ".", "../x", "a/b", "", ".hidden", "x" * 129, "a\\b"):
         with pytest.raises(ValueError, match="unsafe"):
-            writer.image_key("shard", bad, 0, "png")
+            layout.image_key("shard", bad, 0, "png")
         with pytest.raises(ValueError, match="unsafe"):
-            writer.image_key(bad, "row", 0, "png")
+            layout.image_key(bad, "row", 0, "png")
     with pytest.raises(ValueError):
-        writer.image_key("shard", "row", -1, "png")
+        layout.image_key("shard", "row", -1, "png")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,33 +96,33 @@ def test_every_shard_has_the_same_schema_and_the_dataset_reads_as_one(tmp_path, 
     root = str(tmp_path / "out")
     rows = ([{"id": f"ok{i}", "prompt": f"p{i}", "num_images": 2, "tag": "t"} for i in range(3)]
             + [{"id": "bad id", "prompt": "p"}, {"id": "x", "prompt": "p", "width": 7}, {"id": "y", "prompt": ""}]
-            + [{"id": "f1", "prompt": "fail me", "tag": None}])
-    the_plan, schema, tables = run_plan(make_manifest, [rows], root)
+            + [{"id": "f1", "prompt": "fail me [placeholder:raise]", "tag": None}])
+    the_plan, meta_schema, tables = run_plan(make_manifest, [rows], root)
     assert len(tables) == 3
     invalid_only = tables[the_plan.shards[1].shard_id]
     assert set(invalid_only.column("status").to_pylist()) == {"invalid"}
     for table in tables.values():
-        assert table.schema.equals(schema)
+        assert table.schema.equals(meta_schema)
     files = sorted(os.listdir(os.path.join(root, "metadata")))
     assert files == [f"{shard.shard_id}.parquet" for shard in the_plan.shards]
     for name in files:
-        assert pq.read_schema(os.path.join(root, "metadata", name)).equals(schema)
+        assert pq.read_schema(os.path.join(root, "metadata", name)).equals(meta_schema)
 
     dataset = ds.dataset(root + "/metadata").to_table()
     # 3 rows x 2 images, 3 invalid rows, 1 failed row: every input row accounted for.
     assert dataset.num_rows == 10
     by_status = dataset.group_by("status").aggregate([("id", "count")]).to_pydict()
     assert dict(zip(by_status["status"], by_status["id_count"])) == {"ok": 6, "invalid": 3, "failed": 1}
-    assert dataset.column_names[: len(writer.METADATA_COLUMNS)] == writer.METADATA_COLUMNS
-    assert dataset.column_names[len(writer.METADATA_COLUMNS):] == ["tag"]
+    assert dataset.column_names[: len(schema.METADATA_COLUMNS)] == schema.METADATA_COLUMNS
+    assert dataset.column_names[len(schema.METADATA_COLUMNS):] == ["tag"]
 
     ok = dataset.filter(pa.compute.equal(dataset["status"], "ok")).to_pylist()
     for row in ok:
         assert os.path.exists(row["image_uri"])
         data = open(row["image_uri"], "rb").read()
-        assert writer.sha256_hex(data) == row["sha256"]
+        assert images.sha256_hex(data) == row["sha256"]
         assert Image.open(io.BytesIO(data)).size == (row["width"], row["height"]) == (32, 16)
-        assert row["tag"] == "t" and row["model_revision"] == "rev-1" and row["attempts"] == 1
+        assert row["tag"] == "t" and row["model"] == "placeholder" and row["attempts"] == 1
     seeds = {(row["id"], row["image_index"]): row["seed"] for row in ok}
     assert seeds[("ok0", 1)] == seeds[("ok0", 0)] + 1
     invalid = {row["source_row"]: row for row in dataset.filter(pa.compute.equal(dataset["status"], "invalid"))
@@ -140,15 +130,15 @@ def test_every_shard_has_the_same_schema_and_the_dataset_reads_as_one(tmp_path, 
     assert invalid[4]["id"] == "x" and "column 'width'" in invalid[4]["error"]
     assert invalid[3]["id"] == "row-0-3" and invalid[3]["image_uri"] is None and invalid[3]["image_index"] is None
     [failed] = dataset.filter(pa.compute.equal(dataset["status"], "failed")).to_pylist()
-    assert failed["error"] == "model raised: boom" and failed["attempts"] == 3 and failed["width"] == 32
+    assert failed["error"].startswith("RuntimeError") and failed["attempts"] == 3 and failed["width"] == 32
 
 
 def test_passthrough_columns_of_several_manifests_union_with_nulls(tmp_path, make_manifest):
     root = str(tmp_path / "out")
     first = [{"id": "a", "prompt": "p", "tag": "x"}]
     second = [{"id": "b", "prompt": "q", "score": 0.5}]
-    _, schema, _ = run_plan(make_manifest, [first, second], root)
-    assert schema.names[-2:] == ["tag", "score"]
+    _, meta_schema, _ = run_plan(make_manifest, [first, second], root)
+    assert meta_schema.names[-2:] == ["tag", "score"]
     rows = sorted(ds.dataset(root + "/metadata").to_table().to_pylist(), key=lambda row: row["id"])
     assert (rows[0]["tag"], rows[0]["score"]) == ("x", None)
     assert (rows[1]["tag"], rows[1]["score"]) == (None, 0.5)
@@ -156,7 +146,7 @@ def test_passthrough_columns_of_several_manifests_union_with_nulls(tmp_path, mak
 
 def test_metadata_table_rejects_columns_outside_the_schema():
     with pytest.raises(ValueError, match="surprise"):
-        writer.metadata_table([{"id": "a", "surprise": 1}], writer.metadata_schema())
+        schema.metadata_table([{"id": "a", "surprise": 1}], schema.metadata_schema())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,17 +162,17 @@ def test_commits_list_and_orphans_are_removed(tmp_path, make_manifest):
     # ... and a temp file of an interrupted marker write.
     open(os.path.join(root, "_commits", f".{third.shard_id}.json.abc.tmp"), "wb").close()
 
-    assert writer.committed_shard_ids(root) == {first.shard_id, second.shard_id}
-    commits = writer.list_commits(root)
-    assert set(commits) == {first.shard_id, second.shard_id}
-    assert commits[first.shard_id] == {"file": first.file, "rows": 3}
+    assert commits.committed_shard_ids(root) == {first.shard_id, second.shard_id}
+    markers = commits.list_commits(root)
+    assert set(markers) == {first.shard_id, second.shard_id}
+    assert {key: markers[first.shard_id][key] for key in ("file", "rows")} == {"file": first.file, "rows": 3}
     assert ds.dataset(root + "/metadata").count_rows() == 9  # the orphan's rows are still visible
 
-    removed = writer.remove_orphans(root, writer.committed_shard_ids(root))
+    removed = commits.remove_orphans(root, commits.committed_shard_ids(root))
     assert removed == [third.shard_id]
     assert ds.dataset(root + "/metadata").count_rows() == 6
     assert sorted(os.listdir(os.path.join(root, "images"))) == [first.shard_id, second.shard_id]
-    assert writer.remove_orphans(root, writer.committed_shard_ids(root)) == []
+    assert commits.remove_orphans(root, commits.committed_shard_ids(root)) == []
 
 
 def test_journals_of_committed_shards_go_and_the_others_stay(tmp_path, make_manifest):
@@ -191,9 +181,9 @@ def test_journals_of_committed_shards_go_and_the_others_stay(tmp_path, make_mani
     first, second = (shard.shard_id for shard in the_plan.shards)
     os.remove(os.path.join(root, "_commits", f"{second}.json"))  # the second shard is not committed
     for shard_id in (first, second):
-        storage.write_bytes(journal.journal_url(root, shard_id), b'{"rendering": ["r0"]}')
+        storage.write_bytes(layout.journal_url(root, shard_id), b'{"rendering": ["r0"]}')
 
-    journal.remove_settled(root, writer.committed_shard_ids(root))
+    journal.remove_settled(root, commits.committed_shard_ids(root))
     assert os.listdir(os.path.join(root, "_journal")) == [f"{second}.json"]  # still names its suspects
     assert journal.died_rendering(root, second)
     journal.remove_settled(root, {first, second})
@@ -214,22 +204,22 @@ def test_a_retried_shard_overwrites_its_own_objects(tmp_path, make_manifest):
 
 
 def test_empty_root_has_no_commits(tmp_path):
-    assert writer.committed_shard_ids(str(tmp_path / "nothing")) == set()
-    assert writer.list_commits(str(tmp_path / "nothing")) == {}
-    assert writer.read_job_record(str(tmp_path / "nothing")) is None
-    assert writer.read_summary(str(tmp_path / "nothing")) is None
+    assert commits.committed_shard_ids(str(tmp_path / "nothing")) == set()
+    assert commits.list_commits(str(tmp_path / "nothing")) == {}
+    assert record.read_job_record(str(tmp_path / "nothing")) is None
+    assert record.read_summary(str(tmp_path / "nothing")) is None
 
 
 def test_clear_output_removes_only_our_layout(tmp_path, make_manifest):
     root = str(tmp_path / "out")
     run_plan(make_manifest, [[{"id": "a", "prompt": "p"}]], root)
-    writer.write_job_record(root, {"plan_fingerprint": "f"})
-    writer.write_summary(root, {"ok": 1})
+    record.write_job_record(root, {"plan_fingerprint": "f"})
+    record.write_summary(root, {"ok": 1})
     storage.write_bytes(os.path.join(root, "README.txt"), b"the user's own file")
     storage.write_bytes(os.path.join(root, "imagesets", "x.bin"), b"not ours either")
-    writer.clear_output(root)
+    commits.clear_output(root)
     assert sorted(os.listdir(root)) == ["README.txt", "imagesets"]
-    writer.clear_output(root)  # nothing left to clear: still fine
+    commits.clear_output(root)  # nothing left to clear: still fine
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,19 +230,19 @@ def test_job_record_round_trip_without_credentials(tmp_path):
     root = str(tmp_path / "out")
     options = {"key": "AKIA-FAKE-KEY-123", "secret": "fake-secret-9876", "client_kwargs": {"region_name": "x"}}
     job = JobConfig(manifests=["m.parquet"], out=root, storage_options=options)
-    record = {"settings": job.record(), "plan_fingerprint": "abc", "model_revision": "rev-1",
-              "storage_options": options, "note": f"endpoint error mentioning {options['secret']}"}
-    writer.write_job_record(root, record, options)
+    job_record = {"settings": job.record(), "plan_fingerprint": "abc", "model_revision": "rev-1",
+                  "storage_options": options, "note": f"endpoint error mentioning {options['secret']}"}
+    record.write_job_record(root, job_record, options)
     text = open(os.path.join(root, "_job.json")).read()
     assert "AKIA-FAKE-KEY-123" not in text and "fake-secret-9876" not in text
-    back = writer.read_job_record(root, options)
+    back = record.read_job_record(root, options)
     assert back["plan_fingerprint"] == "abc" and back["model_revision"] == "rev-1"
     assert back["settings"]["storage_options"] == ["client_kwargs", "key", "secret"]
     assert back["storage_options"] == ["client_kwargs", "key", "secret"]
     assert back["settings"]["manifests"] == ["m.parquet"]
 
-    writer.write_summary(root, {"ok": 5, "failed": 1, "invalid": 0}, options)
-    assert writer.read_summary(root, options) == {"ok": 5, "failed": 1, "invalid": 0}
+    record.write_summary(root, {"ok": 5, "failed": 1, "invalid": 0}, options)
+    assert record.read_summary(root, options) == {"ok": 5, "failed": 1, "invalid": 0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,19 +253,19 @@ def test_s3_round_trip_of_images_metadata_and_commits(s3, make_manifest):
     options = s3.storage_options
     root = s3.fresh_url("out")
     rows = [{"id": f"r{i}", "prompt": f"p{i}", "tag": i} for i in range(4)] + [{"id": "..", "prompt": "p"}]
-    the_plan, schema, _ = run_plan(make_manifest, [rows], root, shard_size=2, storage_options=options)
-    assert writer.committed_shard_ids(root, options) == {shard.shard_id for shard in the_plan.shards}
+    the_plan, meta_schema, _ = run_plan(make_manifest, [rows], root, shard_size=2, storage_options=options)
+    assert commits.committed_shard_ids(root, options) == {shard.shard_id for shard in the_plan.shards}
 
     fs, path = storage.open_fs(root, options)
     table = ds.dataset(path + "/metadata", filesystem=fs).to_table()
-    assert table.schema.equals(schema) and table.num_rows == 5
+    assert table.schema.equals(meta_schema) and table.num_rows == 5
     for row in table.filter(pa.compute.equal(table["status"], "ok")).to_pylist():
         assert row["image_uri"].startswith(root + "/images/")
         data = storage.read_bytes(row["image_uri"], options)
-        assert writer.sha256_hex(data) == row["sha256"]
+        assert images.sha256_hex(data) == row["sha256"]
         assert Image.open(io.BytesIO(data)).size == (32, 16)
 
-    writer.write_job_record(root, {"storage_options": options, "plan_fingerprint": the_plan.fingerprint}, options)
+    record.write_job_record(root, {"storage_options": options, "plan_fingerprint": the_plan.fingerprint}, options)
     text = storage.read_bytes(storage.join(root, "_job.json"), options).decode()
     assert options["secret"] not in text and options["key"] not in text
     assert json.loads(text)["plan_fingerprint"] == the_plan.fingerprint
@@ -283,8 +273,8 @@ def test_s3_round_trip_of_images_metadata_and_commits(s3, make_manifest):
     # An uncommitted shard on S3 is cleaned up like a local one.
     last = the_plan.shards[-1]
     storage.delete(storage.join(root, "_commits", f"{last.shard_id}.json"), options)
-    assert writer.remove_orphans(root, writer.committed_shard_ids(root, options), options) == [last.shard_id]
+    assert commits.remove_orphans(root, commits.committed_shard_ids(root, options), options) == [last.shard_id]
     assert ds.dataset(path + "/metadata", filesystem=fs).count_rows() == 4
     assert last.shard_id not in storage.list_names(storage.join(root, "images"), options)
-    writer.clear_output(root, options)
+    commits.clear_output(root, options)
     assert storage.list_names(root, options) == []

@@ -32,14 +32,9 @@ import logging
 import os
 
 from ray_render import storage
+from ray_render.output.layout import JOURNAL_DIR, journal_url
 
 log = logging.getLogger("ray_render")
-
-JOURNAL_DIR = "_journal"
-
-
-def journal_url(root: str, shard_id: str) -> str:
-    return storage.join(root, JOURNAL_DIR, f"{shard_id}.json")
 
 
 def remove_settled(root: str, committed_ids: set[str], storage_options: dict | None = None) -> None:

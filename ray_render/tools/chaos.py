@@ -10,12 +10,12 @@ Injectors (real mechanisms, nothing mocked):
   store, or after it was applied: the client cannot tell whether a PUT happened), delays others, and can go down
   for good (`down = True`) and come back.
 - `TinyOutOfMemoryAbove4`: the embedded tiny model that raises ModelOutOfMemory for model calls of more than 4
-  requests; load it with `--model ray_render.chaos:TinyOutOfMemoryAbove4`. A poison row that kills its actor every
+  requests; load it with `--model ray_render.tools.chaos:TinyOutOfMemoryAbove4`. A poison row that kills its actor every
   time is the placeholder model's `[placeholder:crash]` prompt directive.
 
 Drills (`actor_chaos`, `driver_chaos`, `storage_chaos`, `poison_row`, `out_of_memory`) each run one job under one
 kind of fault, check its output with `check_output` and return a `Figures` row. `soak()` repeats them until time is
-up; `ray-render soak --minutes N` (or `python -m ray_render.chaos`) prints the table as Markdown. The pytest group
+up; `ray-render soak --minutes N` (or `python -m ray_render.tools.chaos`) prints the table as Markdown. The pytest group
 `-m chaos` runs the same drills and asserts their figures.
 """
 
@@ -42,7 +42,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_render import storage, writer
+from ray_render import storage
+from ray_render.output import commits, layout, record
 from ray_render.models.base import ModelInfo, ModelOutOfMemory
 
 ACTOR_PROCESS = "ray::RenderActor"  # Ray's process title of an actor worker; ".render_shard" while it renders
@@ -254,7 +255,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 class TinyOutOfMemoryAbove4:
     """The embedded tiny model, except that a model call of more than 4 requests raises ModelOutOfMemory, as a GPU
-    does when a batch does not fit. `--model ray_render.chaos:TinyOutOfMemoryAbove4`; for drills only."""
+    does when a batch does not fit. `--model ray_render.tools.chaos:TinyOutOfMemoryAbove4`; for drills only."""
 
     MAX_BATCH = 4
 
@@ -262,7 +263,7 @@ class TinyOutOfMemoryAbove4:
         from ray_render.models import load_model
 
         self.inner = load_model("tiny", **load_options)
-        self.info = ModelInfo(**{**self.inner.info.__dict__, "name": "ray_render.chaos:TinyOutOfMemoryAbove4"})
+        self.info = ModelInfo(**{**self.inner.info.__dict__, "name": "ray_render.tools.chaos:TinyOutOfMemoryAbove4"})
         self.out_of_memory_calls = 0
 
     def defaults(self) -> dict:
@@ -305,7 +306,7 @@ def check_output(out: str, expected_ids: list[str], storage_options: dict | None
     from PIL import Image
 
     check = OutputCheck()
-    fs, path = storage.open_fs(storage.join(out, writer.METADATA_DIR), storage_options)
+    fs, path = storage.open_fs(storage.join(out, layout.METADATA_DIR), storage_options)
     fs.invalidate_cache()
     table = ds.dataset(path, filesystem=fs, format="parquet").to_table(
         columns=["id", "image_index", "status", "image_uri", "sha256"]).to_pylist()
@@ -342,10 +343,10 @@ def check_output(out: str, expected_ids: list[str], storage_options: dict | None
                 raise ValueError("sha256 mismatch")
         except Exception:  # noqa: BLE001 - counted, that is the point
             check.undecodable += 1
-    images_fs, images_path = storage.open_fs(storage.join(out, writer.IMAGES_DIR), storage_options)
+    images_fs, images_path = storage.open_fs(storage.join(out, layout.IMAGES_DIR), storage_options)
     images_fs.invalidate_cache()
     stored = images_fs.find(images_path) if images_fs.exists(images_path) else []
-    prefix = storage.join(out, writer.IMAGES_DIR)
+    prefix = storage.join(out, layout.IMAGES_DIR)
     stored_urls = {storage.join(prefix, name[len(images_path.rstrip("/")) + 1:]) for name in stored}
     check.unreferenced_images = len(stored_urls - {storage.normalize_url(uri) for uri in referenced})
     return check
@@ -393,8 +394,8 @@ def actor_chaos(workdir: str, *, rows: int = 2000, min_kills: int = 10, seed: in
     `min_kills` + 2: an actor restart loads the model again, so endless kills every few seconds would outpace any
     progress on a small machine), and the drill fails loudly if the job ended before `min_kills`.
     """
-    from ray_render import driver
     from ray_render.config import JobConfig
+    from ray_render.engine import driver
 
     manifest = write_manifest(os.path.join(workdir, "actor-chaos.parquet"), _prompt_rows(rows))
     out = os.path.join(workdir, "actor-chaos-out")
@@ -414,9 +415,9 @@ def actor_chaos(workdir: str, *, rows: int = 2000, min_kills: int = 10, seed: in
 
 def _orphan_shards(out: str) -> set[str]:
     """Shards with images or metadata but no commit: work that was in flight and will be redone."""
-    committed = writer.committed_shard_ids(out)
-    started = {name for name in storage.list_names(storage.join(out, writer.IMAGES_DIR))}
-    started |= {name[:-len(".parquet")] for name in storage.list_names(storage.join(out, writer.METADATA_DIR))
+    committed = commits.committed_shard_ids(out)
+    started = {name for name in storage.list_names(storage.join(out, layout.IMAGES_DIR))}
+    started |= {name[:-len(".parquet")] for name in storage.list_names(storage.join(out, layout.METADATA_DIR))
                 if name.endswith(".parquet")}
     return started - committed
 
@@ -428,14 +429,14 @@ def kill_driver_repeatedly(command: list[str], out: str, *, kills: int, seed: in
     rng = random.Random(seed)
     observations = []
     markers_before: dict[str, bytes] = {}
-    commits_dir = storage.join(out, writer.COMMITS_DIR)
+    commits_dir = storage.join(out, layout.COMMITS_DIR)
     for _ in range(kills):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(*window))
         finished = process.poll() is not None
         process.send_signal(signal.SIGKILL)
         process.wait()
-        committed = writer.committed_shard_ids(out)
+        committed = commits.committed_shard_ids(out)
         for shard_id in committed:
             markers_before.setdefault(shard_id, storage.read_bytes(storage.join(commits_dir, f"{shard_id}.json")))
         observations.append({"committed": len(committed), "in_flight": len(_orphan_shards(out)),
@@ -462,7 +463,7 @@ def driver_chaos(workdir: str, address: str, *, kills: int = 5, seed: int = 0, s
     if result["returncode"] != 0:
         raise RuntimeError(f"driver chaos: the final run exited {result['returncode']}: {result['stderr']}")
     check = check_output(out, [row["id"] for row in rows])
-    summary = writer.read_summary(out) or {}
+    summary = record.read_summary(out) or {}
     result.update(summary=summary, check=check.__dict__, in_flight_bound=actors * max_in_flight,
                   redone_max=max(k["in_flight"] for k in result["kills"]))
     return Figures("driver chaos (SIGKILL the driver, rerun)", f"{kills} driver kills", len(rows),
@@ -476,8 +477,8 @@ def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 30
 
     `upstream`: storage options of the S3-compatible server (key, secret, endpoint_url).
     """
-    from ray_render import driver
     from ray_render.config import JobConfig
+    from ray_render.engine import driver
 
     bucket_prefix = f"s3://{upstream.get('bucket', 'ray-render-test')}/chaos-{seed}-{int(time.time() * 1000)}"
     with StorageFaultProxy(upstream["endpoint_url"], error_rate=error_rate, reset_rate=reset_rate,
@@ -504,7 +505,7 @@ def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 30
         proxy.rates = (0.0, 0.0, 0.0)
 
         def pull_the_plug() -> None:
-            while len(writer.committed_shard_ids(outage_out, clean)) < 3:
+            while len(commits.committed_shard_ids(outage_out, clean)) < 3:
                 time.sleep(0.2)
             proxy.down = True
 
@@ -514,7 +515,7 @@ def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 30
         aborted = driver.run(outage_job)
         abort_s = time.monotonic() - outage_started
         plug.join()
-        committed_during_outage = len(writer.committed_shard_ids(outage_out, clean))
+        committed_during_outage = len(commits.committed_shard_ids(outage_out, clean))
         proxy.down = False
         resumed = driver.run(outage_job)
         outage_check = check_output(outage_out, [row["id"] for row in slow_rows], clean)
@@ -533,8 +534,8 @@ def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 30
 
 def poison_row(workdir: str, *, rows: int = 200, seed: int = 0, retries: int = 2) -> Figures:
     """One row (chosen by `seed`) kills its actor process every time it renders; the rest must finish."""
-    from ray_render import driver
     from ray_render.config import JobConfig
+    from ray_render.engine import driver
 
     poison = random.Random(seed).randrange(rows)
     manifest_rows = _prompt_rows(rows)
@@ -553,24 +554,24 @@ def poison_row(workdir: str, *, rows: int = 200, seed: int = 0, retries: int = 2
 
 def out_of_memory(workdir: str, *, rows: int = 48, batch_size: int = 16, steps: int = 2) -> Figures:
     """The tiny model out of memory above 4 requests a call, asked for batches of `batch_size`."""
-    from ray_render import driver
     from ray_render.config import JobConfig
+    from ray_render.engine import driver
 
     manifest_rows = _prompt_rows(rows)
     manifest = write_manifest(os.path.join(workdir, "oom.parquet"), manifest_rows)
     out = os.path.join(workdir, "oom-out")
     started = time.monotonic()
-    summary = driver.run(JobConfig(manifests=[manifest], out=out, model="ray_render.chaos:TinyOutOfMemoryAbove4",
+    summary = driver.run(JobConfig(manifests=[manifest], out=out, model="ray_render.tools.chaos:TinyOutOfMemoryAbove4",
                                    device="cpu", shard_size=rows, batch_size=batch_size, actors=1,
                                    params={"num_sampling_steps": steps}, progress=False, overwrite=True))
     wall = time.monotonic() - started
     check = check_output(out, [row["id"] for row in manifest_rows])
-    commits = writer.list_commits(out)
+    markers = commits.list_commits(out)
     return Figures("out of memory at batch > 4 (tiny model)", f"batch {batch_size} -> "
-                   f"{min(info['batch_size'] for info in commits.values())}", rows, check.by_status.get("ok", 0),
+                   f"{min(info['batch_size'] for info in markers.values())}", rows, check.by_status.get("ok", 0),
                    check.duplicates, _lost(check), wall,
                    {"summary": summary.to_dict(), "check": check.__dict__,
-                    "batch_sizes": sorted(info["batch_size"] for info in commits.values())})
+                    "batch_sizes": sorted(info["batch_size"] for info in markers.values())})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -673,7 +674,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_render.chaos", description="Fault-injection soak runner.")
+    parser = argparse.ArgumentParser(prog="python -m ray_render.tools.chaos", description="Fault-injection soak runner.")
     _soak_options(parser)
     return cmd_soak(parser.parse_args(argv))
 

@@ -35,16 +35,6 @@ from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
-# Column name -> Arrow type alias (`pyarrow.type_for_alias`), for the writer's metadata schema.
-QUALITY_COLUMNS: dict[str, str] = {
-    "sharpness": "float64",
-    "colour_diversity": "float64",
-    "artefact_level": "float64",
-    "phash": "string",
-    "quality_score": "float64",
-}
-# With --min-quality: whether the kept image reached it, and how many renders it took (1 = the first).
-RERENDER_COLUMNS: dict[str, str] = {"quality_passed": "bool", "quality_renders": "int32"}
 SHARPNESS_HALF = 100.0  # the sharpness that maps to 0.5 in quality_score: the classic blur threshold
 SHARPNESS_WEIGHT = 0.6
 COLOUR_WEIGHT = 0.4
@@ -170,7 +160,7 @@ def combine(sharpness_value: float, colour: float, artefact: float) -> float:
 
 
 def score(image: np.ndarray) -> dict:
-    """All scores of one image, keyed by the QUALITY_COLUMNS names."""
+    """All scores of one image, keyed by the output.schema.QUALITY_COLUMNS names."""
     gray = _luma(_check_image(image))
     values = {
         "sharpness": _sharpness(gray),
@@ -213,7 +203,7 @@ class Outcome:
     passed: bool  # False: no attempt reached min_quality; the best-scoring one is kept
 
     def columns(self) -> dict:
-        """The metadata columns this outcome fills: QUALITY_COLUMNS and RERENDER_COLUMNS."""
+        """The metadata columns this outcome fills: output.schema.QUALITY_COLUMNS and RERENDER_COLUMNS."""
         return {**self.scores, "quality_passed": self.passed, "quality_renders": self.renders}
 
 

@@ -7,34 +7,36 @@ shard's counts) and the summary (`_summary.json`, written when a run ends).
 
 from __future__ import annotations
 
-from ray_render import storage, writer
-from ray_render.progress import commit_totals
+from ray_render import storage
+from ray_render.output import commits, layout, record
+from ray_render.output.commits import commit_totals
+from ray_render.output.schema import ALL_STATUSES, REMOVED
 
 
 def job_status(out: str, storage_options: dict | None = None) -> dict | None:
     """Counts and state of the job in `out`, or None if there is no job there."""
-    record = writer.read_job_record(out, storage_options)
-    if record is None:
+    job_record = record.read_job_record(out, storage_options)
+    if job_record is None:
         return None
-    commits = writer.list_commits(out, storage_options)
-    summary = writer.read_summary(out, storage_options)
-    rows, images, rows_done = commit_totals(commits.values())
-    if summary is not None and summary.get("run_id") == record.get("run_id"):
+    done = commits.list_commits(out, storage_options)
+    summary = record.read_summary(out, storage_options)
+    rows, images, rows_done = commit_totals(done.values())
+    if summary is not None and summary.get("run_id") == job_record.get("run_id"):
         state = summary.get("state", "finished")  # the latest run has ended
     else:
         state = "running"  # or stopped without a summary (killed): `ray-render run` again resumes it
-    if "refresh" in record and state != "running":
+    if "refresh" in job_record and state != "running":
         # A refresh supersedes rows of older shards, whose markers still count them: count the metadata instead.
         rows, images, rows_done = metadata_totals(out, storage_options)
-    total_rows = record.get("total_rows", 0)
+    total_rows = job_record.get("total_rows", 0)
     return {
         "out": out,
         "state": state,
-        "run_id": record.get("run_id"),
-        "started_at": record.get("started_at"),
-        "model": record.get("model", {}),
-        "shards_total": record.get("shards", 0),
-        "shards_committed": len(commits),
+        "run_id": job_record.get("run_id"),
+        "started_at": job_record.get("started_at"),
+        "model": job_record.get("model", {}),
+        "shards_total": job_record.get("shards", 0),
+        "shards_committed": len(done),
         "rows_total": total_rows,
         "rows_done": rows_done,
         "percent": round(100.0 * rows_done / total_rows, 1) if total_rows else 0.0,
@@ -49,15 +51,15 @@ def metadata_totals(out: str, storage_options: dict | None = None) -> tuple[dict
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    fs, path = storage.open_fs(storage.join(out, writer.METADATA_DIR), storage_options)
+    fs, path = storage.open_fs(storage.join(out, layout.METADATA_DIR), storage_options)
     table = ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=["status", "image_index"])
     # One metadata row per image; a row that produced no image has a null image_index.
     first = table.filter(pc.or_(pc.is_null(table["image_index"]), pc.equal(table["image_index"], 0)))
-    rows = {status: 0 for status in writer.ALL_STATUSES}
+    rows = {status: 0 for status in ALL_STATUSES}
     for status, count in zip(*(column.to_pylist() for column in pc.value_counts(first["status"]).flatten())):
         rows[status] = count
     images = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-    return rows, images, sum(count for status, count in rows.items() if status != writer.REMOVED)
+    return rows, images, sum(count for status, count in rows.items() if status != REMOVED)
 
 
 def format_status(report: dict) -> str:

@@ -5,7 +5,7 @@ together, from `ray_render.shapes`) with any model that `ray_render.models.load_
 object colour and background colour from its pixels (`classify`), and reports the accuracy for each guidance
 scale asked for: by default the model's own cfg and cfg = 1 (guidance off), so the table shows what guidance buys.
 
-    python -m ray_render.adherence --model tiny
+    python -m ray_render.tools.adherence --model tiny
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ray_render import shapes
+from ray_render.models.nextstep import shapes
 from ray_render.models import RenderRequest, load_model
 
 _PALETTE_NAMES = list(shapes.PALETTE)

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import pyarrow.dataset as ds
 from PIL import Image, ImageDraw, ImageFont
 
-from ray_render import storage, writer
-from ray_render.export import stored_image_url
+from ray_render import storage
+from ray_render.output import commits, layout, record
+from ray_render.output.layout import CONTACT_SHEET, REPORT_HTML
 
-CONTACT_SHEET = "contact_sheet.png"
-REPORT_HTML = "report.html"
 MAX_SAMPLES = 100  # images on one sheet; more makes an unreadable sheet and a slow report
 HEAD_ROWS = 256  # metadata rows read from each sampled shard
 MAX_PROBLEMS = 20  # failed / invalid rows listed in the page
@@ -92,7 +91,7 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, lines: int) ->
 def _sample(out_root: str, samples: int, storage_options: dict | None) -> tuple[list[tuple[str, dict]], list[dict],
                                                                                int]:
     """(shard id, row) of up to `samples` ok images, up to MAX_PROBLEMS other rows, and the committed shard count."""
-    shard_ids = sorted(writer.committed_shard_ids(out_root, storage_options))
+    shard_ids = sorted(commits.committed_shard_ids(out_root, storage_options))
     if not shard_ids or samples == 0:
         return [], [], len(shard_ids)
     count = min(samples, len(shard_ids))
@@ -102,7 +101,7 @@ def _sample(out_root: str, samples: int, storage_options: dict | None) -> tuple[
     ok: list[tuple[str, dict]] = []
     problems: list[dict] = []
     for shard_id in picked:
-        path = storage.open_fs(writer.metadata_url(out_root, shard_id), storage_options)[1]
+        path = storage.open_fs(layout.metadata_url(out_root, shard_id), storage_options)[1]
         dataset = ds.dataset(path, format="parquet", filesystem=fs)
         columns = [name for name in SAMPLE_COLUMNS if name in dataset.schema.names]
         head = dataset.head(HEAD_ROWS, columns=columns).to_pylist()
@@ -123,7 +122,7 @@ def _thumbnail(data: bytes | None, size: int) -> Image.Image:
 
 def _read_image(out_root: str, shard_id: str, row: dict, storage_options: dict | None) -> bytes | None:
     try:
-        return storage.read_bytes(stored_image_url(out_root, shard_id, row), storage_options)
+        return storage.read_bytes(layout.row_image_url(out_root, shard_id, row), storage_options)
     except (FileNotFoundError, storage.StorageError):
         return None  # the sheet shows a grey cell; a report never fails the job over one image
 
@@ -218,8 +217,8 @@ def write_report(out_root: str, storage_options: dict | None = None, *, summary:
     if not 0 <= samples <= MAX_SAMPLES:
         raise ValueError(f"samples must be from 0 to {MAX_SAMPLES}, got {samples}")
     if summary is None:
-        summary = writer.read_summary(out_root, storage_options)
-    record = writer.read_job_record(out_root, storage_options)
+        summary = record.read_summary(out_root, storage_options)
+    job_record = record.read_job_record(out_root, storage_options)
     picked, problems, committed = _sample(out_root, samples, storage_options)
     items = [(row, _read_image(out_root, shard_id, row, storage_options)) for shard_id, row in picked]
     sheet = contact_sheet(items, columns=columns, thumb=thumb)
@@ -227,7 +226,7 @@ def write_report(out_root: str, storage_options: dict | None = None, *, summary:
     sheet.save(buffer, format="PNG", optimize=True)
     sheet_url = storage.join(out_root, CONTACT_SHEET)
     storage.write_bytes(sheet_url, buffer.getvalue(), storage_options)
-    page = render_html(out_root, summary, record, [row for row, _ in items], problems, committed)
+    page = render_html(out_root, summary, job_record, [row for row, _ in items], problems, committed)
     html_url = storage.join(out_root, REPORT_HTML)
     storage.write_bytes(html_url, storage.redact(page, storage_options).encode(), storage_options)
     return ReportResult(contact_sheet=sheet_url, html=html_url, samples=len(items))

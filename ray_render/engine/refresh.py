@@ -4,7 +4,7 @@ the rows that are new or whose render settings changed.
 How a refresh works (every step is recomputed from the output itself, so a rerun after a crash finishes the job,
 and a second refresh of the same manifest renders nothing):
 
-1. Plan the manifest (Parquet footers only), remove leftovers of crashed attempts (`writer.remove_orphans`), and
+1. Plan the manifest (Parquet footers only), remove leftovers of crashed attempts (`commits.remove_orphans`), and
    start the actor pool. The model's revision and its parameter defaults come from the loaded model (the actors'
    `info()` / `defaults()`), never from rendering, so a new model snapshot counts as a change.
 2. Index the output: the metadata of every committed shard, read for `id`, `status`, `row_fingerprint`,
@@ -16,7 +16,7 @@ and a second refresh of the same manifest renders nothing):
    the seed, so it changes exactly when the row's images would. Ids must be unique across the manifest.
 4. Compare. A row is unchanged when its current rows are all `ok` with its fingerprint and this model's revision
    (or, for a row that is invalid, `invalid` with the same error), and the job-level settings that decide pixels
-   (`JOB_SETTINGS`: model, format, dtype, --min-quality ...) and the model (family, revision, dtype, device
+   (`config.JOB_PIXEL_SETTINGS`: model, format, dtype, --min-quality ...) and the model (family, revision, dtype, device
    type) equal the job record's. Anything else in the manifest is to render: new ids, changed rows, rows that
    failed before, ids that come back after being removed. Ids in the output but not in the manifest are removed.
 5. Render the rows to render as generation N = (highest generation in the output) + 1: one shard
@@ -48,27 +48,26 @@ actors, and the model load, which a refresh with nothing to render pays too.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
-import time
-import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ray_render import driver, manifest, storage, writer
-from ray_render.config import ConfigError, JobConfig
-from ray_render.progress import Summary
+from ray_render import storage
+from ray_render.config import JOB_PIXEL_SETTINGS, ConfigError, JobConfig
+from ray_render.engine import plan as planning
+from ray_render.engine.driver import job_record, same_model
+from ray_render.engine.session import JobAborted, RunSession
+from ray_render.engine.summary import Summary
+from ray_render.output import commits, layout, record
+from ray_render.output.schema import REMOVED, metadata_schema, reserved_columns
 
 log = logging.getLogger("ray_render")
 
 # Job settings that decide the pixels but are not part of a row's fingerprint: a change re-renders every row.
-JOB_SETTINGS = ("model", "vae", "revision", "format", "quality", "dtype", "noise", "min_quality", "quality_retries")
-MODEL_KEYS = ("family", "revision", "dtype")  # plus the device type: what makes the same request the same image
 INDEX_COLUMNS = ["id", "image_index", "status", "error", "row_fingerprint", "model_revision", "image_uri", "format"]
 IO_THREADS = 16
 
@@ -121,46 +120,37 @@ class Diff:
 def run(job: JobConfig, prune: bool = False) -> Summary:
     """Refresh `job.out` from `job.manifests` (see the module docstring); print and return the Summary."""
     so = job.storage_options
-    summary = Summary(out=job.out, run_id=uuid.uuid4().hex[:12], started_at=driver._now())
-    started = time.monotonic()
-    pool = None
-    ray_started_here = False
-    owns_output = False
-    unsettled: set[str] = set()  # shards a killed actor may still be writing
     facts: dict = {}
-    try:
+    with RunSession(job) as session:
+        summary = session.summary
         if job.limit is not None:
             raise ConfigError("--limit does not apply to refresh: rows past it would count as removed")
         # 1. Plan; clear leftovers of crashed attempts; start the actors (the model says its revision)
-        plan = manifest.plan(job.manifests, job.shard_size, so)
+        plan = planning.plan(job.manifests, job.shard_size, so)
         for warning in plan.warnings:
             log.warning(warning)
         if job.overwrite:
-            writer.clear_output(job.out, so)
-        record = writer.read_job_record(job.out, so)
-        committed = writer.committed_shard_ids(job.out, so)
-        writer.remove_orphans(job.out, committed, so)
+            commits.clear_output(job.out, so)
+        previous = record.read_job_record(job.out, so)
+        committed = commits.committed_shard_ids(job.out, so)
+        commits.remove_orphans(job.out, committed, so)
         old_schemas = _read_schemas(job.out, committed, so)
         plan = replace(plan, passthrough_schema=_passthrough_union(plan.passthrough_schema, old_schemas))
-        ray_started_here = driver._connect(job)
-        pool = driver.start_pool(job, plan)
-        driver._wait_until_ready(pool)
-        summary.startup_s = time.monotonic() - started
-        summary.model = {key: value for key, value in pool.info.items() if key not in ("worker", "batch_size")}
+        pool = session.start_pool(plan)
 
         # 2.-4. Index the output and the manifest; compare
         current, stale = index_output(job.out, committed, so)
         rows = index_manifest(pool, plan)
-        same_job = _same_job_settings(record, job, summary.model)
+        same_job = _same_job_settings(previous, job, summary.model)
         diff = compare(rows, current, summary.model["revision"], same_job)
         latest = max([generation_of(shard_id) for shard_id in committed]
-                     + [int((record or {}).get("refresh", {}).get("generation", 0))])
+                     + [int((previous or {}).get("refresh", {}).get("generation", 0))])
         generation = latest + 1 if diff.todo else latest  # a refresh that renders nothing adds no generation
         todo = [_generation_shard(generation, shard, diff.todo[shard.shard_id]) for shard in plan.shards
                 if shard.shard_id in diff.todo]
-        newly_removed = sum(current[row_id].statuses != {writer.REMOVED} for row_id in diff.removed)
-        facts = {"generation": generation, "new": diff.new, "changed": diff.changed, "unchanged": diff.unchanged,
-                 "removed": newly_removed, "pruned": 0, "state": "rendering"}
+        newly_removed = sum(current[row_id].statuses != {REMOVED} for row_id in diff.removed)
+        facts.update(generation=generation, new=diff.new, changed=diff.changed, unchanged=diff.unchanged,
+                     removed=newly_removed, pruned=0, state="rendering")
         log.info("refresh generation %d: %d new, %d changed, %d unchanged, %d removed rows", generation, diff.new,
                  diff.changed, diff.unchanged, newly_removed)
         summary.rows_total, summary.shards_total = plan.total_rows, len(todo)
@@ -168,12 +158,10 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         summary.rows_resumed = diff.unchanged
 
         # 5. Claim the output and render the rows to render as generation shards
-        writer.write_job_record(job.out, _record(job, plan, summary, facts), so)
-        owns_output = True
+        session.claim_output(_record(job, plan, summary, facts))
         if todo:
-            driver._dispatch(job, pool, todo, summary)
-        unsettled = pool.shutdown()
-        pool = None
+            session.dispatch(todo)
+        session.stop_pool()  # from here only this driver writes to the output
 
         # 6. Supersede older rows, mark removed ids, prune, unify schemas
         lost = set(summary.shards_lost)
@@ -182,73 +170,48 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         target = _target_schema(job, plan, old_schemas)
         facts["pruned"] = supersede(job.out, committed, done, stale, rendered_ids, diff.removed, target, prune, so)
         facts["state"] = "done"
-        writer.write_job_record(job.out, _record(job, plan, summary, facts), so)
-        driver._finish(summary, "finished", "")
-    except (ConfigError, manifest.ManifestError, driver.JobAborted) as exc:
-        driver._finish(summary, "aborted", str(exc))
-    except storage.StorageError as exc:
-        driver._finish(summary, "aborted", f"storage: {exc}")
-    except (KeyboardInterrupt, driver.JobLost) as exc:
-        driver._finish(summary, "interrupted", str(exc) or "interrupted; rerun the same command to resume")
-    except Exception as exc:  # noqa: BLE001 - as driver.run: Ray's connection errors have no common base
-        if type(exc).__module__.startswith("ray") or isinstance(exc, ConnectionError):
-            driver._finish(summary, "interrupted", f"Ray cluster lost: {type(exc).__name__}: {exc}")
-        else:
-            raise
-    finally:
-        driver.wind_down(job, summary, started, pool, ray_started_here, owns_output, unsettled)
+        record.write_job_record(job.out, _record(job, plan, summary, facts), so)
     # 7. Print what changed and the summary
     if facts:
         print(f"refresh generation {facts['generation']}: {facts['new']} new, {facts['changed']} changed, "
               f"{facts['unchanged']} unchanged, {facts['removed']} removed ({facts['pruned']} images pruned)")
-    print(summary.format(), flush=True)
-    return summary
+    print(session.summary.format(), flush=True)
+    return session.summary
 
 
-def _generation_shard(generation: int, shard: manifest.Shard, rows: list[int]) -> manifest.Shard:
+def _generation_shard(generation: int, shard: planning.Shard, rows: list[int]) -> planning.Shard:
     subset = None if len(rows) == shard.num_rows else tuple(sorted(rows))
     return replace(shard, shard_id=generation_shard_id(generation, shard.shard_id), rows=subset)
 
 
-def _record(job: JobConfig, plan: manifest.Plan, summary: Summary, facts: dict) -> dict:
-    return {**driver._record(job, plan, summary), "refresh": dict(facts)}
+def _record(job: JobConfig, plan: planning.Plan, summary: Summary, facts: dict) -> dict:
+    return {**job_record(job, plan, summary), "refresh": dict(facts)}
 
 
-def _same_job_settings(record: dict | None, job: JobConfig, model: dict) -> bool:
-    if not record:
+def _same_job_settings(previous: dict | None, job: JobConfig, model: dict) -> bool:
+    if not previous:
         return False
-    settings = record.get("settings") or {}
-    if any(settings.get(name) != getattr(job, name) for name in JOB_SETTINGS):
+    settings = previous.get("settings") or {}
+    if any(settings.get(name) != getattr(job, name) for name in JOB_PIXEL_SETTINGS):
         return False
-    old = record.get("model") or {}
-    same_device = str(old.get("device", "")).split(":")[0] == str(model.get("device", "")).split(":")[0]
-    return same_device and all(old.get(key) == model.get(key) for key in MODEL_KEYS)
+    return same_model(previous.get("model") or {}, model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Indexes and the comparison
 
 
-def _read_table(root: str, shard_id: str, storage_options: dict | None, columns: list[str] | None = None):
-    data = storage.read_bytes(writer.metadata_url(root, shard_id), storage_options)
-    return pq.read_table(io.BytesIO(data), columns=columns)
-
-
 def _read_schemas(root: str, shard_ids: set[str], storage_options: dict | None) -> dict[str, pa.Schema]:
-    def schema(shard_id: str) -> pa.Schema:
-        data = storage.read_bytes(writer.metadata_url(root, shard_id), storage_options)
-        return pq.read_schema(io.BytesIO(data))
-
     ordered = sorted(shard_ids)
     with ThreadPoolExecutor(max_workers=IO_THREADS) as threads:
-        return dict(zip(ordered, threads.map(schema, ordered)))
+        return dict(zip(ordered, threads.map(lambda s: commits.read_shard_schema(root, s, storage_options), ordered)))
 
 
 def index_output(root: str, shard_ids: set[str], storage_options: dict | None) -> tuple[dict, dict]:
     """(id -> Current, shard id -> {ids whose rows there are stale}) from the committed shards' metadata."""
     ordered = sorted(shard_ids, key=lambda shard_id: (generation_of(shard_id), shard_id))
     with ThreadPoolExecutor(max_workers=IO_THREADS) as threads:
-        tables = threads.map(lambda s: _read_table(root, s, storage_options, INDEX_COLUMNS[:6]), ordered)
+        tables = threads.map(lambda s: commits.read_shard_metadata(root, s, storage_options, INDEX_COLUMNS[:6]), ordered)
         current: dict[str, Current] = {}
         stale: dict[str, set] = defaultdict(set)
         for shard_id, table in zip(ordered, tables):  # oldest first: a newer shard takes an id over
@@ -269,7 +232,7 @@ def index_output(root: str, shard_ids: set[str], storage_options: dict | None) -
     return current, dict(stale)
 
 
-def index_manifest(pool, plan: manifest.Plan) -> dict[str, list[tuple]]:
+def index_manifest(pool, plan: planning.Plan) -> dict[str, list[tuple]]:
     """Plan shard id -> [(row index, id, fingerprint, error), ...], validated on the actors, round robin."""
     import ray
 
@@ -279,9 +242,9 @@ def index_manifest(pool, plan: manifest.Plan) -> dict[str, list[tuple]]:
         return dict(zip(refs, ray.get(list(refs.values()))))
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
-        if isinstance(cause, manifest.ManifestError):
+        if isinstance(cause, planning.ManifestError):
             raise cause from None
-        raise driver.JobAborted(f"could not read the manifest rows: {type(cause).__name__}: {cause}") from None
+        raise JobAborted(f"could not read the manifest rows: {type(cause).__name__}: {cause}") from None
 
 
 def compare(rows: dict[str, list[tuple]], current: dict[str, Current], revision: str, same_job: bool) -> Diff:
@@ -291,7 +254,7 @@ def compare(rows: dict[str, list[tuple]], current: dict[str, Current], revision:
     for shard_id, shard_rows in rows.items():
         for row_index, row_id, fingerprint, error in shard_rows:
             if row_id in where:
-                raise driver.JobAborted(f"refresh needs unique ids: id {row_id!r} is used by row {where[row_id][1]} "
+                raise JobAborted(f"refresh needs unique ids: id {row_id!r} is used by row {where[row_id][1]} "
                                         f"of shard {where[row_id][0]} and row {row_index} of shard {shard_id}")
             where[row_id] = (shard_id, row_index)
             old = current.get(row_id)
@@ -300,7 +263,7 @@ def compare(rows: dict[str, list[tuple]], current: dict[str, Current], revision:
                 diff.unchanged_counts[status] += 1
                 diff.unchanged_images += old.images
                 continue
-            if old is None or old.statuses == {writer.REMOVED}:
+            if old is None or old.statuses == {REMOVED}:
                 diff.new += 1
             else:
                 diff.changed += 1
@@ -322,7 +285,7 @@ def _unchanged(old: Current, fingerprint: str | None, error: str | None, revisio
 
 def _passthrough_union(new: pa.Schema, old_schemas: dict[str, pa.Schema]) -> pa.Schema:
     """The new plan's passthrough columns, then those only older metadata files have (kept for their rows)."""
-    reserved = set(writer.METADATA_COLUMNS) | {f.name for f in writer.quality_fields()}
+    reserved = reserved_columns()
     fields = list(new)
     names = set(new.names)
     for schema in old_schemas.values():
@@ -333,13 +296,13 @@ def _passthrough_union(new: pa.Schema, old_schemas: dict[str, pa.Schema]) -> pa.
     return pa.schema(fields)
 
 
-def _target_schema(job: JobConfig, plan: manifest.Plan, old_schemas: dict[str, pa.Schema]) -> pa.Schema:
+def _target_schema(job: JobConfig, plan: planning.Plan, old_schemas: dict[str, pa.Schema]) -> pa.Schema:
     scored = job.scores_quality or any("quality_score" in schema.names for schema in old_schemas.values())
-    target = writer.metadata_schema(plan.passthrough_schema, quality_columns=scored)
+    target = metadata_schema(plan.passthrough_schema, quality_columns=scored)
     for shard_id, schema in old_schemas.items():
         for column in schema:
             if column.name in target.names and not target.field(column.name).type.equals(column.type):
-                raise driver.JobAborted(f"column {column.name!r} is {target.field(column.name).type} now but "
+                raise JobAborted(f"column {column.name!r} is {target.field(column.name).type} now but "
                                         f"{column.type} in metadata/{shard_id}.parquet; give it its old type, or "
                                         f"pass --overwrite to start again")
     return target
@@ -352,7 +315,7 @@ def supersede(root: str, old_shards: set[str], new_shards: set[str], stale: dict
     files that change; returns the number of images pruned."""
 
     def one(shard_id: str) -> int:
-        table = _read_table(root, shard_id, storage_options)
+        table = commits.read_shard_metadata(root, shard_id, storage_options)
         if shard_id in new_shards:
             drop, gone = set(), set()
         else:
@@ -362,20 +325,20 @@ def supersede(root: str, old_shards: set[str], new_shards: set[str], stale: dict
         rows = table.to_pylist()
         doomed = [row for row in rows if row["id"] in drop and row["image_uri"]]
         pruned = [row for row in rows if prune and row["id"] in gone and row["image_uri"]]
-        marked = [row for row in rows if row["id"] in gone and row["status"] != writer.REMOVED]
+        marked = [row for row in rows if row["id"] in gone and row["status"] != REMOVED]
         if not (drop or marked or pruned) and table.schema.equals(target, check_metadata=False):
             return 0
         for row in doomed + pruned:  # images first: after a crash here the next attempt finds these rows again
-            storage.delete(writer.image_url(root, shard_id, row["id"], row["image_index"], row["format"]),
+            storage.delete(layout.image_url(root, shard_id, row["id"], row["image_index"], row["format"]),
                            storage_options)
         kept = []
         for row in rows:
             if row["id"] in drop:
                 continue
             if row["id"] in gone:
-                row = {**row, "status": writer.REMOVED, **({"image_uri": None} if prune else {})}
+                row = {**row, "status": REMOVED, **({"image_uri": None} if prune else {})}
             kept.append(row)
-        writer.write_shard_metadata(root, shard_id, pa.Table.from_pylist(kept, schema=target), storage_options)
+        commits.write_shard_metadata(root, shard_id, pa.Table.from_pylist(kept, schema=target), storage_options)
         return len(pruned)
 
     with ThreadPoolExecutor(max_workers=IO_THREADS) as threads:

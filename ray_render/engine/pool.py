@@ -25,11 +25,9 @@ import re
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
-
-import ray
-from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
+from typing import Any
 
 log = logging.getLogger("ray_render")
 
@@ -64,6 +62,55 @@ class ShardFailed:
 
 
 @dataclass
+class Outcome:
+    """How a finished call ended, as the pool needs to know it (`RayRuntime.outcome` maps Ray's exceptions)."""
+
+    kind: str  # "ok", "actor_lost" (its actor died or could not start), "cancelled", or "raised"
+    value: Any = None  # the call's return value when "ok"
+    error: str = ""  # one readable line when "actor_lost" or "raised"
+
+
+class RayRuntime:
+    """The Ray calls the pool makes. Tests give the pool a fake runtime (and fake actors) to drive its state machine
+    without Ray; everything else about the pool is the same."""
+
+    def __init__(self) -> None:
+        import ray  # here, not at module level: the pool's logic runs without Ray in its unit tests
+
+        self._ray = ray
+
+    def wait(self, refs: list, timeout: float) -> list:
+        """The refs that are done, waiting up to `timeout` for the first one."""
+        ready, _ = self._ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready:  # take everything else that is already done too, without waiting
+            ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        return ready
+
+    def wait_all(self, refs: list, timeout: float) -> list:
+        """The refs still not done after waiting up to `timeout` for all of them."""
+        _, running = self._ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        return running
+
+    def outcome(self, ref: Any) -> Outcome:
+        from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
+
+        try:
+            return Outcome("ok", self._ray.get(ref))
+        except RayActorError as exc:
+            return Outcome("actor_lost", error=_error_line(exc))
+        except TaskCancelledError:
+            return Outcome("cancelled")
+        except RayTaskError as exc:
+            return Outcome("raised", error=_task_error_message(exc))
+
+    def cancel(self, ref: Any) -> None:
+        self._ray.cancel(ref)
+
+    def kill(self, actor: Any) -> None:
+        self._ray.kill(actor, no_restart=True)
+
+
+@dataclass
 class _Call:
     actor: int  # index of the actor that runs it
     shard: Any
@@ -80,7 +127,9 @@ class RenderPool:
     `pool.reissue_stragglers()` once nothing is pending, then `for event in pool.wait(timeout)`.
     """
 
-    def __init__(self, make_actor: Callable[[int], Any], num_actors: int, max_in_flight: int) -> None:
+    def __init__(self, make_actor: Callable[[int], Any], num_actors: int, max_in_flight: int,
+                 runtime: RayRuntime | None = None) -> None:
+        self._runtime = runtime or RayRuntime()
         self._make_actor = make_actor
         self._num_actors = num_actors
         self._max_in_flight = max_in_flight
@@ -114,7 +163,7 @@ class RenderPool:
         `head_running`, the rest were queued)."""
         actor = self._actors.pop(index, None)
         if actor is not None:
-            ray.kill(actor, no_restart=True)
+            self._runtime.kill(actor)
         calls = []
         for position, ref in enumerate(self._in_flight.pop(index, [])):
             call = self._future_to_actor.pop(ref)
@@ -142,10 +191,6 @@ class RenderPool:
     def ready_actors(self) -> list:
         """Handles of the ready actors, for calls other than render_shard (refresh's `index_shard`)."""
         return [self._actors[index] for index in self._in_flight]
-
-    def actor_infos(self) -> list[dict]:
-        """`info()` of every ready actor (model, worker name with node and GPU ids, batch size)."""
-        return ray.get([self._actors[index].info.remote() for index in self._in_flight])
 
     # -- submitting ----------------------------------------------------------------------------------------------
 
@@ -205,7 +250,7 @@ class RenderPool:
             self._submit_to(index, call.shard, call.attempt)
             if queued == 0:  # it had not started: move it rather than run it twice
                 self._cancelled.add(ref)
-                ray.cancel(ref)
+                self._runtime.cancel(ref)
             issued += 1
         self.reissued += issued
         return issued
@@ -220,9 +265,7 @@ class RenderPool:
         refs = list(self._starting) + list(self._future_to_actor)
         if not refs:
             return []
-        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        if ready:  # take everything else that is already done too, without waiting
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        ready = self._runtime.wait(refs, timeout)
         events: list[ShardDone | ShardFailed] = []
         for ref in ready:
             if ref in self._starting:
@@ -235,12 +278,11 @@ class RenderPool:
 
     def _on_started(self, ref: Any) -> None:
         index = self._starting.pop(ref)
-        try:
-            info = ray.get(ref)
-        except RayActorError as exc:
+        outcome = self._runtime.outcome(ref)
+        if outcome.kind != "ok":
             self._init_failures += 1  # in a row: a start that works resets it, so long jobs survive many losses
             self._actors.pop(index, None)
-            message = _error_line(exc)
+            message = outcome.error or outcome.kind
             if self.info is None and self._init_failures >= self._num_actors:
                 raise PoolError(f"no render actor could start: {message}") from None
             if self._init_failures > 2 * self._num_actors + 2:
@@ -249,6 +291,7 @@ class RenderPool:
             log.warning("render actor %d failed to start, starting another: %s", index, message)
             self._start_actor()
             return
+        info = outcome.value
         self.info = self.info or info
         self._init_failures = 0
         self._in_flight[index] = []
@@ -262,25 +305,25 @@ class RenderPool:
         if ref in self._cancelled:  # lost the race; whatever it returned is ignored
             self._cancelled.discard(ref)
             return []
-        try:
-            result = ray.get(ref)
-        except RayActorError as exc:
-            return self._on_actor_lost(call, exc)
-        except TaskCancelledError:
+        outcome = self._runtime.outcome(ref)
+        if outcome.kind == "actor_lost":
+            return self._on_actor_lost(call, outcome.error)
+        if outcome.kind == "cancelled":
             return []
-        except RayTaskError as exc:
-            return self._failed_unless_copied(call, _task_error_message(exc), actor_lost=False)
+        if outcome.kind == "raised":
+            return self._failed_unless_copied(call, outcome.error, actor_lost=False)
+        result = outcome.value
         # First result wins: cancel the other copy. A queued copy is dropped; a running one stops at its next
         # batch boundary (the actor checks for cancellation) and never commits.
         for other in self._shard_futures.get(call.shard.shard_id, []):
             self._cancelled.add(other)
-            ray.cancel(other)
+            self._runtime.cancel(other)
         self._shard_wall_s.append(getattr(result, "wall_ms", 0.0) / 1000.0)
         return [ShardDone(call.shard, call.attempt, result)]
 
-    def _on_actor_lost(self, call: _Call, exc: Exception) -> list[ShardDone | ShardFailed]:
+    def _on_actor_lost(self, call: _Call, error: str) -> list[ShardDone | ShardFailed]:
         self.actors_lost += 1
-        message = f"actor {call.actor} lost: {_error_line(exc)}"
+        message = f"actor {call.actor} lost: {error}"
         log.warning("%s; replacing it", message)
         events = self._failed_unless_copied(call, message, actor_lost=True)
         for other in self._retire(call.actor, head_running=not call.started):
@@ -310,15 +353,15 @@ class RenderPool:
         unsettled = set(outstanding.values())
         try:
             for ref in outstanding:
-                _quietly(ray.cancel, ref)
+                _quietly(self._runtime.cancel, ref)
             if outstanding:
-                _, running = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=grace_s)
+                running = self._runtime.wait_all(list(outstanding), grace_s)
                 unsettled = {outstanding[ref] for ref in running}
         except Exception as exc:  # noqa: BLE001 - every shard in flight stays unsettled
             log.debug("ignored during shutdown: %s", exc)
         finally:  # even on a second Ctrl-C: no actor outlives the driver's decision to stop
             for actor in self._actors.values():
-                _quietly(ray.kill, actor, no_restart=True)
+                _quietly(self._runtime.kill, actor)
             self._actors.clear()
             self._starting.clear()
             self._in_flight.clear()
@@ -346,6 +389,6 @@ def _error_line(exc: BaseException) -> str:
     return (lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")[:500]
 
 
-def _task_error_message(exc: RayTaskError) -> str:
+def _task_error_message(exc: BaseException) -> str:
     cause = exc.cause if getattr(exc, "cause", None) is not None else exc
     return f"{type(cause).__name__}: {cause}"[:2000]

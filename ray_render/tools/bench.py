@@ -88,7 +88,7 @@ def _child(kind: str, work: Path, **spec) -> dict:
     env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     with open(log_file, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "ray_render.bench", str(spec_file), str(result_file)],
+        proc = subprocess.run([sys.executable, "-m", "ray_render.tools.bench", str(spec_file), str(result_file)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(work))
     process_s = time.monotonic() - started
     if proc.returncode != 0 or not result_file.exists():
@@ -117,7 +117,7 @@ def _child_main(spec_file: str, result_file: str) -> None:
     if spec.get("out") and kind.split(":")[0] in ("ray-render", "ray-data", "loop"):
         result.update(_image_times(spec["out"], started_epoch))
         if "rows" not in result:
-            from ray_render.baselines import count_output
+            from ray_render.tools.baselines import count_output
 
             result.update(count_output(spec["out"]))
             result["rows_ok"] = result["images"]
@@ -148,9 +148,10 @@ def _image_times(out: str, started_epoch: float) -> dict:
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    from ray_render import storage, writer
+    from ray_render import storage
+    from ray_render.output import layout
 
-    fs, path = storage.open_fs(storage.join(out, writer.METADATA_DIR))
+    fs, path = storage.open_fs(storage.join(out, layout.METADATA_DIR))
     if not fs.exists(path):
         return {}
     table = ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=["status", "created_at", "worker"])
@@ -171,8 +172,8 @@ def _image_times(out: str, started_epoch: float) -> dict:
 
 def _work_ray_render(manifest: str, out: str, model: str, actors: int, batch_size: int, shard_size: int,
                      **options) -> dict:
-    from ray_render import driver
     from ray_render.config import JobConfig
+    from ray_render.engine import driver
 
     job = JobConfig(manifests=[manifest], out=out, model=model, actors=actors, batch_size=batch_size,
                     shard_size=shard_size, progress=False, device="cpu", **options)
@@ -188,7 +189,7 @@ def _work_ray_render(manifest: str, out: str, model: str, actors: int, batch_siz
 
 def _work_ray_data(manifest: str, out: str, model: str, actors: int, batch_size: int, num_blocks: int,
                    **options) -> dict:
-    from ray_render import baselines
+    from ray_render.tools import baselines
 
     baselines.ray_data_render(manifest, out, model, actors, batch_size, "png", num_blocks=num_blocks, device="cpu",
                               count=False, **options)
@@ -199,40 +200,41 @@ def _work_ray_data(manifest: str, out: str, model: str, actors: int, batch_size:
 
 
 def _work_loop(manifest: str, out: str, model: str, shard_size: int, **options) -> dict:
-    from ray_render import baselines
+    from ray_render.tools import baselines
 
     baselines.loop_render(manifest, out, model, shard_size=shard_size, device="cpu", count=False, **options)
     return {}
 
 
 def _work_plan(manifest: str, shard_size: int) -> dict:
-    from ray_render import manifest as manifest_lib
+    from ray_render.engine.plan import plan as make_plan
 
     started = time.monotonic()
-    plan = manifest_lib.plan([manifest], shard_size)
+    plan = make_plan([manifest], shard_size)
     return {"plan_s": round(time.monotonic() - started, 4), "shards": len(plan.shards), "rows": plan.total_rows}
 
 
 def _work_actor(manifest: str, out: str, model: str, batch_sizes: list[int], rows: int) -> dict:
     """One RenderActor in this process: a shard per batch size, then the bare model on the same requests."""
-    from ray_render import manifest as manifest_lib
-    from ray_render.actor import RenderActor
     from ray_render.config import JobConfig
+    from ray_render.engine.actor import RenderActor
+    from ray_render.engine.plan import plan as make_plan
+    from ray_render.engine.rows import read_shard_rows, validate_rows
 
     job = JobConfig(manifests=[manifest], out=out, model=model, progress=False, device="cpu")
-    plan = manifest_lib.plan(job.manifests, rows)
+    plan = make_plan(job.manifests, rows)
     shards = plan.shards
     actor = RenderActor(job, 0, plan.passthrough_schema)
-    actor.batch_size = max(batch_sizes)
+    actor.renderer.batch_size = max(batch_sizes)
     actor.render_shard(shards[-1])  # warm-up: first calls allocate caches and load kernels
     measured = []
     for index, batch_size in enumerate(batch_sizes):
         shard = shards[index % (len(shards) - 1)]
-        actor.batch_size = batch_size
+        actor.renderer.batch_size = batch_size
         result = actor.render_shard(shard)
         # The same requests through model.render alone: what the actor would do with free encoding and storage.
-        rows_read = manifest_lib.read_shard_rows(shard)
-        tasks = manifest_lib.validate_rows(rows_read, shard, model_defaults=actor.model.defaults(), job=job)
+        rows_read = read_shard_rows(shard)
+        tasks = validate_rows(rows_read, shard, model_defaults=actor.model.defaults(), job=job)
         requests = [request for task in tasks for request in task.requests()]
         bare = time.monotonic()
         for start in range(0, len(requests), batch_size):

@@ -33,7 +33,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from ray_render import storage, writer
+from ray_render import storage
+from ray_render.output import commits, layout
 
 KINDS = ("webdataset", "parquet")
 SUFFIXES = {"webdataset": "tar", "parquet": "parquet"}
@@ -85,12 +86,12 @@ def sample_key(row_id: str, image_index: int) -> str:
 
 def _committed_dataset(out_root: str, storage_options: dict | None) -> ds.Dataset:
     """The committed shards' metadata as one dataset, schemas unified."""
-    shard_ids = sorted(writer.committed_shard_ids(out_root, storage_options))
+    shard_ids = sorted(commits.committed_shard_ids(out_root, storage_options))
     if not shard_ids:
-        raise ExportError(f"{out_root}: no committed shards (no markers under {writer.COMMITS_DIR}/); "
+        raise ExportError(f"{out_root}: no committed shards (no markers under {layout.COMMITS_DIR}/); "
                           "run or resume the job first")
     fs, _ = storage.open_fs(out_root, storage_options)
-    paths = [storage.open_fs(writer.metadata_url(out_root, shard_id), storage_options)[1] for shard_id in shard_ids]
+    paths = [storage.open_fs(layout.metadata_url(out_root, shard_id), storage_options)[1] for shard_id in shard_ids]
     # One footer read per shard, concurrently (object-store latency). Shards that different runs wrote into one
     # root may differ in passthrough columns; the unified schema has them all, null where a shard lacks one.
     with ThreadPoolExecutor(max_workers=FETCH_WINDOW) as pool:
@@ -129,14 +130,8 @@ def _chunks(rows: Iterator[tuple[str, dict]], size: int) -> Iterator[list[tuple[
         yield chunk
 
 
-def stored_image_url(out_root: str, shard_id: str, row: dict) -> str:
-    """Where a metadata row's image is under `out_root`. Resolved from the root rather than read from
-    `image_uri`, so a root copied elsewhere (s3 -> local disk) still finds its images."""
-    return storage.join(out_root, writer.image_key(shard_id, row["id"], row["image_index"], row["format"]))
-
-
 def _fetch(out_root: str, shard_id: str, row: dict, storage_options: dict | None) -> bytes:
-    url = stored_image_url(out_root, shard_id, row)
+    url = layout.row_image_url(out_root, shard_id, row)
     try:
         data = storage.read_bytes(url, storage_options)
     except FileNotFoundError:
@@ -212,7 +207,7 @@ def _write_tar(url: str, samples: Iterator[tuple[dict, bytes]], storage_options:
         with tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT) as archive:
             for row, image in samples:
                 key = sample_key(row["id"], row["image_index"])
-                _tar_member(archive, f"{key}.{writer.EXTENSIONS[row['format']]}", image)
+                _tar_member(archive, f"{key}.{layout.EXTENSIONS[row['format']]}", image)
                 text = json.dumps(row, sort_keys=True, default=_json_value, ensure_ascii=False)
                 _tar_member(archive, f"{key}.json", text.encode())
                 _tar_member(archive, f"{key}.txt", (row.get("prompt") or "").encode())
@@ -259,7 +254,7 @@ def export(out_root: str, kind: str, dest: str, storage_options: dict | None = N
         raise ExportError(f"samples_per_shard must be a whole number >= 1, got {samples_per_shard!r}")
     if min_quality is not None and not 0.0 <= min_quality <= 1.0:
         raise ExportError(f"min_quality must be from 0 to 1, got {min_quality}")
-    for directory in (writer.METADATA_DIR, writer.IMAGES_DIR, writer.COMMITS_DIR):
+    for directory in (layout.METADATA_DIR, layout.IMAGES_DIR, layout.COMMITS_DIR):
         inside = storage.join(out_root, directory)
         if dest.rstrip("/") == inside or dest.startswith(inside + "/"):
             raise ExportError(f"export destination {dest} is inside the output's {directory}/; choose another one")

@@ -1,0 +1,98 @@
+"""RenderActor: one resident model on one device, turning shard descriptors into committed shards.
+
+A plain class; the pool wraps it with `ray.remote`, and tests may call it directly. The actor reads its own rows,
+so prompts and images never travel through the driver: it receives an `engine.plan.Shard` and returns a small
+`ShardResult`. The work itself is `engine.shard.ShardRenderer`'s.
+"""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+import pyarrow as pa
+
+from ray_render.config import JobConfig
+from ray_render.engine.plan import Shard
+from ray_render.engine.progress import RenderMetrics
+from ray_render.engine.rows import RowTask, read_shard_rows, validate_rows
+from ray_render.engine.shard import ShardRenderer, ShardResult
+from ray_render.models import load_model
+from ray_render.output.schema import metadata_schema
+
+UPLOAD_THREADS = 8  # encode + upload run here while the model renders the next batch
+
+
+def _worker_name(index: int) -> str:
+    """hostname/node id prefix/actor index (+ GPU ids): enough to find the machine and device that rendered."""
+    name = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            name += f"/{context.get_node_id()[:8]}"
+            gpus = context.get_accelerator_ids().get("GPU", [])
+            if gpus:
+                return f"{name}/actor{index}/gpu{','.join(str(g) for g in gpus)}"
+    except Exception:  # noqa: BLE001 - the name is informational; never fail a job over it
+        pass
+    return f"{name}/actor{index}"
+
+
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class RenderActor:
+    """One resident model on one device; `render_shard` does a whole shard from reading rows to the commit."""
+
+    def __init__(self, job: JobConfig, index: int = 0, passthrough_schema: pa.Schema | None = None) -> None:
+        """`passthrough_schema` is the plan's (all manifest files): every shard then writes the same columns."""
+        self.job = job
+        self.index = index
+        self.model = load_model(job.model, vae=job.vae, revision=job.revision, device=job.device, dtype=job.dtype,
+                                noise=job.noise, storage_options=job.storage_options)
+        self.worker = _worker_name(index)
+        self._in_ray = _in_ray_actor()
+        schema = metadata_schema(passthrough_schema, quality_columns=job.scores_quality)
+        self.renderer = ShardRenderer(
+            self.model, job, schema, self.worker,
+            uploads=ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload"),
+            metrics=RenderMetrics(job.model) if self._in_ray else None, cancelled=self._cancelled)
+
+    def ping(self) -> str:
+        return self.worker
+
+    def info(self) -> dict:
+        """The model's info plus this actor's worker name and current batch size."""
+        return {**asdict(self.model.info), "worker": self.worker, "batch_size": self.renderer.batch_size}
+
+    def defaults(self) -> dict:
+        return self.model.defaults()
+
+    def index_shard(self, shard: Shard) -> list[tuple]:
+        """(row index, id, row fingerprint, error) of every row of `shard`, rendering nothing: what
+        `ray-render refresh` compares with an output's metadata. The fingerprint is None for an invalid row, whose
+        error says why; it resolves the row with this model's defaults, as render_shard does."""
+        rows = read_shard_rows(shard, self.job.storage_options)
+        checked = validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job)
+        return [(item.row_index, item.id, item.fingerprint, None) if isinstance(item, RowTask)
+                else (item.row_index, item.id, None, item.error) for item in checked]
+
+    def render_shard(self, shard: Shard, attempt: int = 1) -> ShardResult:
+        """Render every row of `shard`, write its metadata Parquet, then commit it; returns the counts."""
+        return self.renderer.render_shard(shard, attempt)
+
+    def _cancelled(self) -> bool:
+        if not self._in_ray:
+            return False
+        import ray
+
+        return ray.get_runtime_context().is_canceled()

@@ -1,0 +1,98 @@
+"""What a person watching the job sees while it runs: the progress bar (or log lines), and Ray metrics.
+
+- `Progress`: a tqdm bar on stderr (rows/s, ETA, failed and invalid counts) when stderr is a terminal; periodic
+  log lines otherwise (`ray job logs`, CI), so a job log shows where it is without control characters.
+- `RenderMetrics`: counters and a histogram recorded inside the actors through `ray.util.metrics`; Ray exports
+  them on each node's metrics endpoint, which the dashboard's Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from ray_render.output.schema import STATUSES, empty_counts
+
+log = logging.getLogger("ray_render")
+
+
+class Progress:
+    """Rows finished out of the plan, with failed/invalid counts; a bar on a terminal, log lines elsewhere."""
+
+    def __init__(self, total_rows: int, done_rows: int = 0, *, enabled: bool = True, interval_s: float = 10.0,
+                 stream=None) -> None:
+        self.total = total_rows
+        self.done = done_rows
+        self.counts = empty_counts()
+        self.enabled = enabled
+        self.interval_s = interval_s
+        self.stream = stream or sys.stderr
+        self._start = time.monotonic()
+        self._start_done = done_rows
+        self._last_log = self._start
+        self._bar = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_rows, initial=done_rows, unit="row", file=self.stream,
+                             dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, rows: int, counts: dict) -> None:
+        self.done += rows
+        for status in STATUSES:
+            self.counts[status] += counts.get(status, 0)
+        if self._bar is not None:
+            self._bar.set_postfix(failed=self.counts["failed"], invalid=self.counts["invalid"], refresh=False)
+            self._bar.update(rows)
+        elif self.enabled and time.monotonic() - self._last_log >= self.interval_s:
+            self._log_line()
+
+    def _log_line(self) -> None:
+        self._last_log = time.monotonic()
+        elapsed = self._last_log - self._start
+        rate = (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
+        left = self.total - self.done
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        log.info("progress: %d/%d rows (%.1f%%), %.1f rows/s, ETA %s, failed %d, invalid %d", self.done, self.total,
+                 100.0 * self.done / max(self.total, 1), rate, eta, self.counts["failed"], self.counts["invalid"])
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.enabled:
+            self._log_line()
+
+
+class RenderMetrics:
+    """Ray metrics recorded by an actor (create one per actor process: ray.util.metrics objects are per process).
+
+    Exported as `ray_ray_render_rows_total{status=...}`, `ray_ray_render_errors_total{kind=...}` and
+    `ray_ray_render_render_ms_bucket` on the node's metrics port, scraped by the dashboard's Prometheus.
+    """
+
+    def __init__(self, model: str) -> None:
+        from ray.util import metrics
+
+        tags = {"model": model}
+        self.rows = metrics.Counter("ray_render_rows", description="Manifest rows finished, by final status.",
+                                    tag_keys=("model", "status"))
+        self.errors = metrics.Counter("ray_render_errors", description="Errors while rendering, by kind.",
+                                      tag_keys=("model", "kind"))
+        self.render_ms = metrics.Histogram("ray_render_render_ms", description="Model time per render call (ms).",
+                                           boundaries=[5, 20, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+                                                       60000, 120000], tag_keys=("model",))
+        for metric in (self.rows, self.errors, self.render_ms):
+            metric.set_default_tags(tags)
+
+    def shard_done(self, counts: dict) -> None:
+        for status, count in counts.items():
+            if count:
+                self.rows.inc(count, tags={"status": status})
+
+    def error(self, kind: str) -> None:
+        self.errors.inc(1, tags={"kind": kind})
+
+    def render_call(self, ms: float) -> None:
+        self.render_ms.observe(ms)

@@ -1,0 +1,43 @@
+"""The job record (`_job.json`: settings, plan fingerprint, model, last summary) and the summary file
+(`_summary.json`) of an output root. Credentials never reach them: settings keep storage option names only."""
+
+from __future__ import annotations
+
+import json
+
+from ray_render import storage
+from ray_render.output import layout
+
+
+def _write_json(root: str, name: str, record: dict, storage_options: dict | None) -> str:
+    record = dict(record)
+    if isinstance(record.get("storage_options"), dict):  # keep the option names only: the values may be secrets
+        record["storage_options"] = sorted(record["storage_options"])
+    text = storage.redact(json.dumps(record, indent=2, sort_keys=True, default=str), storage_options)
+    url = storage.join(root, name)
+    storage.write_bytes(url, text.encode(), storage_options)
+    return url
+
+
+def _read_json(root: str, name: str, storage_options: dict | None) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(storage.join(root, name), storage_options))
+    except FileNotFoundError:
+        return None
+
+
+def write_job_record(root: str, record: dict, storage_options: dict | None = None) -> str:
+    """Write `_job.json` (settings, plan fingerprint, model revision ...)."""
+    return _write_json(root, layout.JOB_RECORD, record, storage_options)
+
+
+def read_job_record(root: str, storage_options: dict | None = None) -> dict | None:
+    return _read_json(root, layout.JOB_RECORD, storage_options)
+
+
+def write_summary(root: str, summary: dict, storage_options: dict | None = None) -> str:
+    return _write_json(root, layout.SUMMARY, summary, storage_options)
+
+
+def read_summary(root: str, storage_options: dict | None = None) -> dict | None:
+    return _read_json(root, layout.SUMMARY, storage_options)

@@ -1,0 +1,1 @@
+"""Manifests from templates: prompt grids for dataset synthesis."""

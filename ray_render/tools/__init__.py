@@ -1,0 +1,1 @@
+"""Tools around the renderer: benchmarks and their baselines, fault drills, the tiny model's evaluation."""
