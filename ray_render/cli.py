@@ -13,11 +13,20 @@ import json
 import logging
 import sys
 import textwrap
-
 from collections.abc import Callable
 
-from ray_render.config import (CFG_SCHEDULES, DEVICES, DTYPES, IMAGE_FORMATS, NOISE_MODES, RENDER_PARAMETERS,
-                               ConfigError, JobConfig, job_from_options, load_config_file)
+from ray_render.config import (
+    CFG_SCHEDULES,
+    DEVICES,
+    DTYPES,
+    IMAGE_FORMATS,
+    NOISE_MODES,
+    RENDER_PARAMETERS,
+    ConfigError,
+    JobConfig,
+    job_from_options,
+    load_config_file,
+)
 from ray_render.engine.summary import EXIT_ABORTED, EXIT_CODES, EXIT_INTERNAL
 
 PROG = "ray-render"
@@ -71,7 +80,7 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--no-report", dest="report", action="store_false",
                         help="do not write contact_sheet.png and report.html when the job ends")
 
-    scores = parser.add_argument_group("image quality scores (see ray_render/quality.py)")
+    scores = parser.add_argument_group("image quality scores (see ray_render/engine/quality.py)")
     scores.add_argument("--quality-scores", dest="quality_scores", action="store_true",
                         help="add sharpness, colour_diversity, artefact_level, phash and quality_score columns")
     scores.add_argument("--min-quality", dest="min_quality", type=float, metavar="Q",
@@ -87,7 +96,8 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--overwrite", action="store_true", help="clear the output root's job first")
 
     run = parser.add_argument_group("cluster and scheduling")
-    run.add_argument("--address", metavar="ADDR", help="Ray address (default: RAY_ADDRESS, else a local Ray for this run)")
+    run.add_argument("--address", metavar="ADDR",
+                     help="Ray address (default: RAY_ADDRESS, else a local Ray for this run)")
     run.add_argument("--actors", type=int, metavar="N", help="render actors (default: one per GPU, or 1 on CPU)")
     run.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", help=f"requests per model call "
                      f"(default: {d.batch_size})")
@@ -95,7 +105,8 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                      f"(default: {d.shard_size})")
     run.add_argument("--max-in-flight", dest="max_in_flight", type=int, metavar="N", help=f"shards queued per actor "
                      f"(default: {d.max_in_flight})")
-    run.add_argument("--retries", type=int, metavar="N", help=f"extra attempts per row and per shard (default: {d.retries})")
+    run.add_argument("--retries", type=int, metavar="N",
+                     help=f"extra attempts per row and per shard (default: {d.retries})")
     run.add_argument("--max-failed-fraction", dest="max_failed_fraction", type=float, metavar="F",
                      help=f"abort once more than this fraction of finished rows failed "
                           f"(default: {d.max_failed_fraction})")

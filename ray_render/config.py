@@ -123,12 +123,14 @@ class JobConfig:
 
     manifests: list[str]
     out: str
-    model: str = field(default="tiny", metadata=PIXELS)  # "tiny" (embedded), "placeholder", a snapshot dir, a hub repo id, or an fsspec URL
+    # "tiny" (embedded), "placeholder", a snapshot dir, a hub repo id, or an fsspec URL
+    model: str = field(default="tiny", metadata=PIXELS)
     vae: str | None = field(default=None, metadata=PIXELS)  # overrides the VAE path in the model's config.json
     revision: str | None = field(default=None, metadata=PIXELS)  # hub revision when `model` is a repo id
     preset: str | None = field(default=None, metadata=ROW_PIXELS)
-    params: dict = field(default_factory=dict, metadata=ROW_PIXELS)  # explicit job-level render parameters (RENDER_PARAMS names)
-    presets: dict = field(default_factory=dict, metadata=ROW_PIXELS)  # the job's own named presets: name -> {param: value}
+    # explicit job-level render parameters (RENDER_PARAMS names)
+    params: dict = field(default_factory=dict, metadata=ROW_PIXELS)
+    presets: dict = field(default_factory=dict, metadata=ROW_PIXELS)  # the job's own presets: name -> {param: value}
     format: str = field(default="png", metadata=PIXELS)
     quality: int = field(default=95, metadata=PIXELS)  # jpeg / webp quality
     actors: int | None = None  # default: one per GPU, or 1 on CPU
@@ -149,8 +151,10 @@ class JobConfig:
     cpus_per_actor: float = 0.5  # small on purpose: leave CPU for Ray's own tasks on small machines
     gpus_per_actor: float = 1.0  # used when device resolves to cuda
     quality_scores: bool = False  # write the quality columns (on automatically when min_quality is set)
-    min_quality: float | None = field(default=None, metadata=PIXELS)  # 0..1: re-render images whose quality_score is below it
-    quality_retries: int = field(default=2, metadata=PIXELS)  # re-renders per image at most under min_quality, each with a new deterministic seed
+    # 0..1: re-render images whose quality_score is below it
+    min_quality: float | None = field(default=None, metadata=PIXELS)
+    # re-renders per image at most under min_quality, each with a new deterministic seed
+    quality_retries: int = field(default=2, metadata=PIXELS)
     report: bool = True  # write contact_sheet.png and report.html under the output root when the job ends
 
     def __post_init__(self) -> None:
@@ -181,7 +185,8 @@ class JobConfig:
             raise ConfigError(f"--quality must be from 1 to 100, got {self.quality}")
         if self.min_quality is not None and (isinstance(self.min_quality, bool) or not 0.0 <= self.min_quality <= 1.0):
             raise ConfigError(f"--min-quality must be from 0 to 1, got {self.min_quality!r}")
-        if isinstance(self.quality_retries, bool) or not isinstance(self.quality_retries, int) or self.quality_retries < 0:
+        retries = self.quality_retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ConfigError(f"--quality-retries must be a whole number >= 0, got {self.quality_retries!r}")
         for name, value in list(self.params.items()):
             try:

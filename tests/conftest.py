@@ -1,5 +1,5 @@
-"""Shared fixtures: a real S3-compatible server on 127.0.0.1 (moto's server mode), a fault-injecting proxy in
-front of it, and a manifest factory."""
+"""Shared fixtures: one local Ray for the session, a real S3-compatible server on 127.0.0.1 (moto's server mode), a
+fault-injecting proxy in front of it, and a manifest factory."""
 
 from __future__ import annotations
 
@@ -15,6 +15,22 @@ import pytest
 
 from ray_render import storage
 from ray_render.tools.chaos import StorageFaultProxy
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for every test that needs one; yields its address (for subprocess drivers and `--address`).
+
+    Two GPUs are declared (no real ones: placement tests see distinct `CUDA_VISIBLE_DEVICES`), so a job with
+    `--device auto` starts one actor per declared GPU; tests that want CPU actors say `device="cpu"`. Actors' logs
+    reach this process, as they reach a driver in production (the credential checks read them)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
 
 
 @dataclass
@@ -76,7 +92,7 @@ class FlakyS3(S3Server):
     `requests` counts the requests the proxy saw.
     """
 
-    proxy: "_FaultProxy" = field(default=None, repr=False)
+    proxy: _FaultProxy = field(default=None, repr=False)
 
     def fail_next(self, n: int, mode: str = "slowdown", method: str | None = None) -> None:
         assert mode in ("slowdown", "error", "reset")

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 
 from ray_render.engine import quality
-from ray_render.output import commits, images, schema
 from ray_render.engine.rows import InvalidRow, RowTask
+from ray_render.output import commits, images, schema
 
 PASSTHROUGH = pa.schema([pa.field("category", pa.string())])
 CREATED_AT = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)  # fixed, so two builds give equal metadata

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pyarrow.dataset as ds
 import pytest
-import ray
 
 from ray_render import storage
 from ray_render.engine import summary as exits
@@ -15,13 +14,6 @@ from ray_render.output import commits
 from ray_render.tools import chaos
 
 pytestmark = pytest.mark.chaos
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def assert_complete(figures: chaos.Figures, check: dict) -> None:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
 from ray_render import cli
 from ray_render.engine import summary as exits
@@ -102,20 +101,13 @@ def test_python_m_ray_render_is_the_same_program_and_documents_exit_codes():
     result = subprocess.run([sys.executable, "-m", "ray_render", "run", "--help"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0
-    for code, meaning in exits.EXIT_CODES.items():
+    for code in exits.EXIT_CODES:
         assert f"  {code}  " in result.stdout
     for option in ("--storage-options", "--max-failed-fraction", "--no-resume", "--shift", "--steps", "--config"):
         assert option in result.stdout
 
 
 # -- running, and `status` -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_status_follows_a_running_job_to_its_end(ray_cluster, tmp_path, make_manifest, capsys):

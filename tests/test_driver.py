@@ -12,22 +12,14 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-import ray
 
 from ray_render import storage
+from ray_render.config import JobConfig
 from ray_render.engine import driver
 from ray_render.engine import summary as exits
 from ray_render.output import commits, record, status
-from ray_render.config import JobConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def rows_of(out: str, storage_options: dict | None = None) -> list[dict]:

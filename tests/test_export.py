@@ -11,9 +11,9 @@ from collections import defaultdict
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from output_factory import build_output_root
 from PIL import Image
 
-from output_factory import build_output_root
 from ray_render import storage
 from ray_render.output import export, layout
 from ray_render.output.export import ExportError

@@ -13,11 +13,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import ray
 
+from ray_render.config import JobConfig
 from ray_render.engine import driver
 from ray_render.engine import summary as exits
-from ray_render.config import JobConfig
 
 pytestmark = pytest.mark.chaos
 
@@ -59,14 +58,6 @@ def _good(i: int) -> dict:
     return {"id": f"good{i}", "prompt": f"a tidy little house {i}"}
 
 
-@pytest.fixture
-def ray_cluster():
-    # Function-scoped: the unusable-manifest tests below check that a bad manifest never starts Ray at all.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _snapshot(directory) -> set[str]:
     return {os.path.join(root, name) for root, _, names in os.walk(directory) for name in names}
 
@@ -106,7 +97,8 @@ def test_bad_rows_are_invalid_with_a_message_and_the_good_rows_render(ray_cluste
     bad_rows = {1 + 2 * index for index in range(len(BAD_ROWS))} | {len(table) - 2}
     good = [i for i in range(len(table)) if i not in bad_rows]
     assert all(by_row[i]["status"] == "ok" for i in good), [by_row[i] for i in good if by_row[i]["status"] != "ok"]
-    assert summary.rows["ok"] == len(good), [(i, by_row[i]["id"], by_row[i]["error"]) for i in sorted(bad_rows) if by_row[i]["status"] == "ok"]
+    assert summary.rows["ok"] == len(good), [(i, by_row[i]["id"], by_row[i]["error"]) for i in sorted(bad_rows)
+                                             if by_row[i]["status"] == "ok"]
     for index, (name, _, column, allowed) in enumerate(BAD_ROWS):
         row = by_row[1 + 2 * index]
         assert row["status"] == "invalid", (name, row)
@@ -161,7 +153,7 @@ def test_unusable_manifests_fail_the_job_before_rendering(tmp_path, name, make, 
     assert phrase in summary.message, (name, summary.message)
     assert "bad.parquet" in summary.message, (name, summary.message)
     assert not out.exists()  # nothing rendered, nothing claimed
-    assert not ray.is_initialized()  # failed before Ray was even started
+    assert summary.startup_s == 0.0 and not summary.model  # failed before any actor (or Ray) was started
 
 
 def test_bad_job_settings_fail_before_rendering(tmp_path):

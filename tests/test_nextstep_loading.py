@@ -236,7 +236,9 @@ FETCH_CHILD = textwrap.dedent("""
     from ray_render.models.nextstep.resolve import fetch_url
     url, options, go = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
     Path(sys.argv[4]).touch()  # ready
+    deadline = time.monotonic() + 60
     while not go.exists():
+        assert time.monotonic() < deadline, "never told to go"
         time.sleep(0.01)
     print(fetch_url(url, options))
 """)

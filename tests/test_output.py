@@ -14,13 +14,12 @@ import pytest
 from PIL import Image
 
 from ray_render import storage
-from ray_render.engine import journal
-from ray_render.output import commits, images, layout, record, schema
 from ray_render.config import JobConfig
+from ray_render.engine import journal
 from ray_render.engine.plan import plan
 from ray_render.engine.shard import ShardRenderer
 from ray_render.models.placeholder import PlaceholderModel
-
+from ray_render.output import commits, images, layout, record, schema
 
 
 def pixels(height=32, width=48, seed=0) -> np.ndarray:

@@ -12,14 +12,14 @@ import pytest
 import ray
 from PIL import Image
 
+from ray_render.config import JobConfig
 from ray_render.engine import driver, journal
 from ray_render.engine import plan as planning
-from ray_render.engine.session import RunSession
 from ray_render.engine import summary as exits
-from ray_render.output import commits, layout
 from ray_render.engine.actor import RenderActor
-from ray_render.config import JobConfig
 from ray_render.engine.pool import RenderPool, ShardDone
+from ray_render.engine.session import RunSession
+from ray_render.output import commits, layout
 
 
 def metadata(out: str):
@@ -96,15 +96,16 @@ def test_actor_writes_every_row_once_with_its_settings(tmp_path, make_manifest):
 # -- Ray actors and the pool -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def wait_until_ready(pool: RenderPool, actors: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while pool.num_ready < actors:
+        assert time.monotonic() < deadline, f"{pool.num_ready} of {actors} actors ready after {timeout_s:.0f} s"
+        pool.wait(1.0)
 
 
 def slow_rows(n: int, seconds: float, start: int = 0) -> list[dict]:
-    return [{"id": f"r{i}", "prompt": f"a red circle {i} [placeholder:sleep={seconds}]"} for i in range(start, start + n)]
+    return [{"id": f"r{i}", "prompt": f"a red circle {i} [placeholder:sleep={seconds}]"}
+            for i in range(start, start + n)]
 
 
 def test_one_actor_per_declared_gpu(ray_cluster, tmp_path, make_manifest):
@@ -112,9 +113,7 @@ def test_one_actor_per_declared_gpu(ray_cluster, tmp_path, make_manifest):
     session = RunSession(job)
     pool = session.start_pool(planning.plan(job.manifests, job.shard_size))
     try:
-        deadline = time.monotonic() + 60
-        while pool.num_ready < 2 and time.monotonic() < deadline:
-            pool.wait(1.0)
+        wait_until_ready(pool, 2)
         workers = [info["worker"] for info in ray.get([actor.info.remote() for actor in pool.ready_actors()])]
     finally:
         pool.shutdown()
@@ -161,8 +160,7 @@ def test_idle_actor_takes_a_copy_of_a_queued_shard_and_the_first_result_wins(ray
     remote = ray.remote(RenderActor).options(num_cpus=0.5, max_restarts=0, max_task_retries=0)
     pool = RenderPool(lambda index: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
     try:
-        while pool.num_ready < 2:
-            pool.wait(1.0)
+        wait_until_ready(pool, 2)
         pending = list(plan.shards)  # the slow shard first: whoever takes it holds a queued shard behind it
         done: list[ShardDone] = []
         deadline = time.monotonic() + 60
@@ -188,8 +186,7 @@ def test_shutdown_lets_cancelled_calls_return_and_names_the_shards_still_running
     stoppable, stuck = plan.shards  # 4 model calls of 0.5 s; one model call of 60 s
     remote = ray.remote(RenderActor).options(num_cpus=0.5, max_restarts=0, max_task_retries=0)
     pool = RenderPool(lambda index: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
-    while pool.num_ready < 2:
-        pool.wait(1.0)
+    wait_until_ready(pool, 2)
     for shard in plan.shards:
         pool.submit(shard, 1)
     deadline = time.monotonic() + 60

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from ray_render.engine import quality
-from ray_render.output import schema
 from ray_render.models.base import RenderRequest
+from ray_render.output import schema
 
 
 def scene(size: int = 128, seed: int = 0) -> np.ndarray:

@@ -8,22 +8,13 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.dataset as ds
-import pytest
-import ray
-
 from conftest import prompt_rows
+
 from ray_render import cli
+from ray_render.config import JobConfig
 from ray_render.engine import driver, refresh
 from ray_render.engine import summary as exits
 from ray_render.output import commits, record, status
-from ray_render.config import JobConfig
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def job_for(manifest: str, out: str, **options) -> JobConfig:

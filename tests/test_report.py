@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
+from output_factory import build_output_root, picture
 from PIL import Image
 
-from output_factory import build_output_root, picture
 from ray_render import storage
 from ray_render.output import layout, record, report
 

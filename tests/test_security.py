@@ -13,22 +13,15 @@ import pytest
 import ray
 
 from ray_render import storage
+from ray_render.config import JobConfig
 from ray_render.engine import driver
 from ray_render.engine import summary as exits
 from ray_render.output import layout, record, status
 from ray_render.tools import chaos
-from ray_render.config import JobConfig
 
 pytestmark = pytest.mark.chaos
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ray_render"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
 
 
 def test_credentials_never_reach_logs_metadata_or_records(ray_cluster, s3, make_manifest, caplog, capfd):

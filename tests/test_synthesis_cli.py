@@ -10,24 +10,16 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import ray
-
 from conftest import prompt_rows
+
 from ray_render.__main__ import main as program
+from ray_render.config import JobConfig
 from ray_render.engine import driver, quality
 from ray_render.engine import summary as exits
-from ray_render.output import images, report
-from ray_render.config import JobConfig
 from ray_render.models import RenderRequest, load_model
+from ray_render.output import images, report
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def metadata(out: str) -> list[dict]:

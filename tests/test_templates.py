@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_render import storage
+from ray_render.config import job_from_options, load_config_file
 from ray_render.engine import plan as planning
 from ray_render.engine import rows as rows_lib
 from ray_render.synthesis import templates
-from ray_render.config import job_from_options, load_config_file
 from ray_render.synthesis.templates import Template, TemplateError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,8 +2,9 @@
 
     python jobs/examples/make_prompts.py
 
-The prompts use the words of the embedded tiny model's training captions (ray_render/shapes.py: eight colours,
-four shapes, sizes, positions); some rows set their own seed or image count, and `shape` is a passthrough column.
+The prompts use the words of the embedded tiny model's training captions (ray_render/models/nextstep/shapes.py:
+eight colours, four shapes, sizes, positions); some rows set their own seed or image count, and `shape` is a
+passthrough column.
 """
 
 from __future__ import annotations

@@ -211,7 +211,8 @@ def index_output(root: str, shard_ids: set[str], storage_options: dict | None) -
     """(id -> Current, shard id -> {ids whose rows there are stale}) from the committed shards' metadata."""
     ordered = sorted(shard_ids, key=lambda shard_id: (generation_of(shard_id), shard_id))
     with ThreadPoolExecutor(max_workers=IO_THREADS) as threads:
-        tables = threads.map(lambda s: commits.read_shard_metadata(root, s, storage_options, INDEX_COLUMNS[:6]), ordered)
+        columns = INDEX_COLUMNS[:6]
+        tables = threads.map(lambda s: commits.read_shard_metadata(root, s, storage_options, columns), ordered)
         current: dict[str, Current] = {}
         stale: dict[str, set] = defaultdict(set)
         for shard_id, table in zip(ordered, tables):  # oldest first: a newer shard takes an id over

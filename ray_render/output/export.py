@@ -24,10 +24,10 @@ import os
 import re
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -271,7 +271,7 @@ def export(out_root: str, kind: str, dest: str, storage_options: dict | None = N
         for index, shard_rows in enumerate(_chunks(rows, samples_per_shard)):
             url = storage.join(dest, shard_name(index, count, kind))
 
-            def write_shard() -> int:
+            def write_shard(shard_rows=shard_rows, url=url) -> int:
                 samples = _with_images(out_root, shard_rows, storage_options, pool)
                 if kind == "webdataset":
                     return _write_tar(url, samples, dest_options)

@@ -16,12 +16,12 @@ import math
 import sys
 import time
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from ray_render.models.nextstep import shapes
 from ray_render.models import RenderRequest, load_model
+from ray_render.models.nextstep import shapes
 
 _PALETTE_NAMES = list(shapes.PALETTE)
 _PALETTE_RGB = np.array([shapes.PALETTE[name] for name in _PALETTE_NAMES], dtype=np.float32)  # (P, 3)

@@ -251,11 +251,10 @@ def _work_actor(manifest: str, out: str, model: str, batch_sizes: list[int], row
 
 
 def _work_gpu(batch_sizes: list[int], rows: int, steps: int, side: int) -> dict:
-    import torch
+    from ray_render.models.nextstep.bench import cuda_available, measure_batching
 
-    if not torch.cuda.is_available():
+    if not cuda_available():
         return {"skipped": True, "reason": "no CUDA device: torch.cuda.is_available() is False on this machine"}
-    from ray_render.models.nextstep.bench import measure_batching
 
     result = measure_batching(batch_sizes, rows=rows, steps=steps, model="large-random", device="cuda",
                               width=side, height=side)
@@ -587,7 +586,7 @@ def _start_shared_cluster() -> str:
     reach it through RAY_ADDRESS, as jobs on a standing cluster do. Returns its address."""
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     os.environ["RAY_ADDRESS"] = address
     return address

@@ -43,8 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_render import storage
-from ray_render.output import commits, layout, record
 from ray_render.models.base import ModelInfo, ModelOutOfMemory
+from ray_render.output import commits, layout, record
 
 ACTOR_PROCESS = "ray::RenderActor"  # Ray's process title of an actor worker; ".render_shard" while it renders
 
@@ -103,7 +103,7 @@ class ActorKiller:
             if self.max_kills is not None and len(self.kills) >= self.max_kills:
                 return
 
-    def __enter__(self) -> "ActorKiller":
+    def __enter__(self) -> ActorKiller:
         self._thread.start()
         return self
 
@@ -172,7 +172,7 @@ class StorageFaultProxy(ThreadingHTTPServer):
             self.counts[fault] += 1
             return fault, delay
 
-    def start(self) -> "StorageFaultProxy":
+    def start(self) -> StorageFaultProxy:
         self._thread = threading.Thread(target=self.serve_forever, name="storage-fault-proxy", daemon=True)
         self._thread.start()
         return self
@@ -181,7 +181,7 @@ class StorageFaultProxy(ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
 
-    def __enter__(self) -> "StorageFaultProxy":
+    def __enter__(self) -> StorageFaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -505,7 +505,8 @@ def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 30
         proxy.rates = (0.0, 0.0, 0.0)
 
         def pull_the_plug() -> None:
-            while len(commits.committed_shard_ids(outage_out, clean)) < 3:
+            deadline = time.monotonic() + 120  # past it the storage goes anyway: the drill must end
+            while len(commits.committed_shard_ids(outage_out, clean)) < 3 and time.monotonic() < deadline:
                 time.sleep(0.2)
             proxy.down = True
 
@@ -616,17 +617,17 @@ def soak(minutes: float, *, seed: int = 0, workdir: str | None = None, actor_row
                 "bucket": "ray-render-soak"}
     fs, _ = storage.open_fs("s3://", {k: v for k, v in upstream.items() if k != "bucket"})
     fs.mkdir(upstream["bucket"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     try:
         round_index = 0
         while True:
             round_seed = seed + round_index
             with tempfile.TemporaryDirectory(prefix="ray-render-soak-", dir=workdir) as scratch:
-                drills = [("actor", lambda: actor_chaos(scratch, rows=actor_rows, seed=round_seed)),
-                          ("driver", lambda: driver_chaos(scratch, address, seed=round_seed)),
-                          ("storage", lambda: storage_chaos(scratch, upstream, seed=round_seed)),
-                          ("poison", lambda: poison_row(scratch, seed=round_seed)),
+                drills = [("actor", lambda seed=round_seed: actor_chaos(scratch, rows=actor_rows, seed=seed)),
+                          ("driver", lambda seed=round_seed: driver_chaos(scratch, address, seed=seed)),
+                          ("storage", lambda seed=round_seed: storage_chaos(scratch, upstream, seed=seed)),
+                          ("poison", lambda seed=round_seed: poison_row(scratch, seed=seed)),
                           ("oom", lambda: out_of_memory(scratch))]
                 for name, drill in drills:
                     figure = drill()
@@ -674,7 +675,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_render.tools.chaos", description="Fault-injection soak runner.")
+    parser = argparse.ArgumentParser(prog="python -m ray_render.tools.chaos",
+                                     description="Fault-injection soak runner.")
     _soak_options(parser)
     return cmd_soak(parser.parse_args(argv))
 

@@ -159,3 +159,8 @@ def build_large_random(device: str = "cuda", dtype: torch.dtype = torch.bfloat16
     defaults = {"width": 512, "height": 512, "num_sampling_steps": 50, "cfg": 7.5, "use_norm": True}
     return NextStepImageModel(model, vae, tokenizer, config, vae_config, info, defaults, noise=noise,
                               cuda_graphs=cuda_graphs)
+
+
+def cuda_available() -> bool:
+    """Whether this process sees a CUDA device (the gpu suite needs one)."""
+    return torch.cuda.is_available()

@@ -1,0 +1,197 @@
+"""The actor pool's state machine against fake actors (tests/fake_ray.py): backpressure, start-up failures, lost
+actors, stragglers and shutdown, each interleaving chosen by the test. Milliseconds each; tests/test_pool.py runs
+the same pool on a real Ray."""
+
+from __future__ import annotations
+
+import pytest
+from fake_ray import FakeRuntime
+
+from ray_render.engine import pool as pool_module
+from ray_render.engine.plan import Shard
+from ray_render.engine.pool import PoolError, RenderPool, ShardDone, ShardFailed
+from ray_render.engine.shard import ShardResult
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(pool_module, "time", clock)
+    return clock
+
+
+def shard(number: int) -> Shard:
+    return Shard(f"s{number}", "m.parquet", number * 10, number * 10 + 10)
+
+
+def result(ref, wall_ms: float = 1000.0) -> ShardResult:
+    piece, attempt = ref.args
+    return ShardResult(shard_id=piece.shard_id, attempt=attempt, rows=piece.num_rows, wall_ms=wall_ms)
+
+
+def started_pool(runtime: FakeRuntime, actors: int = 2, max_in_flight: int = 2) -> RenderPool:
+    pool = RenderPool(runtime.make_actor, actors, max_in_flight, runtime=runtime)
+    for actor in runtime.actors:
+        runtime.start(actor)
+    assert pool.wait(0) == [] and pool.num_ready == actors
+    return pool
+
+
+def test_backpressure_bounds_each_actor_and_fills_the_least_loaded(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=2)
+    submitted = 0
+    while pool.can_submit():
+        pool.submit(shard(submitted), 1)
+        submitted += 1
+    assert submitted == 4  # 2 actors x max_in_flight
+    assert [len(actor.pending()) for actor in runtime.actors] == [2, 2]
+    with pytest.raises(RuntimeError):
+        pool.submit(shard(9), 1)
+
+    first = runtime.actors[0].pending()[0]
+    runtime.finish(first, result(first))
+    (event,) = pool.wait(0)
+    assert isinstance(event, ShardDone) and event.shard.shard_id == "s0"
+    assert pool.can_submit()
+    pool.submit(shard(4), 1)
+    assert runtime.actors[0].pending()[-1].args[0].shard_id == "s4"  # the actor that had room
+
+
+def test_a_model_that_loads_nowhere_stops_the_pool(clock):
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 2, 2, runtime=runtime)
+    runtime.fail_start(runtime.actors[0])
+    pool.wait(0)
+    assert len(runtime.actors) == 3  # one failure: a replacement is started
+    runtime.fail_start(runtime.actors[1])
+    with pytest.raises(PoolError, match="no render actor could start: RuntimeError: the model does not load"):
+        pool.wait(0)
+
+
+def test_a_lost_actor_returns_its_running_and_queued_shards_and_is_replaced(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=2)
+    for number in range(4):
+        pool.submit(shard(number), 1)
+    victim = runtime.actors[0]
+    running, queued = (ref.args[0].shard_id for ref in victim.pending())
+    runtime.lose_actor(victim)
+    events = pool.wait(0)
+    assert {(e.shard.shard_id, e.actor_lost, e.started) for e in events} == {(running, True, True),
+                                                                             (queued, True, False)}
+    assert all(isinstance(e, ShardFailed) for e in events)
+    assert victim.killed and pool.actors_lost == 1
+    assert len(runtime.actors) == 3 and pool.num_ready == 1  # the replacement is starting
+    runtime.start(runtime.actors[2])
+    pool.wait(0)
+    assert pool.num_ready == 2
+
+
+def test_a_shard_that_raises_fails_without_replacing_the_actor(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=1)
+    pool.submit(shard(0), 1)
+    (ref,) = runtime.actors[0].pending()
+    runtime.finish(ref, raised="StorageError: write failed after 6 attempts")
+    (event,) = pool.wait(0)
+    assert isinstance(event, ShardFailed) and not event.actor_lost
+    assert event.error.startswith("StorageError")
+    assert pool.actors_lost == 0 and len(runtime.actors) == 1 and not pool.has_work()
+
+
+def test_an_idle_actor_takes_over_a_queued_shard_and_the_first_result_wins(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=2)
+    busy, idle = runtime.actors
+    for number in range(3):  # s0 -> busy, s1 -> idle, s2 -> busy (queued behind s0)
+        pool.submit(shard(number), 1)
+    (done,) = idle.pending()
+    runtime.finish(done, result(done))
+    pool.wait(0)
+    assert pool.reissue_stragglers() == 1
+    (moved,) = idle.pending()
+    queued = busy.pending()[1]
+    assert moved.args[0].shard_id == queued.args[0].shard_id == "s2"
+    assert queued.cancel_requested  # moved, not copied: the queued call is dropped
+    runtime.finish(moved, result(moved))
+    (event,) = pool.wait(0)
+    assert isinstance(event, ShardDone) and event.shard.shard_id == "s2"
+    queued.outcome = pool_module.Outcome("cancelled")
+    assert pool.wait(0) == []
+
+
+def test_a_slow_first_attempt_gets_a_copy_and_the_loser_is_cancelled(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=1)
+    slow_actor, fast_actor = runtime.actors
+    pool.submit(shard(0), 1)  # runs long on the first actor
+    pool.submit(shard(1), 1)
+    (fast,) = fast_actor.pending()
+    runtime.finish(fast, result(fast, wall_ms=1000.0))
+    pool.wait(0)
+    assert pool.reissue_stragglers() == 0  # not yet unusually long
+    clock.now += 60.0
+    assert pool.reissue_stragglers() == 1
+    (copy,) = fast_actor.pending()
+    assert copy.args[0].shard_id == "s0"
+    runtime.finish(copy, result(copy))
+    (event,) = pool.wait(0)
+    assert isinstance(event, ShardDone) and event.shard.shard_id == "s0"
+    (original,) = slow_actor.pending()
+    assert original.cancel_requested  # the losing copy stops at its next batch boundary
+    runtime.finish(original, result(original))
+    assert pool.wait(0) == []  # its result is ignored: the shard is counted once
+    assert not pool.has_work()
+
+
+def test_a_retried_shard_is_never_copied(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=1)
+    pool.submit(shard(0), 2)  # a second attempt: it may hold a row that kills its actor
+    pool.submit(shard(1), 1)
+    (fast,) = runtime.actors[1].pending()
+    runtime.finish(fast, result(fast))
+    pool.wait(0)
+    clock.now += 600.0
+    assert pool.reissue_stragglers() == 0
+
+
+def test_the_failure_of_one_copy_does_not_count_while_another_runs(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=1)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    (fast,) = runtime.actors[1].pending()
+    runtime.finish(fast, result(fast))
+    pool.wait(0)
+    clock.now += 60.0
+    pool.reissue_stragglers()
+    runtime.lose_actor(runtime.actors[0])  # the original dies; its copy on the other actor lives on
+    assert pool.wait(0) == []
+    (copy,) = runtime.actors[1].pending()
+    runtime.finish(copy, result(copy))
+    (event,) = pool.wait(0)
+    assert isinstance(event, ShardDone) and event.shard.shard_id == "s0"
+
+
+def test_shutdown_cancels_everything_kills_every_actor_and_names_the_unsettled_shards(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=2)
+    for number in range(3):
+        pool.submit(shard(number), 1)
+    stopping = runtime.actors[1].pending()[0]  # this one returns within the grace period
+    runtime.finish(stopping, raised="ShardCancelled: shard s1 cancelled")
+    unsettled = pool.shutdown(grace_s=0.0)
+    assert unsettled == {"s0", "s2"}  # still running when the grace ran out: their files are left alone
+    assert all(ref.cancel_requested for actor in runtime.actors for ref in actor.calls if ref.method == "render_shard")
+    assert all(actor.killed for actor in runtime.actors)
+    assert not pool.has_work()
