@@ -325,9 +325,11 @@ def build_parser(subcommands=None) -> argparse.ArgumentParser:
     for add_parser in SUBCOMMANDS if subcommands is None else subcommands:
         add_parser(subparsers)
     for subparser in subparsers.choices.values():  # -v after the subcommand too
-        if not any("--verbose" in action.option_strings for action in subparser._actions):
+        try:
             subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                                    help="debug logging, and tracebacks of errors")
+        except argparse.ArgumentError:  # a subcommand with a -v of its own
+            pass
     return parser
 
 
