@@ -52,8 +52,11 @@ def test_config_spellings_and_round_trip():
 
     with pytest.raises(ConfigFileError, match="unknown model_type 'qwen2'"):
         NextStepConfig.from_dict({**raw, "model_type": "qwen2"})
-    with pytest.raises(ConfigFileError, match="o_attention_bias must be false"):
-        NextStepConfig.from_dict({**raw, "o_attention_bias": True})
+    # o_attention_bias as the official config class reads it: absent means "same as attention_bias".
+    absent = {k: v for k, v in raw.items() if k != "o_attention_bias"}
+    assert NextStepConfig.from_dict(absent).o_attention_bias is True
+    assert NextStepConfig.from_dict({**absent, "attention_bias": True}).to_dict()["o_attention_bias"] is True
+    assert NextStepConfig.from_dict(raw).o_attention_bias is False
 
 
 def test_head_keys_are_the_checkpoint_names(weights):
