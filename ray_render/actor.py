@@ -162,10 +162,8 @@ class RenderActor:
                     row_errors[position] = self._redact(f"input_image {task.input_image!r}: "
                                                         f"{type(data).__name__}: {data}")
                 continue
-            requests = task.requests(data)
             try:
-                for request in requests:
-                    self.model.check(request)
+                requests = [self.model.check(request) for request in task.requests(data)]
             except RowError as exc:
                 checked[position] = self._invalid(task, "", str(exc))
                 continue

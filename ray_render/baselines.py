@@ -52,7 +52,7 @@ def render_rows(model, job: JobConfig, shard: Shard, rows: list[dict], batch_siz
     for position, task in enumerate(checked):
         if isinstance(task, RowTask):
             for k, request in enumerate(task.requests()):
-                model.check(request)
+                request = model.check(request)
                 groups.setdefault(model.batch_key(request), []).append((position, k, request))
     stored: dict[tuple[int, int], dict] = {}
     errors: dict[int, str] = {}

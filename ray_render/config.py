@@ -33,6 +33,8 @@ IMAGE_FORMATS = ("png", "jpeg", "webp")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISE_MODES = ("fast", "reference")
+ROPE_PRECISIONS = ("auto", "bf16", "fp32")
+EDIT_INPUTS = ("resize", "crop")
 MAX_SIDE = 4096  # pixels; 4096x4096 is 65,536 image tokens, far past anything NextStep was trained on
 
 
