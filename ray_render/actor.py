@@ -101,7 +101,8 @@ class RenderActor:
         self.root = job.out
         self.so = job.storage_options  # reaches the actor as a constructor argument, never through logs
         self.model = load_model(job.model, vae=job.vae, revision=job.revision, device=job.device, dtype=job.dtype,
-                                noise=job.noise, storage_options=job.storage_options)
+                                noise=job.noise, storage_options=job.storage_options,
+                                rope_precision=job.rope_precision, edit_input=job.edit_input)
         self.schema = writer.metadata_schema(passthrough_schema, quality_columns=job.scores_quality)
         self.batch_size = job.batch_size
         self.worker = _worker_name(index)

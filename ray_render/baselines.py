@@ -38,7 +38,8 @@ def _load(job: JobConfig):
     from ray_render.models import load_model
 
     return load_model(job.model, vae=job.vae, revision=job.revision, device=job.device, dtype=job.dtype,
-                      noise=job.noise, storage_options=job.storage_options)
+                      noise=job.noise, storage_options=job.storage_options, rope_precision=job.rope_precision,
+                      edit_input=job.edit_input)
 
 
 def render_rows(model, job: JobConfig, shard: Shard, rows: list[dict], batch_size: int, worker: str) -> list[dict]:

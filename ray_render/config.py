@@ -122,6 +122,11 @@ class JobConfig:
     device: str = "auto"
     dtype: str = "auto"
     noise: str = "fast"
+    # NextStep RoPE frequencies: auto is bf16 for bfloat16 weights (what the official pipeline computes), else fp32.
+    rope_precision: str = "auto"
+    # NextStep edit inputs: resized to the output size as the official example does, or centre-cropped to the
+    # output's aspect ratio first (no distortion).
+    edit_input: str = "resize"
     address: str | None = None  # Ray address; default RAY_ADDRESS or a local Ray for this run
     storage_options: dict = field(default_factory=dict)  # fsspec options; never logged or recorded
     limit: int | None = None  # render only the first N rows of the plan
@@ -143,10 +148,12 @@ class JobConfig:
             raise ConfigError("no manifest given: pass one or more Parquet files, directories, globs or URLs")
         if not self.out:
             raise ConfigError("no output given: pass --out PATH_OR_URL")
-        choices = {"format": IMAGE_FORMATS, "device": DEVICES, "dtype": DTYPES, "noise": NOISE_MODES}
+        choices = {"format": IMAGE_FORMATS, "device": DEVICES, "dtype": DTYPES, "noise": NOISE_MODES,
+                   "rope_precision": ROPE_PRECISIONS, "edit_input": EDIT_INPUTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
         positive = {"batch_size": self.batch_size, "shard_size": self.shard_size, "max_in_flight": self.max_in_flight}
         if self.actors is not None:
             positive["actors"] = self.actors

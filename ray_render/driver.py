@@ -54,6 +54,7 @@ _REPORT_HTML = "report.html"  # report.REPORT_HTML, named here: importing report
 
 # Settings that change what an image looks like; the rest (actors, batch size, retries, ...) only change how fast.
 OUTPUT_SETTINGS = ("model", "vae", "revision", "preset", "params", "presets", "format", "quality", "dtype", "noise",
+                   "rope_precision", "edit_input",
                    "min_quality", "quality_retries")  # the last two decide which re-render of an image is kept
 
 

@@ -20,6 +20,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from ray_render import cli
+from ray_render.config import ConfigError, JobConfig
+from ray_render.models import load_model
 from ray_render.models.base import RenderRequest, RowError, max_batch
 from ray_render.models.nextstep import load_nextstep, snapshot
 from ray_render.models.nextstep.config import NextStepConfig
@@ -271,4 +274,19 @@ def test_check_returns_the_request_to_render_and_render_prints_no_warnings(fixtu
         images = fixture_model.render([checked])
     assert [str(w.message) for w in caught] == []
     assert np.array_equal(images[0], baseline)
+
+
+def test_job_options_reach_the_model(tmp_path):
+    args = cli.build_parser().parse_args(["run", "m.parquet", "--out", str(tmp_path), "--rope-precision", "bf16",
+                                          "--edit-input", "crop"])
+    job = cli.job_from_args(args)
+    assert (job.rope_precision, job.edit_input) == ("bf16", "crop")
+    model = load_model(job.model, device="cpu", rope_precision=job.rope_precision, edit_input=job.edit_input)
+    assert (model.info.settings["rope_precision"], model.info.settings["edit_input"]) == ("bf16", "crop")
+    drill = load_model("ray_render.chaos:TinyOutOfMemoryAbove4", device="cpu", rope_precision="bf16")
+    assert drill.info.settings["rope_precision"] == "bf16"  # plugin factories get the same keywords
+    with pytest.raises(ConfigError, match="--rope-precision must be one of auto, bf16, fp32, got 'fp16'"):
+        JobConfig(manifests=["m.parquet"], out=str(tmp_path), rope_precision="fp16")
+    with pytest.raises(ConfigError, match="--edit-input must be one of resize, crop, got 'pad'"):
+        JobConfig(manifests=["m.parquet"], out=str(tmp_path), edit_input="pad")
 
