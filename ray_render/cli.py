@@ -332,10 +332,27 @@ def add_soak_parser(subparsers) -> None:
     chaos.add_soak_parser(subparsers)
 
 
+def add_doctor_parser(subparsers) -> None:
+    from ray_render.tools import doctor  # torch-free at import: the checks import it when they run
+
+    parser = subparsers.add_parser("doctor", help="check this machine, a cluster, an output root and a model "
+                                   "before a big run", description=doctor.__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    doctor.add_arguments(parser)
+    parser.set_defaults(handler=cmd_doctor)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ray_render.tools import doctor
+
+    return doctor.run(args.address, args.local_ray, args.out, args.model, parse_storage_options(args.storage_options),
+                      args.json)
+
+
 # -- main ----------------------------------------------------------------------------------------------------------
 
 SUBCOMMANDS = [add_run_parser, add_status_parser, add_refresh_parser, add_expand_parser, add_export_parser,
-               add_report_parser, add_eval_parser, add_bench_parser, add_soak_parser]
+               add_report_parser, add_eval_parser, add_bench_parser, add_soak_parser, add_doctor_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Commands that help run ray-render rather than render: `doctor` checks a machine before a big run."""
