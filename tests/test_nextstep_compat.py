@@ -290,3 +290,15 @@ def test_job_options_reach_the_model(tmp_path):
     with pytest.raises(ConfigError, match="--edit-input must be one of resize, crop, got 'pad'"):
         JobConfig(manifests=["m.parquet"], out=str(tmp_path), edit_input="pad")
 
+
+def test_gpu_check_script_passes_on_cpu(tmp_path):
+    # benchmarks/nextstep_gpu_checks.py is what a CUDA machine runs; on CPU it must agree with the fixture too.
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "nextstep_gpu_checks.py"
+    spec = importlib.util.spec_from_file_location("nextstep_gpu_checks", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--device", "cpu", "--out", str(tmp_path / "checks.json")]) == 0
+    result = json.loads((tmp_path / "checks.json").read_text())
+    assert result["pass"] and all(case["identical"] for case in result["draws"].values())
