@@ -4,8 +4,8 @@
   `rope_theta` in 4.x); a key it does not read leaves theta at 1e4 instead of NextStep's 1e6, silently. The
   check compares the backbone's rotary frequencies, and the cos/sin they produce at far positions, with
   `1 / theta ** (2i / head_dim)` computed here.
-- Attention: only transformers' sdpa path applies the boolean 4-D masks this runtime passes; eager adds their
-  0/1 values to the scores (nothing is masked) and flash-attention ignores them.
+- Attention: transformers' sdpa path applies the boolean 4-D masks this runtime passes; eager adds their 0/1
+  values to the scores (nothing is masked), and flash-attention is not verified with them.
 
 Both raise SelfCheckError with what was found and what to do. `ray-render doctor` runs them on the embedded model.
 """
@@ -74,8 +74,8 @@ def check_attention(backbone) -> None:
     found = getattr(backbone.config, "_attn_implementation", None)
     if found not in SUPPORTED_ATTENTION:
         raise SelfCheckError(f"attention: the backbone runs {found!r}, but only {', '.join(SUPPORTED_ATTENTION)} "
-                             "applies the boolean padding masks correctly (eager adds them to the scores, "
-                             "flash-attention ignores them); load with attn_implementation='sdpa'")
+                             "applies the boolean padding masks correctly (eager adds them to the scores; "
+                             "flash-attention is not verified with them); load with attn_implementation='sdpa'")
 
 
 def check_backbone(backbone, theta: float, head_dim: int, precision: str) -> None:
