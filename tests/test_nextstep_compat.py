@@ -137,18 +137,25 @@ def test_float16_is_refused():
 # Checkpoint details as the official loaders read them ---------------------------------------------------------
 
 def test_o_attention_bias_absent_follows_attention_bias(tmp_path, baseline):
+    # Absent from config.json, the official rule gives o_proj a bias: the checkpoint's is loaded and applied.
     zeros = {f"layers.{i}.self_attn.o_proj.bias": torch.zeros(64) for i in range(2)}
-    snap = write_variant(tmp_path / "zero-bias", remove=["o_attention_bias"], weights_changes=zeros)
-    model = load_nextstep(str(snap), device="cpu", noise="reference")
+    model = load_nextstep(str(write_variant(tmp_path / "zero-bias", remove=["o_attention_bias"],
+                                            weights_changes=zeros)), device="cpu", noise="reference")
     assert model.config.o_attention_bias is True
     assert np.array_equal(model.render([REQUEST])[0], baseline)  # a zero bias is no bias
-    ones = {name: torch.full((64,), 0.5) for name in zeros}
-    biased = load_nextstep(str(write_variant(tmp_path / "bias", remove=["o_attention_bias"], weights_changes=ones)),
-                           device="cpu", noise="reference")
-    assert not np.array_equal(biased.render([REQUEST])[0], baseline)  # the bias is applied
-    # Without the tensors the official rule asks for, the loader names them.
-    with pytest.raises(SnapshotError, match=r"missing tensors: layers\.0\.self_attn\.o_proj\.bias"):
-        load_nextstep(str(write_variant(tmp_path / "no-bias", remove=["o_attention_bias"])), device="cpu")
+    halves = {name: torch.full((64,), 0.5) for name in zeros}
+    biased = load_nextstep(str(write_variant(tmp_path / "bias", remove=["o_attention_bias"],
+                                             weights_changes=halves)), device="cpu", noise="reference")
+    assert biased.config.o_attention_bias is True
+    assert not np.array_equal(biased.render([REQUEST])[0], baseline)
+    # A checkpoint without those tensors renders as the official loader does: their zero initialisation.
+    unbiased = load_nextstep(str(write_variant(tmp_path / "no-bias", remove=["o_attention_bias"])), device="cpu",
+                             noise="reference")
+    assert unbiased.config.o_attention_bias is False
+    assert np.array_equal(unbiased.render([REQUEST])[0], baseline)
+    # Said explicitly, the config is held to: a bias it denies is an unexpected tensor.
+    with pytest.raises(SnapshotError, match=r"unexpected tensors: layers\.0\.self_attn\.o_proj\.bias"):
+        load_nextstep(str(write_variant(tmp_path / "denied", weights_changes=zeros)), device="cpu")
 
 
 def test_unused_checkpoint_tensors_are_not_read(fixture_model):

@@ -312,7 +312,7 @@ def _check_model_dir(name: str) -> Check:
                                           "downloads it (set HF_HUB_OFFLINE=1 to forbid that)")
     else:
         directory = tiny_dir() if name == "tiny" else resolve(name).path
-    config = snap.read_config(directory)
+    config = snap.settle_o_attention_bias(snap.read_config(directory), directory)
     identity = snap.read_identity(directory, config, name)
     with torch.device("meta"):  # names and shapes only: no memory for the weights
         expected = NextStepModel(config)

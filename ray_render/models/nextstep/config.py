@@ -49,8 +49,9 @@ class NextStepConfig:
     max_position_embeddings: int = 131072
     hidden_act: str = "silu"
     attention_bias: bool = True  # q/k/v biases
-    # o_proj bias. Absent from config.json it means "same as attention_bias", as in the official config class.
-    o_attention_bias: bool = False
+    # o_proj bias. None (absent from config.json) means "same as attention_bias", as in the official config class;
+    # snapshot.settle_o_attention_bias decides it against the checkpoint's tensors.
+    o_attention_bias: bool | None = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     # Image tokens: a token is latent_channels * latent_patch_size**2 values.
@@ -85,6 +86,11 @@ class NextStepConfig:
             raise ConfigFileError(f"nextstep_version must be one of {', '.join(VERSIONS)}, got {self.version!r}")
 
     @property
+    def o_proj_bias(self) -> bool:
+        """Whether o_proj has a bias: o_attention_bias, or when that is unset, attention_bias (the official rule)."""
+        return self.attention_bias if self.o_attention_bias is None else bool(self.o_attention_bias)
+
+    @property
     def token_dim(self) -> int:
         """Values per image token: channels x patch x patch (64 in the released models)."""
         return self.latent_channels * self.latent_patch_size**2
@@ -103,8 +109,7 @@ class NextStepConfig:
             version, version_source = str(explicit_version), "nextstep_version"
         else:
             version, version_source = ("1.1", "field names") if spelled_v11 else ("1", "default")
-        # The official rule: an o_proj bias exactly when q/k/v have one, unless the config says otherwise.
-        d.setdefault("o_attention_bias", d.get("attention_bias", cls.attention_bias))
+        d.setdefault("o_attention_bias", None)  # absent: see o_proj_bias
         for new, old in _V11_ALIASES.items():
             if new in d:
                 if old in d and d[old] != d[new]:

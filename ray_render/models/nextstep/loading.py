@@ -169,7 +169,7 @@ def load_nextstep(name: str, *, vae: str | None = None, revision: str | None = N
     # 2. Find the snapshot and what it is.
     found = resolve(name, revision=revision, storage_options=storage_options)
     directory = found.path
-    config = snap.read_config(directory)
+    config = snap.settle_o_attention_bias(snap.read_config(directory), directory)
     identity = snap.read_identity(directory, config, name)
     config = dataclasses.replace(config, version=identity.version, version_source=identity.version_source)
     vae_dir = resolve_vae(vae, directory, config.vae_name_or_path, storage_options=storage_options)

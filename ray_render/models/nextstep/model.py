@@ -47,7 +47,7 @@ class NextStepModel(nn.Module):
 
         self.config = config
         self.backbone = Qwen2Model(config.qwen2_config(attn_implementation))
-        if config.o_attention_bias:
+        if config.o_proj_bias:
             # transformers' Qwen2 has no o_proj bias; a checkpoint trained with one gets it here.
             for layer in self.backbone.layers:
                 o_proj = layer.self_attn.o_proj

@@ -153,6 +153,21 @@ def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def settle_o_attention_bias(config: NextStepConfig, directory) -> NextStepConfig:
+    """`config` with o_attention_bias decided when config.json leaves it out.
+
+    The official rule then gives o_proj a bias (attention_bias is true in every NextStep config), and the official
+    loader initialises a bias the checkpoint lacks to zero: so the bias is on exactly when the checkpoint holds it.
+    """
+    if config.o_attention_bias is not None:
+        return config
+    held = any(name.endswith("self_attn.o_proj.bias") for name in weight_files(directory))
+    if config.o_proj_bias and not held:
+        logger.info("%s: o_attention_bias is unset and the checkpoint has no o_proj bias; the official loader makes "
+                    "it zero, so there is none", directory)
+    return dataclasses.replace(config, o_attention_bias=config.o_proj_bias and held)
+
+
 def load_weights(model, directory) -> None:
     """Stream the snapshot's tensors into a NextStepModel, file by file, after checking names and shapes.
 
