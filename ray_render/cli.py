@@ -19,9 +19,11 @@ from ray_render.config import (
     CFG_SCHEDULES,
     DEVICES,
     DTYPES,
+    EDIT_INPUTS,
     IMAGE_FORMATS,
     NOISE_MODES,
     RENDER_PARAMETERS,
+    ROPE_PRECISIONS,
     ConfigError,
     JobConfig,
     job_from_options,
@@ -62,6 +64,12 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dtype", choices=DTYPES, help=f"(default: {d.dtype})")
     model.add_argument("--noise", choices=NOISE_MODES, help=f"sampler noise: fast, or reference (bit-for-bit with "
                        f"the official pipeline) (default: {d.noise})")
+    model.add_argument("--rope-precision", dest="rope_precision", choices=ROPE_PRECISIONS,
+                       help=f"RoPE frequencies: auto is bf16 for bfloat16 weights, as the official pipeline computes "
+                            f"them, and fp32 otherwise (default: {d.rope_precision})")
+    model.add_argument("--edit-input", dest="edit_input", choices=EDIT_INPUTS,
+                       help=f"edit input images: resize to the output size (official), or crop to its aspect ratio "
+                            f"first (default: {d.edit_input})")
 
     render = parser.add_argument_group("render parameters (job defaults; manifest columns override them)")
     render.add_argument("--preset", help="draft, standard, premium, or one of the job file's presets")

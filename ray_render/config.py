@@ -47,6 +47,8 @@ IMAGE_FORMATS = ("png", "jpeg", "webp")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISE_MODES = ("fast", "reference")
+ROPE_PRECISIONS = ("auto", "bf16", "fp32")
+EDIT_INPUTS = ("resize", "crop")
 MAX_SIDE = 4096  # pixels; 4096x4096 is 65,536 image tokens, far past anything NextStep was trained on
 
 
@@ -142,6 +144,11 @@ class JobConfig:
     device: str = "auto"
     dtype: str = field(default="auto", metadata=PIXELS)
     noise: str = field(default="fast", metadata=PIXELS)
+    # NextStep RoPE frequencies: auto is bf16 for bfloat16 weights (what the official pipeline computes), else fp32.
+    rope_precision: str = field(default="auto", metadata=PIXELS)
+    # NextStep edit inputs: resized to the output size as the official example does, or centre-cropped to the
+    # output's aspect ratio first (no distortion).
+    edit_input: str = field(default="resize", metadata=PIXELS)
     address: str | None = None  # Ray address; default RAY_ADDRESS or a local Ray for this run
     storage_options: dict = field(default_factory=dict)  # fsspec options; never logged or recorded
     limit: int | None = None  # render only the first N rows of the plan
@@ -165,10 +172,12 @@ class JobConfig:
             raise ConfigError("no manifest given: pass one or more Parquet files, directories, globs or URLs")
         if not self.out:
             raise ConfigError("no output given: pass --out PATH_OR_URL")
-        choices = {"format": IMAGE_FORMATS, "device": DEVICES, "dtype": DTYPES, "noise": NOISE_MODES}
+        choices = {"format": IMAGE_FORMATS, "device": DEVICES, "dtype": DTYPES, "noise": NOISE_MODES,
+                   "rope_precision": ROPE_PRECISIONS, "edit_input": EDIT_INPUTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
         positive = {"batch_size": self.batch_size, "shard_size": self.shard_size, "max_in_flight": self.max_in_flight}
         if self.actors is not None:
             positive["actors"] = self.actors
@@ -210,6 +219,12 @@ class JobConfig:
     def all_presets(self) -> dict[str, Preset]:
         custom = {name: Preset(overrides=dict(values)) for name, values in self.presets.items()}
         return {**BUILTIN_PRESETS, **custom}
+
+    def model_options(self) -> dict:
+        """The keyword arguments of `models.load_model` for this job's `model`."""
+        return {"vae": self.vae, "revision": self.revision, "device": self.device, "dtype": self.dtype,
+                "noise": self.noise, "storage_options": self.storage_options,
+                "rope_precision": self.rope_precision, "edit_input": self.edit_input}
 
     def record(self) -> dict:
         """The settings as written to the job record: storage options are left out, they may hold secrets."""

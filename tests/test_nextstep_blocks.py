@@ -52,8 +52,12 @@ def test_config_spellings_and_round_trip():
 
     with pytest.raises(ConfigFileError, match="unknown model_type 'qwen2'"):
         NextStepConfig.from_dict({**raw, "model_type": "qwen2"})
-    with pytest.raises(ConfigFileError, match="o_attention_bias must be false"):
-        NextStepConfig.from_dict({**raw, "o_attention_bias": True})
+    # o_attention_bias as the official config class reads it: absent means "same as attention_bias".
+    absent = {k: v for k, v in raw.items() if k != "o_attention_bias"}
+    unset = NextStepConfig.from_dict(absent)
+    assert unset.o_attention_bias is None and unset.o_proj_bias is True
+    assert NextStepConfig.from_dict(unset.to_dict()) == unset  # still unset after a round trip
+    assert NextStepConfig.from_dict(raw).o_proj_bias is False
 
 
 def test_head_keys_are_the_checkpoint_names(weights):

@@ -57,8 +57,7 @@ class RenderActor:
         """`passthrough_schema` is the plan's (all manifest files): every shard then writes the same columns."""
         self.job = job
         self.index = index
-        self.model = load_model(job.model, vae=job.vae, revision=job.revision, device=job.device, dtype=job.dtype,
-                                noise=job.noise, storage_options=job.storage_options)
+        self.model = load_model(job.model, **job.model_options())
         self.worker = _worker_name(index)
         self._in_ray = _in_ray_actor()
         schema = metadata_schema(passthrough_schema, quality_columns=job.scores_quality)

@@ -161,7 +161,7 @@ class ShardRenderer:
                                                              f"{type(data).__name__}: {data}")
                 continue
             try:
-                requests = [self.model.check(request) or request for request in task.requests(data)]
+                requests = [self.model.check(request) for request in task.requests(data)]
             except RowError as exc:
                 work.checked[position] = _invalid(task, "", str(exc))
                 continue

@@ -5,32 +5,37 @@ from __future__ import annotations
 import importlib
 import re
 
-from ray_render.models.base import ImageModel, ModelInfo, ModelOutOfMemory, RenderRequest, RowError
+from ray_render.models.base import ImageModel, ModelInfo, ModelOutOfMemory, RenderRequest, RowError, max_batch
 
-__all__ = ["ImageModel", "ModelInfo", "ModelOutOfMemory", "RenderRequest", "RowError", "load_model"]
+__all__ = ["ImageModel", "ModelInfo", "ModelOutOfMemory", "RenderRequest", "RowError", "load_model", "max_batch"]
 
 _PLUGIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")  # module.path:name
 
 
 def load_model(name: str, *, vae: str | None = None, revision: str | None = None, device: str = "auto",
-               dtype: str = "auto", noise: str = "fast", storage_options: dict | None = None) -> ImageModel:
+               dtype: str = "auto", noise: str = "fast", storage_options: dict | None = None,
+               rope_precision: str = "auto", edit_input: str = "resize") -> ImageModel:
     """Load the model a job names. torch is imported only here, inside the actor that holds the model.
 
     `name` may also be `package.module:factory`: your own model family, a class or function importable on every
     node (installed, or shipped in the runtime_env), called with this function's keyword arguments and returning
-    an `ImageModel`. It comes from the job's settings only, never from a manifest, and is imported by name, never
-    unpickled. `ray_render.tools.chaos:TinyOutOfMemoryAbove4` is one (a fault injector for drills).
+    an `ImageModel`; accept `**kwargs` so that options added later reach it without breaking it. It comes from the
+    job's settings only, never from a manifest, and is imported by name, never unpickled.
+    `ray_render.tools.chaos:TinyOutOfMemoryAbove4` is one (a fault injector for drills).
+
+    rope_precision ("auto", "bf16", "fp32") and edit_input ("resize", "crop") are NextStep options (see
+    nextstep/loading.py); other families ignore them.
     """
+    options = dict(vae=vae, revision=revision, device=device, dtype=dtype, noise=noise,
+                   storage_options=storage_options or {}, rope_precision=rope_precision, edit_input=edit_input)
     if _PLUGIN.fullmatch(name):
         module_name, attribute = name.split(":")
         factory = getattr(importlib.import_module(module_name), attribute)
-        return factory(vae=vae, revision=revision, device=device, dtype=dtype, noise=noise,
-                       storage_options=storage_options or {})
+        return factory(**options)
     if name == "placeholder":
         from ray_render.models.placeholder import PlaceholderModel
 
         return PlaceholderModel()
     from ray_render.models.nextstep import load_nextstep
 
-    return load_nextstep(name, vae=vae, revision=revision, device=device, dtype=dtype, noise=noise,
-                         storage_options=storage_options or {})
+    return load_nextstep(name, **options)

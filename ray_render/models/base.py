@@ -1,12 +1,18 @@
 """The small interface every model family implements, and what the renderer hands it.
 
 Nothing here imports torch: the driver, the planner and their tests use these types without loading a model.
+
+The life of a request: the renderer builds a `RenderRequest` per output image, passes it through
+`model.check(request)` once, and keeps the request `check` returns (it may carry work done while validating, such
+as the decoded input image). It groups checked requests by `model.batch_key` and hands each group, at most
+`max_batch(model, request)` at a time, to `model.render`, which neither validates nor decodes again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Hashable, Protocol, Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -33,6 +39,9 @@ class RenderRequest:
     num_sampling_steps: int = 50
     seed: int = 0
     input_image: bytes | None = None  # encoded image (PNG/JPEG/WebP) for editing, already fetched
+    # Set by `check`: `input_image` decoded and preprocessed for the model, uint8 (height, width, 3) RGB. Derived
+    # from `input_image`, so it takes no part in equality or hashing.
+    input_pixels: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 class RowError(ValueError):
@@ -52,6 +61,9 @@ class ModelInfo:
     revision: str  # content hash or hub commit: changes whenever the weights change
     device: str  # "cpu", "cuda:0", ...
     dtype: str  # "float32", "bfloat16", ...
+    # Resolved runtime settings that change pixels beyond the weights and dtype (for NextStep: the sampler
+    # version, RoPE precision, noise mode and the device it is drawn on, edit preprocessing), for the job record.
+    settings: dict = field(default_factory=dict, hash=False)
 
 
 class ImageModel(Protocol):
@@ -67,8 +79,13 @@ class ImageModel(Protocol):
         """
         ...
 
-    def check(self, request: RenderRequest) -> None:
-        """Raise RowError naming the field and the allowed values if this model cannot render the request."""
+    def check(self, request: RenderRequest) -> RenderRequest:
+        """Validate `request` once and return the request to render.
+
+        Raises RowError naming the field and the allowed values if this model cannot render it. The returned
+        request may be a copy carrying what validation produced (NextStep attaches `input_pixels`, the decoded
+        input image), so callers render the returned request, not the one they passed in.
+        """
         ...
 
     def batch_key(self, request: RenderRequest) -> Hashable:
@@ -76,9 +93,26 @@ class ImageModel(Protocol):
         ...
 
     def render(self, requests: Sequence[RenderRequest]) -> list[np.ndarray]:
-        """Render requests that share one batch key: one (height, width, 3) uint8 RGB array each, in order.
+        """Render requests returned by `check` that share one batch key: one (height, width, 3) uint8 RGB array
+        each, in order. Nothing is validated or decoded again; a mix of batch keys is refused with ValueError.
 
         Raises ModelOutOfMemory when the batch does not fit; any other exception fails the whole call, and the
         caller isolates the row that raised by splitting the batch.
         """
         ...
+
+    # Optional: `max_batch(self, request: RenderRequest) -> int | None`, the most requests like this one (same
+    # batch key) that one `render` call can hold on this model's device, or None when the model sets no limit
+    # beyond the job's batch size. A memory planner reads it through the module-level `max_batch` below, so a
+    # model without the method behaves as one that returns None.
+
+
+def max_batch(model: ImageModel, request: RenderRequest) -> int | None:
+    """The model's own bound on requests per `render` call for `request`'s batch key, or None for no bound."""
+    method = getattr(model, "max_batch", None)
+    if method is None:
+        return None
+    limit = method(request)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{type(model).__name__}.max_batch must return None or a whole number >= 1, got {limit!r}")
+    return limit

@@ -21,7 +21,7 @@ import os
 import re
 import signal
 import time
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
@@ -61,9 +61,13 @@ class PlaceholderModel:
             "num_sampling_steps": 2,
         }
 
-    def check(self, request: RenderRequest) -> None:
+    def check(self, request: RenderRequest) -> RenderRequest:
         if "invalid" in _directives(request.prompt):
             raise RowError("prompt: [placeholder:invalid] asks the placeholder model to reject this row")
+        return request
+
+    def max_batch(self, request: RenderRequest) -> int | None:
+        return None  # no device memory to run out of
 
     def batch_key(self, request: RenderRequest) -> Hashable:
         # Same rule as a real lockstep model: one image size per call.

@@ -54,8 +54,8 @@ def classify(image: np.ndarray) -> tuple[str | None, str]:
 def _render_all(model, requests: list[RenderRequest], batch_size: int) -> list[np.ndarray]:
     """Render requests in batches of compatible ones, keeping their order."""
     groups: dict = defaultdict(list)
+    requests = [model.check(request) for request in requests]
     for index, request in enumerate(requests):
-        model.check(request)
         groups[model.batch_key(request)].append(index)
     images: list[np.ndarray | None] = [None] * len(requests)
     for indices in groups.values():

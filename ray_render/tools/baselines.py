@@ -40,8 +40,7 @@ def _renderer(job: JobConfig, passthrough_schema: pa.Schema, worker: str) -> Sha
     """A shard renderer around a freshly loaded model, storing inline and keeping no journal."""
     from ray_render.models import load_model
 
-    model = load_model(job.model, vae=job.vae, revision=job.revision, device=job.device, dtype=job.dtype,
-                       noise=job.noise, storage_options=job.storage_options)
+    model = load_model(job.model, **job.model_options())
     return ShardRenderer(model, job, metadata_schema(passthrough_schema), worker, journal=False)
 
 

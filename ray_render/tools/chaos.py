@@ -269,8 +269,8 @@ class TinyOutOfMemoryAbove4:
     def defaults(self) -> dict:
         return self.inner.defaults()
 
-    def check(self, request) -> None:
-        self.inner.check(request)
+    def check(self, request):
+        return self.inner.check(request)
 
     def batch_key(self, request):
         return self.inner.batch_key(request)

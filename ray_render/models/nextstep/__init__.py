@@ -1,9 +1,22 @@
 """NextStep-1 / NextStep-1.1 inference: official checkpoints, batched heterogeneous rows on one device.
 
-Roles: config.py (config.json, both spellings), head.py (flow-matching head), model.py (backbone + projectors +
-head), vae.py (VAE on diffusers, token <-> latent maps), snapshot.py (official directory layout), resolve.py
-(model names -> local directories: tiny, paths, hub cache, fsspec URLs), prompts.py (prompt rows and ids),
-sampler.py (timestep grids, noise, guidance, the SDE step), pipeline.py (the ImageModel), bench.py (figures).
+Roles, one per module:
+
+    config.py       config.json in both spellings (NextStep-1, NextStep-1.1)
+    head.py         the flow-matching head
+    model.py        backbone + projectors + head, under the checkpoint's tensor names
+    vae.py          the VAE on diffusers, token <-> latent maps, posterior and decoding
+    snapshot.py     the official directory layout: weights, tokenizer, VAE files, what a snapshot is
+    resolve.py      model names -> local directories (tiny, paths, hub cache, fsspec URLs)
+    loading.py      device, dtype, building in place, loading, render defaults: load_nextstep
+    selfcheck.py    runtime self-checks of the built backbone (RoPE theta and precision, attention)
+    images.py       edit inputs: encoded bytes -> the pixels the VAE encodes
+    prompts.py      prompt rows and token ids
+    sampler.py      timestep grids, noise, guidance, the SDE step
+    generate.py     the generation loop, as numbered steps
+    image_model.py  NextStepImageModel, the base.ImageModel
+    bench.py        figures: images/s against batch size, a full-size random model
+    train_tiny.py   training the embedded tiny model
 """
 
 from __future__ import annotations
@@ -11,8 +24,8 @@ from __future__ import annotations
 
 def load_nextstep(name: str, *, vae: str | None = None, revision: str | None = None, device: str = "auto",
                   dtype: str = "auto", noise: str = "fast", storage_options: dict | None = None, **kwargs):
-    """Load a NextStep model as a `base.ImageModel` (see pipeline.load_nextstep)."""
-    from ray_render.models.nextstep.pipeline import load_nextstep as _load
+    """Load a NextStep model as a `base.ImageModel` (see loading.load_nextstep); imports torch on first use."""
+    from ray_render.models.nextstep.loading import load_nextstep as _load
 
     return _load(name, vae=vae, revision=revision, device=device, dtype=dtype, noise=noise,
                  storage_options=storage_options, **kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -137,7 +137,8 @@ def build_large_random(device: str = "cuda", dtype: torch.dtype = torch.bfloat16
     from ray_render.models.base import ModelInfo
     from ray_render.models.nextstep import snapshot as snap
     from ray_render.models.nextstep import vae as vae_lib
-    from ray_render.models.nextstep.pipeline import NextStepImageModel, build_model, resolve_device
+    from ray_render.models.nextstep.image_model import NextStepImageModel
+    from ray_render.models.nextstep.loading import build_model, resolve_device
     from ray_render.models.nextstep.resolve import tiny_dir
 
     dev = resolve_device(device)

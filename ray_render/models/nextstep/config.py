@@ -2,8 +2,12 @@
 
 The published configs come in two spellings: NextStep-1 (`fm_head_dim`, `fm_head_layers`, `latent_channels`,
 `latent_patch_size`) and NextStep-1.1 (`genloss_width`, `genloss_depth`, `num_channels`, `patch_size`). Both read
-into the same dataclass; `to_dict` writes the NextStep-1 spelling (plus `nextstep_version` for a 1.1 model, so the
-sampler survives a round trip). Fields the runtime does not use are kept in `extra` and written back unchanged.
+into the same dataclass; `to_dict` writes the NextStep-1 spelling plus `nextstep_version`, so the sampler survives
+a round trip. Fields the runtime does not use are kept in `extra` and written back unchanged.
+
+Which sampler a checkpoint needs is read from an explicit fact when there is one: `nextstep_version` here, or the
+snapshot's own name (see snapshot.read_identity); the spelling of the fields is only the last resort, and
+`version_source` says which decided.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ class NextStepConfig:
     max_position_embeddings: int = 131072
     hidden_act: str = "silu"
     attention_bias: bool = True  # q/k/v biases
-    o_attention_bias: bool = False  # o_proj bias
+    # o_proj bias. None (absent from config.json) means "same as attention_bias", as in the official config class;
+    # snapshot.settle_o_attention_bias decides it against the checkpoint's tensors.
+    o_attention_bias: bool | None = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     # Image tokens: a token is latent_channels * latent_patch_size**2 values.
@@ -68,6 +74,9 @@ class NextStepConfig:
     torch_dtype: str | None = None  # how the weights are stored
     # "1": S-point grid to 0.96 plus a 0.04 Euler step; "1.1": S+1-point grid to 1.0, all steps stochastic.
     version: str = "1"
+    # What decided `version`: "nextstep_version" (config.json says so), "field names" (the 1.1 spelling, a guess),
+    # "default"; snapshot.read_identity may settle it from the snapshot's name instead of the spelling.
+    version_source: str = field(default="default", compare=False)
     extra: dict = field(default_factory=dict)  # unknown fields, kept for to_dict
 
     def __post_init__(self) -> None:
@@ -77,12 +86,17 @@ class NextStepConfig:
             raise ConfigFileError(f"nextstep_version must be one of {', '.join(VERSIONS)}, got {self.version!r}")
 
     @property
+    def o_proj_bias(self) -> bool:
+        """Whether o_proj has a bias: o_attention_bias, or when that is unset, attention_bias (the official rule)."""
+        return self.attention_bias if self.o_attention_bias is None else bool(self.o_attention_bias)
+
+    @property
     def token_dim(self) -> int:
         """Values per image token: channels x patch x patch (64 in the released models)."""
         return self.latent_channels * self.latent_patch_size**2
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "NextStepConfig":
+    def from_dict(cls, d: dict, source: str = "config.json") -> NextStepConfig:
         """Read a NextStep-1 or NextStep-1.1 config dict; `source` names the file in error messages."""
         d = dict(d)
         model_type = d.pop("model_type", "nextstep")
@@ -91,7 +105,11 @@ class NextStepConfig:
                 f"{source}: unknown model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
         explicit_version = d.pop("nextstep_version", None)
         spelled_v11 = any(new in d for new in _V11_ALIASES)
-        version = str(explicit_version) if explicit_version is not None else ("1.1" if spelled_v11 else "1")
+        if explicit_version is not None:
+            version, version_source = str(explicit_version), "nextstep_version"
+        else:
+            version, version_source = ("1.1", "field names") if spelled_v11 else ("1", "default")
+        d.setdefault("o_attention_bias", None)  # absent: see o_proj_bias
         for new, old in _V11_ALIASES.items():
             if new in d:
                 if old in d and d[old] != d[new]:
@@ -109,18 +127,18 @@ class NextStepConfig:
                                   "default RoPE (rope_scaling null)")
         if "dtype" in d and "torch_dtype" not in d:
             d["torch_dtype"] = d.pop("dtype")
-        known = {f.name for f in fields(cls)} - {"extra", "version"}
+        known = {f.name for f in fields(cls)} - {"extra", "version", "version_source"}
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
                    if k not in kwargs]
         if missing:
             raise ConfigFileError(f"{source}: missing required field(s) {', '.join(missing)}")
-        cfg = cls(**kwargs, version=version, extra=d)
+        cfg = cls(**kwargs, version=version, version_source=version_source, extra=d)
         cfg.validate(source)
         return cfg
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "NextStepConfig":
+    def from_file(cls, path: str | Path) -> NextStepConfig:
         """Read config.json; errors name the file."""
         path = Path(path)
         if not path.is_file():
@@ -136,8 +154,6 @@ class NextStepConfig:
         wrong = []
         if not self.attention_bias:
             wrong.append("attention_bias must be true (q/k/v biases)")
-        if self.o_attention_bias:
-            wrong.append("o_attention_bias must be false (no o_proj bias)")
         if self.mlp_bias:
             wrong.append("mlp_bias must be false")
         if self.hidden_act != "silu":
@@ -157,14 +173,13 @@ class NextStepConfig:
         d: dict[str, Any] = {"architectures": ["NextStep"], "model_type": "nextstep"}
         d.update(self.extra)
         for f in fields(self):
-            if f.name in ("extra", "version", "base_image_grid_size"):
+            if f.name in ("extra", "version", "version_source", "base_image_grid_size"):
                 continue
             d[f.name] = getattr(self, f.name)
         d["rope_scaling"] = None
         if self.version != "1" or self.base_image_grid_size != 32:
             d["base_image_grid_size"] = self.base_image_grid_size
-        if self.version != "1":
-            d["nextstep_version"] = self.version
+        d["nextstep_version"] = self.version
         return dict(sorted(d.items()))
 
     def to_file(self, path: str | Path) -> None:

@@ -38,7 +38,7 @@ class NextStepModel(nn.Module):
     """Backbone (transformers Qwen2Model) + image_in_projector + image_out_projector + image_head.
 
     `forward(inputs_embeds, attention_mask)` returns the final-normed hidden states, for teacher-forced training;
-    inference drives `backbone` with a KV cache directly (see pipeline.py).
+    inference drives `backbone` with a KV cache directly (see generate.py).
     """
 
     def __init__(self, config: NextStepConfig, with_lm_head: bool = False, attn_implementation: str = "sdpa"):
@@ -47,6 +47,11 @@ class NextStepModel(nn.Module):
 
         self.config = config
         self.backbone = Qwen2Model(config.qwen2_config(attn_implementation))
+        if config.o_proj_bias:
+            # transformers' Qwen2 has no o_proj bias; a checkpoint trained with one gets it here.
+            for layer in self.backbone.layers:
+                o_proj = layer.self_attn.o_proj
+                layer.self_attn.o_proj = nn.Linear(o_proj.in_features, o_proj.out_features, bias=True)
         hidden = config.hidden_size
         self.image_in_projector = nn.Linear(config.token_dim, hidden)
         self.image_out_projector = nn.Linear(hidden, hidden)
@@ -112,6 +117,14 @@ class NextStepModel(nn.Module):
                     own[local].copy_(tensor)
                 elif name == "gen_pos_embed" and self.gen_pos_embed is not None:
                     self.gen_pos_embed.copy_(tensor.reshape(self.gen_pos_embed.shape))
+
+    def holds(self, name: str) -> bool:
+        """Whether the checkpoint tensor `name` is one this module uses (so it is worth reading at all)."""
+        if name == "gen_pos_embed":
+            return self.gen_pos_embed is not None
+        if getattr(self, "_own_names", None) is None:
+            self._own_names = frozenset(self.state_dict())  # fixed once built; state_dict() per tensor is slow
+        return self._from_official(name) in self._own_names
 
     def copy_official_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor in (used when streaming a large checkpoint file by file)."""

@@ -186,7 +186,9 @@ def resolve_vae(vae: str | None, snapshot: Path, config_vae_path: str | None, *,
     """Directory holding the VAE's config.json + checkpoint.pt.
 
     `vae` (the caller's override) is resolved like a model name; otherwise config.json's vae_name_or_path is
-    taken relative to the snapshot directory (absolute paths, repo ids and URLs as they are).
+    taken relative to the snapshot directory (absolute paths, repo ids and URLs as they are). Released configs
+    often name a path on the machine that trained them: when vae_name_or_path leads nowhere, the snapshot's own
+    `vae/` is used, as the official loaders fall back to it.
     """
     if vae is not None:
         base = resolve(vae, revision=None, storage_options=storage_options).path
@@ -195,10 +197,20 @@ def resolve_vae(vae: str | None, snapshot: Path, config_vae_path: str | None, *,
         name = config_vae_path or "vae"
         what = f"config.json's vae_name_or_path {name!r}"
         candidate = snapshot / name
+        own = snapshot / "vae"
         if candidate.exists():
             base = candidate
         elif "://" in name or (HUB_ID.match(name.rstrip("/")) and not Path(name).exists()):
-            base = resolve(name.rstrip("/"), storage_options=storage_options).path
+            try:
+                base = resolve(name.rstrip("/"), storage_options=storage_options).path
+            except ResolveError as e:
+                if not _holds_vae(own):
+                    raise
+                logger.warning("%s cannot be resolved (%s); using the snapshot's own %s", what, e, own)
+                base = own
+        elif _holds_vae(own):
+            logger.warning("%s does not exist; using the snapshot's own %s", what, own)
+            base = own
         else:
             raise ResolveError(f"{candidate}: missing; {what} (relative to the snapshot {snapshot}) should be a "
                                "directory with config.json and checkpoint.pt")
@@ -209,3 +221,7 @@ def resolve_vae(vae: str | None, snapshot: Path, config_vae_path: str | None, *,
         if (directory / "config.json").is_file() or (directory / "checkpoint.pt").is_file():
             return directory  # half a VAE: the reader names the missing file
     raise ResolveError(f"{base}: {what} has no config.json + checkpoint.pt (looked in {base} and {base / 'vae'})")
+
+
+def _holds_vae(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and (directory / "checkpoint.pt").is_file()

@@ -46,9 +46,11 @@ def guidance_scales(scale: float, schedule: str, n_tokens: int) -> list[float]:
 
 def noise_table(generator: torch.Generator, n_tokens: int, draws: int, dim: int, mode: str) -> torch.Tensor:
     """(n_tokens, draws, dim) float32 normals from one row's generator, in the reference order (per token: the
-    initial x, then one per step). "reference" makes one (1, dim) draw per site as the reference pipeline does;
-    "fast" makes one call for the whole table (the same numbers on CPU, where a (k, dim) draw equals k (1, dim)
-    draws for dim a multiple of 16; different numbers on CUDA)."""
+    initial x, then one per step). "reference" makes one (1, dim) draw per site as the official pipeline does, on
+    the generator's device: with the generator on the model's device this is what an official single-prompt call
+    draws from torch's global generator of that device (CPU or CUDA). "fast" makes one call for the whole table
+    (the same numbers on CPU, where a (k, dim) draw equals k (1, dim) draws for dim a multiple of 16; different
+    numbers on CUDA, whose generator advances per call)."""
     if mode == "reference":
         sites = [torch.randn((1, dim), generator=generator, device=generator.device)
                  for _ in range(n_tokens * draws)]

@@ -3,7 +3,7 @@
     config.json                          NextStep-1 (or 1.1) field names, model_type "nextstep"
     model.safetensors                    un-prefixed tensor names ...
     model-00001-of-0000N.safetensors     ... or shards plus model.safetensors.index.json
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json (or vocab.json + merges.txt)
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json   the fast tokenizer (tokenizer.json needed)
     vae/config.json, vae/checkpoint.pt   official VAE params and a plain state dict (torch.save)
     render_defaults.json                 optional, ours: the snapshot's native render defaults
 
@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -31,6 +33,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "added_tokens.json")
 VAE_CONFIG_FILE = "config.json"
 VAE_WEIGHTS_FILE = "checkpoint.pt"
+
+
+logger = logging.getLogger(__name__)
 
 
 class SnapshotError(ValueError):
@@ -148,8 +153,26 @@ def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def settle_o_attention_bias(config: NextStepConfig, directory) -> NextStepConfig:
+    """`config` with o_attention_bias decided when config.json leaves it out.
+
+    The official rule then gives o_proj a bias (attention_bias is true in every NextStep config), and the official
+    loader initialises a bias the checkpoint lacks to zero: so the bias is on exactly when the checkpoint holds it.
+    """
+    if config.o_attention_bias is not None:
+        return config
+    held = any(name.endswith("self_attn.o_proj.bias") for name in weight_files(directory))
+    if config.o_proj_bias and not held:
+        logger.info("%s: o_attention_bias is unset and the checkpoint has no o_proj bias; the official loader makes "
+                    "it zero, so there is none", directory)
+    return dataclasses.replace(config, o_attention_bias=config.o_proj_bias and held)
+
+
 def load_weights(model, directory) -> None:
-    """Stream the snapshot's tensors into a NextStepModel, file by file, after checking names and shapes."""
+    """Stream the snapshot's tensors into a NextStepModel, file by file, after checking names and shapes.
+
+    Tensors the model does not use (`lm_head.weight`, 3 GB in NextStep-1-Large; `gen_pos_embed` when off) are
+    never read."""
     from safetensors import safe_open
 
     from ray_render.models.nextstep.model import StateDictError
@@ -163,16 +186,20 @@ def load_weights(model, directory) -> None:
     for path in sorted(set(files.values())):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                model.copy_official_tensor(name, f.get_tensor(name))
+                if model.holds(name):
+                    model.copy_official_tensor(name, f.get_tensor(name))
 
 
 def load_tokenizer(directory):
-    """The fast tokenizer saved with the snapshot (tokenizer.json, or vocab.json + merges.txt)."""
+    """The fast tokenizer saved with the snapshot: tokenizer.json, plus tokenizer_config.json and
+    special_tokens_map.json when present. vocab.json + merges.txt alone are not enough (converting them needs the
+    model's own tokenizer class, which is remote code); every released NextStep snapshot has tokenizer.json."""
     from transformers import PreTrainedTokenizerFast
 
     directory = Path(directory)
-    if not any((directory / n).is_file() for n in ("tokenizer.json", "vocab.json")):
-        raise SnapshotError(f"{directory}: no tokenizer; expected tokenizer.json (or vocab.json + merges.txt)")
+    if not (directory / "tokenizer.json").is_file():
+        also = " (vocab.json + merges.txt alone are not enough)" if (directory / "vocab.json").is_file() else ""
+        raise SnapshotError(f"{directory}: no tokenizer; expected tokenizer.json{also}")
     return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
 
 
@@ -198,6 +225,65 @@ def read_vae(vae_dir) -> tuple[dict, dict]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SnapshotError(f"{ckpt_path}: expected a dict of tensor name -> tensor")
     return vae_config, sd
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What a snapshot is, with what decided it: which sampler it needs, and whether it is an edit model."""
+
+    version: str  # "1" or "1.1" (see config.NextStepConfig.version)
+    version_source: str
+    edit: bool
+    edit_source: str
+
+
+_HUB_FOLDER = re.compile(r"^models--(?P<owner>[^/]+?)--(?P<name>[^/]+)$")
+_EDIT_WORD = re.compile(r"(?<![a-z])edit(?![a-z])")
+_NAMED_VERSION = re.compile(r"nextstep-1(?P<minor>\.1)?(?![.0-9])")
+
+
+def snapshot_names(directory, config, given_name: str) -> list[str]:
+    """The names a snapshot carries about itself, most trustworthy first: config.json's `_name_or_path`, the hub
+    repo whose cache holds it, its directory name; then the name it was loaded by."""
+    directory = Path(directory)
+    names = []
+    recorded = config.extra.get("_name_or_path")
+    if isinstance(recorded, str) and recorded.strip():
+        names.append(recorded.strip().rstrip("/").rsplit("/", 1)[-1])
+    for part in directory.parts:
+        if match := _HUB_FOLDER.match(part):
+            names.append(match.group("name"))
+    names += [directory.name, given_name.rstrip("/").rsplit("/", 1)[-1]]
+    return [name for name in dict.fromkeys(names) if name]
+
+
+def read_identity(directory, config, given_name: str) -> Identity:
+    """The snapshot's sampler version and task from explicit facts first.
+
+    Version: config.json's `nextstep_version`; else a name of the snapshot (see snapshot_names) spelling
+    NextStep-1 or NextStep-1.1; else the spelling of the config's fields (a guess, logged). Edit: config.json's
+    `nextstep_task` ("edit" or "t2i"); else the word "edit" in a name of the snapshot.
+    """
+    names = snapshot_names(directory, config, given_name)
+    version, version_source = config.version, config.version_source
+    if version_source != "nextstep_version":
+        for name in names:
+            if match := _NAMED_VERSION.search(name.lower()):
+                version, version_source = ("1.1" if match.group("minor") else "1"), f"name {name!r}"
+                break
+    if version_source == "field names":
+        logger.warning("%s: NextStep-%s sampler guessed from the config's field names; add \"nextstep_version\" "
+                       "to config.json to say which it is", directory, version)
+    task = config.extra.get("nextstep_task")
+    if task is not None:
+        if task not in ("edit", "t2i"):
+            raise SnapshotError(f"{Path(directory) / 'config.json'}: nextstep_task must be 'edit' or 't2i', "
+                                f"got {task!r}")
+        return Identity(version, version_source, task == "edit", "nextstep_task")
+    for name in names:
+        if _EDIT_WORD.search(name.lower()):
+            return Identity(version, version_source, True, f"name {name!r}")
+    return Identity(version, version_source, False, "default")
 
 
 def read_render_defaults(directory) -> dict:

@@ -16,10 +16,10 @@ NextStep-1 checkpoint has, read by the same loader):
    x1 - noise at x_t = t*x1 + (1-t)*noise. Captions are dropped to "" now and then, which is what the
    unconditional row of classifier-free guidance renders with.
 
-Pictures and captions come from `ray_render.models.nextstep.shapes` (training combinations only: the held-out ones are left for
-`ray_render.tools.adherence`). A run is deterministic for a given seed, thread count and torch build. `--minutes` is the
-budget on a 2-core CPU: it scales the number of steps of every stage (a fixed number per minute), it does not stop
-on the clock, so the same command always trains the same weights.
+Pictures and captions come from `ray_render.models.nextstep.shapes` (training combinations only: the held-out ones
+are left for `ray_render.tools.adherence`). A run is deterministic for a given seed, thread count and torch build.
+`--minutes` is the budget on a 2-core CPU: it scales the number of steps of every stage (a fixed number per minute),
+it does not stop on the clock, so the same command always trains the same weights.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_render.models.nextstep import shapes
-from ray_render.models.nextstep import snapshot, vae as vae_lib
+from ray_render.models.nextstep import shapes, snapshot
+from ray_render.models.nextstep import vae as vae_lib
 from ray_render.models.nextstep.config import NextStepConfig
 from ray_render.models.nextstep.model import NextStepModel
 from ray_render.models.nextstep.prompts import PromptBuilder
@@ -99,7 +99,7 @@ class Recipe:
     # the model reads back its own samples, which are never exactly the pictures' tokens.
     input_noise: float = 0.3
 
-    def scaled(self, minutes: float) -> "Recipe":
+    def scaled(self, minutes: float) -> Recipe:
         """The same recipe with every stage's step count scaled to a budget of `minutes`."""
         f = minutes / DEFAULT_MINUTES
         return replace(self, vae_crop_steps=max(1, round(self.vae_crop_steps * f)),
@@ -134,8 +134,17 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 
 def train_tokenizer(recipe: Recipe):
     """A Qwen2-style byte-level BPE on the caption corpus, with NextStep's special tokens after the BPE ids."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

@@ -167,9 +167,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def encode_posterior(vae, pixels: torch.Tensor, encoder_norm: bool, psz: int | None):
-    """Pixels in [-1, 1] (B, 3, H, W) -> (mean, std) of the latent posterior, with the encoder_norm option:
-    the mean, regrouped psz x psz space-to-depth, is layer-normed over its channels (no affine, eps 1e-6)."""
+def encode_posterior(vae, pixels: torch.Tensor, encoder_norm: bool, psz: int | None, deterministic: bool = False):
+    """Pixels in [-1, 1] (B, 3, H, W) -> (mean, std) of the latent posterior, in the VAE's dtype, with the
+    encoder_norm option: the mean, regrouped psz x psz space-to-depth, is layer-normed over its channels (no
+    affine, eps 1e-6). `deterministic` (the VAE config's flag) makes std zero, so a sample is the mean; the
+    official code still draws the sample's noise, and so does the caller, to keep the random stream in step."""
     moments = vae.encoder(pixels.to(vae.dtype))
     if getattr(vae, "quant_conv", None) is not None:
         moments = vae.quant_conv(moments)
@@ -178,7 +180,7 @@ def encode_posterior(vae, pixels: torch.Tensor, encoder_norm: bool, psz: int | N
         grouped = space_to_depth(mean, psz) if psz else mean
         grouped = F.layer_norm(grouped.permute(0, 2, 3, 1), grouped.shape[1:2], None, None, 1e-6).permute(0, 3, 1, 2)
         mean = depth_to_space(grouped, psz) if psz else grouped
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    std = torch.zeros_like(mean) if deterministic else torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     return mean, std
 
 
