@@ -28,12 +28,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--cfg", type=float, default=None)
-    parser.add_argument("--cuda-graphs", action="store_true", help="replay the token sampler as a CUDA graph")
+    parser.add_argument("--compile", default="auto", choices=["off", "on", "auto"],
+                        help="compiled token steps (CUDA graphs on CUDA); auto: on for CUDA")
     parser.add_argument("--out", default="bench-results/model_batching.json")
     args = parser.parse_args(argv)
     result = measure_batching([int(b) for b in args.batch_sizes.split(",")], rows=args.rows, steps=args.steps,
                               model=args.model, device=args.device, dtype=args.dtype, noise=args.noise,
-                              width=args.width, height=args.height, cfg=args.cfg, cuda_graphs=args.cuda_graphs)
+                              width=args.width, height=args.height, cfg=args.cfg, compile=args.compile)
     print(format_table(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,10 @@ Roles, one per module:
     images.py       edit inputs: encoded bytes -> the pixels the VAE encodes
     prompts.py      prompt rows and token ids
     sampler.py      timestep grids, noise, guidance, the SDE step
+    backbone.py     the Qwen2 backbone as functions of its weights: prefill, one decode step over a static cache
+    step.py         the token step (head sampling, feedback, backbone step) over static buffers
+    decoder.py      the token loop: buffers kept across calls; eager, compiled or CUDA-graph steps
+    planner.py      the memory planner: the largest batch of a shape that fits the device
     generate.py     the generation loop, as numbered steps
     image_model.py  NextStepImageModel, the base.ImageModel
     bench.py        figures: images/s against batch size, a full-size random model

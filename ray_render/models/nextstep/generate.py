@@ -1,9 +1,10 @@
 """The NextStep generation loop: a batch of checked requests in, one uint8 RGB image per request out.
 
 `generate` reads top to bottom as numbered steps. Every output image draws its noise from its own
-torch.Generator seeded with `request.seed`, so a row's image does not depend on the rest of its batch; rows of
-one call share the token count, step count, guidance branch count and edit-or-not (the batch key), and may differ
-in everything else (prompt, seed, cfg, cfg_img, schedule, shift, use_norm, size).
+torch.Generator seeded with `request.seed`, up front, so a row's image does not depend on the rest of its batch;
+rows of one call share the token count, step count, guidance branch count and edit-or-not (the batch key), and
+may differ in everything else (prompt, seed, cfg, cfg_img, schedule, shift, use_norm, size). The token loop
+itself is decoder.py's: one token step (step.py) per image token over static buffers.
 
 Shapes: B images, R = branches * B prompt rows (branch-major), L prompt length, N image tokens per image,
 D values per token (64), H backbone width, G timestep grid points, S noise draws per token.
@@ -17,21 +18,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ray_render.models.base import RenderRequest
 from ray_render.models.nextstep import vae as vae_lib
+from ray_render.models.nextstep.backbone import prefill
 from ray_render.models.nextstep.config import NextStepConfig
+from ray_render.models.nextstep.decoder import Decoder
 from ray_render.models.nextstep.model import NextStepModel
 from ray_render.models.nextstep.prompts import PromptBuilder
 from ray_render.models.nextstep.sampler import (
-    GraphedTokenSampler,
-    TokenSampler,
+    SamplerConstants,
     draws_per_token,
     guidance_scales,
     noise_table,
+    time_embedding,
     timestep_grid,
 )
+from ray_render.models.nextstep.step import StepShape
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class Parts:
     device: torch.device
     dtype: torch.dtype
     vae_batch: int  # images per VAE decoder call
-    cuda_graphs: bool = False  # opt-in: see sampler.GraphedTokenSampler; turned off if a capture fails
+    decoder: Decoder  # the token loop, and the buffers and compiled steps it keeps across calls
 
     @property
     def patch(self) -> int:
@@ -106,12 +109,14 @@ class Parts:
                                  self.image_string(r))
 
 
-def generate(parts: Parts, requests: Sequence[RenderRequest], trace: Trace | None = None) -> list[np.ndarray]:
+def generate(parts: Parts, requests: Sequence[RenderRequest], trace: Trace | None = None,
+             batch_limit: int | None = None) -> list[np.ndarray]:
     """One (height, width, 3) uint8 image per request, in order; requests come from `check` (see image_model.py).
 
-    Call under torch.inference_mode(). Fills `trace` when given.
+    Call under torch.inference_mode(). Fills `trace` when given. `batch_limit` caps the batch bucket a compiled
+    step pads to (the memory planner's batch for these requests).
     """
-    model, backbone, dev, dtype = parts.model, parts.model.backbone, parts.device, parts.dtype
+    model, decoder, dev, dtype = parts.model, parts.decoder, parts.device, parts.dtype
     version = parts.config.version
 
     # 1. Lockstep: every row shares the token count, steps, branches and edit-or-not.
@@ -121,7 +126,10 @@ def generate(parts: Parts, requests: Sequence[RenderRequest], trace: Trace | Non
     n_tokens, steps, branches, edit = keys.pop()
     if edit and any(r.input_pixels is None for r in requests):
         raise ValueError("edit requests must come from check(), which decodes their input_image")
-    b = len(requests)
+    real = len(requests)
+    # Compiled steps have fixed shapes: pad to the batch bucket with copies of the last request (dropped below).
+    b = decoder.batch_bucket(real, batch_limit)
+    requests = list(requests) + [requests[-1]] * (b - real)
     grids = [parts.grid(r.height, r.width) for r in requests]
 
     # 2. Prompt rows and ids, branch-major: [captions x B, second branch x B, ...].
@@ -129,8 +137,9 @@ def generate(parts: Parts, requests: Sequence[RenderRequest], trace: Trace | Non
     texts = [per_image[i][j] for j in range(branches) for i in range(b)]
     ids = parts.prompts.build(texts, [grids[i] for _ in range(branches) for i in range(b)])
     input_ids, keys_ok = ids.input_ids.to(dev), ids.attention_mask.to(dev).bool()  # (R, L), (R, L)
+    real_rows = torch.cat([torch.arange(j * b, j * b + real) for j in range(branches)])  # the unpadded rows
     if trace:
-        trace.input_ids, trace.attention_mask = ids.input_ids, ids.attention_mask
+        trace.input_ids, trace.attention_mask = ids.input_ids[real_rows], ids.attention_mask[real_rows]
 
     # 3. One generator per image; an edit's posterior sample is its generator's first draw.
     generators = [torch.Generator(device=dev).manual_seed(int(r.seed)) for r in requests]
@@ -139,94 +148,57 @@ def generate(parts: Parts, requests: Sequence[RenderRequest], trace: Trace | Non
     else:
         embeds = model.embed(input_ids)  # (R, L, H)
 
-    # 4. Noise tables, drawn per image in the reference order.
+    # 4. Noise tables, drawn up front per image in the reference order.
     draws = draws_per_token(steps, version)
     noise = torch.stack([noise_table(g, n_tokens, draws, parts.config.token_dim, parts.noise).to(dev)
                          for g in generators])  # (B, N, S, D)
     if trace:
-        trace.noise = noise.cpu()
+        trace.noise = noise[:real].cpu()
 
     # 5. Per-row sampler settings as tensors.
-    sampler = TokenSampler(
-        model.image_head,
-        grids=torch.stack([timestep_grid(steps, float(r.timesteps_shift), version) for r in requests]).to(dev),
-        cfg=torch.tensor([guidance_scales(float(r.cfg), r.cfg_schedule, n_tokens) for r in requests],
-                         dtype=torch.float32).T.to(dev),  # (N, B)
-        cfg_img=torch.tensor([guidance_scales(parts.image_scale(r), r.cfg_schedule, n_tokens) for r in requests],
-                             dtype=torch.float32).T.to(dev),  # (N, B)
-        branches=branches, version=version, dtype=dtype)
+    grid_t = torch.stack([timestep_grid(steps, float(r.timesteps_shift), version) for r in requests]).to(dev)
+    cfg = torch.tensor([guidance_scales(float(r.cfg), r.cfg_schedule, n_tokens) for r in requests],
+                       dtype=torch.float32).T.to(dev)  # (N, B)
+    cfg_img = torch.tensor([guidance_scales(parts.image_scale(r), r.cfg_schedule, n_tokens) for r in requests],
+                           dtype=torch.float32).T.to(dev)  # (N, B)
     use_norm = torch.tensor([bool(r.use_norm) for r in requests], device=dev)[:, None]  # (B, 1)
     pos_embed = gen_pos_embed(parts, grids, n_tokens, branches)  # (N, R, H) or None
 
-    # 6. Prefill the KV cache with the prompt rows; the last position conditions token 0.
+    # 6. The step buffers of this shape (kept from an earlier call when they fit); CUDA graphs captured if new.
     rows, length = input_ids.shape
-    cache_len = length + n_tokens - 1  # the last token is never fed back
-    cache = new_cache(backbone.config, cache_len)
-    out = backbone(inputs_embeds=embeds, attention_mask={"full_attention": prefill_mask(keys_ok, cache_len)},
-                   position_ids=torch.arange(length, device=dev).expand(rows, length), cache=cache, use_cache=True)
-    cond = out.last_hidden_state[:, -1]  # (R, H)
+    shape = StepShape(images=b, branches=branches, tokens=n_tokens, draws=draws, grid=grid_t.shape[1],
+                      capacity=decoder.capacity(length, n_tokens))
+    buffers = decoder.buffers(shape, model.image_head.net.cond_embed.out_features, pos_embed is not None)
+    decoder.prepare(buffers, branches, version, [decoder.window(length + k) for k in range(n_tokens)])
+    buffers.load(noise=noise, cfg=cfg, cfg_img=cfg_img, use_norm=use_norm,
+                 constants=SamplerConstants(grid_t), time_emb=time_embedding(model.image_head, grid_t, branches, dtype),
+                 pos_embed=pos_embed)
 
-    # 7. Decode one image token per step for every row: sample it from its condition, feed it back.
-    step_mask = torch.zeros(rows, 1, 1, cache_len, dtype=torch.bool, device=dev)  # (R, 1, 1, L + N - 1)
-    step_mask[:, 0, 0, :length] = keys_ok
-    tokens = torch.empty(b, n_tokens, parts.config.token_dim, dtype=dtype, device=dev)  # (B, N, D)
-    tokens_raw = [] if trace else None
-    for k in range(n_tokens):
-        if pos_embed is not None:
-            cond = cond + pos_embed[k]
-        head_cond = model.image_out_projector(cond)  # (R, H)
-        if k == 0 and parts.cuda_graphs and dev.type == "cuda":
-            sampler = graphed(parts, sampler, head_cond, noise[:, 0])
-        raw = sampler.sample(head_cond, noise[:, k], k).to(dtype)  # (B, D)
-        token = torch.where(use_norm, F.layer_norm(raw, raw.shape[-1:], None, None, 1e-6), raw)
-        tokens[:, k] = token
-        if trace:
-            trace.cond_hidden.append(cond.float().cpu())
-            trace.head_cond.append(head_cond.float().cpu())
-            tokens_raw.append(raw.float().cpu())
-        if k == n_tokens - 1:
-            break
-        step_mask[:, 0, 0, length + k] = True
-        cond = feed_token(backbone, cache, model.image_in_projector(token).repeat(branches, 1), length + k,
-                          step_mask)  # (R, H)
-    del cache
+    # 7. Prefill the KV cache with the prompt rows; the last position conditions token 0.
+    buffers.cond.copy_(prefill(decoder.weights, embeds, keys_ok, buffers.keys, buffers.values))  # (R, H)
+    buffers.start(length, keys_ok)
+
+    # 8. Decode one image token per step for every row: sample it from its condition, feed it back.
+    real_rows = real_rows.to(dev)
+
+    def record(k: int, before: bool) -> None:
+        if before:
+            cond = buffers.cond if pos_embed is None else buffers.cond + pos_embed[k]
+            trace.cond_hidden.append(cond[real_rows].float().cpu())
+        else:
+            trace.head_cond.append(buffers.head_cond[real_rows].float().cpu())
+
+    decoder.run(buffers, branches, version, length, n_tokens, record if trace else None)
+    tokens = buffers.tokens[:real]  # (B, N, D)
     if trace:
-        trace.tokens_raw, trace.tokens = torch.stack(tokens_raw, 1), tokens.float().cpu()
+        # Copies: the buffers are the next call's.
+        trace.tokens_raw, trace.tokens = buffers.tokens_raw[:real].clone().cpu(), tokens.float().clone().cpu()
 
-    # 8. Decode latents to pixels, images of one size together.
-    return decode_images(parts, tokens, grids, trace)
+    # 9. Decode latents to pixels, images of one size together.
+    return decode_images(parts, tokens, grids[:real], trace)
 
 
 # The steps' parts ------------------------------------------------------------------------------------------------
-
-def new_cache(backbone_config, max_len: int):
-    """A static KV cache of `max_len` positions (allocated at the prefill, with its batch, dtype and device)."""
-    from transformers.cache_utils import StaticCache
-
-    return StaticCache(config=backbone_config, max_cache_len=max_len)
-
-
-def prefill_mask(keys_ok: torch.Tensor, cache_len: int) -> torch.Tensor:
-    """(R, 1, L, cache_len) boolean mask of the prefill: causal, pad keys hidden. keys_ok: (R, L)."""
-    rows, length = keys_ok.shape
-    dev = keys_ok.device
-    causal = torch.ones(length, length, dtype=torch.bool, device=dev).tril()  # (L, L)
-    mask = torch.zeros(rows, 1, length, cache_len, dtype=torch.bool, device=dev)
-    mask[:, 0, :, :length] = causal & keys_ok[:, None, :]
-    # Pad queries see no key; let them see themselves so no row is fully masked (their outputs are unused).
-    diagonal = torch.arange(length, device=dev)
-    mask[:, 0, diagonal, diagonal] = True
-    return mask
-
-
-def feed_token(backbone, cache, embeds: torch.Tensor, position: int, mask: torch.Tensor) -> torch.Tensor:
-    """Run one fed-back token per row at `position`; the final-normed output conditions the next token.
-    embeds: (R, H); mask: (R, 1, 1, cache_len) with every position up to `position` set for real keys."""
-    rows = embeds.shape[0]
-    out = backbone(inputs_embeds=embeds[:, None], attention_mask={"full_attention": mask},
-                   position_ids=torch.full((rows, 1), position, device=embeds.device), cache=cache, use_cache=True)
-    return out.last_hidden_state[:, -1]  # (R, H)
-
 
 def embed_with_images(parts: Parts, requests: Sequence[RenderRequest], input_ids: torch.Tensor,
                       generators: list[torch.Generator], branches: int) -> torch.Tensor:
@@ -266,19 +238,6 @@ def gen_pos_embed(parts: Parts, grids: list[tuple[int, int]], n_tokens: int, bra
     index = torch.stack(index).repeat(branches, 1).to(parts.device)  # (R, N)
     # The condition of token k gets the position of token k (the prefill condition: position 0).
     return table[0][index.T].to(parts.dtype)  # (N, R, H)
-
-
-def graphed(parts: Parts, sampler: TokenSampler, head_cond: torch.Tensor, noise: torch.Tensor):
-    """The CUDA-graph sampler when it captures and agrees with the eager one; else the eager sampler."""
-    try:
-        graphed_sampler = GraphedTokenSampler(sampler, head_cond, noise)
-        if graphed_sampler.verified(head_cond, noise):
-            return graphed_sampler
-        logger.warning("CUDA graph of the token sampler disagrees with eager mode; using eager mode")
-    except Exception as e:  # noqa: BLE001 - capture is an optimisation: never fail a render over it
-        logger.warning("CUDA graph capture of the token sampler failed (%s); using eager mode", e)
-    parts.cuda_graphs = False
-    return sampler
 
 
 def decode_images(parts: Parts, tokens: torch.Tensor, grids: list[tuple[int, int]],

@@ -135,22 +135,23 @@ class FlowMatchingHead(nn.Module):
         shift, scale = self.net.final_layer.adaLN_modulation[1](y).chunk(2, dim=-1)
         return Modulations(blocks, (shift, 1 + scale))
 
-    def velocity(self, x: torch.Tensor, mods: Modulations, i: int) -> torch.Tensor:
-        """The network output at step i of a token, given that token's modulations: x (rows, token_dim).
+    def velocity(self, x: torch.Tensor, mods) -> torch.Tensor:
+        """The network output at one step of a token, given that step's modulations (`Modulations.step(i)`):
+        x (rows, token_dim).
 
         The same operations as `forward`, called functionally: this runs S times per image token, and module
         call overhead is most of its cost on small models."""
         net = self.net
         h = F.linear(x, net.input_proj.weight, net.input_proj.bias)
         width = h.shape[-1:]
-        for block, (s, sc, g) in zip(net.res_blocks, mods.blocks):
+        blocks, (shift, scale1p) = mods
+        for block, (s, sc, g) in zip(net.res_blocks, blocks):
             ln, fc1, fc2 = block.in_ln, block.mlp[0], block.mlp[2]
-            u = F.layer_norm(h, width, ln.weight, ln.bias, ln.eps) * sc[i] + s[i]
+            u = F.layer_norm(h, width, ln.weight, ln.bias, ln.eps) * sc + s
             u = F.linear(F.silu(F.linear(u, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
-            h = h + g[i] * u
+            h = h + g * u
         final = net.final_layer
-        shift, scale1p = mods.final
-        u = F.layer_norm(h, width, None, None, final.norm_final.eps) * scale1p[i] + shift[i]
+        u = F.layer_norm(h, width, None, None, final.norm_final.eps) * scale1p + shift
         return F.linear(u, final.linear.weight, final.linear.bias)
 
     # Training ------------------------------------------------------------------------------------------------

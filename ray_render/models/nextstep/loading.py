@@ -17,6 +17,7 @@ from ray_render.models.base import ModelInfo
 from ray_render.models.nextstep import snapshot as snap
 from ray_render.models.nextstep import vae as vae_lib
 from ray_render.models.nextstep.config import NextStepConfig
+from ray_render.models.nextstep.decoder import resolve_compile
 from ray_render.models.nextstep.image_model import NextStepImageModel
 from ray_render.models.nextstep.model import NextStepModel, short_listing
 from ray_render.models.nextstep.resolve import resolve, resolve_vae
@@ -148,14 +149,18 @@ def load_vae(vae_dir: Path, device: torch.device, dtype: torch.dtype):
 
 def load_nextstep(name: str, *, vae: str | None = None, revision: str | None = None, device: str = "auto",
                   dtype: str = "auto", noise: str = "fast", storage_options: dict | None = None,
-                  rope_precision: str = "auto", edit_input: str = "resize", cpu_threads: int | None = None,
-                  attn_implementation: str = "sdpa", cuda_graphs: bool = False) -> NextStepImageModel:
+                  rope_precision: str = "auto", edit_input: str = "resize", compile: str = "auto",
+                  cpu_threads: int | None = None, attn_implementation: str = "sdpa",
+                  length_bucket: int | None = None) -> NextStepImageModel:
     """Load a NextStep snapshot ("tiny", a directory, a hub repo id or an fsspec URL) as an ImageModel.
 
     vae overrides config.json's vae_name_or_path (a directory, repo id or URL); revision picks a hub revision;
     dtype "auto" is bfloat16 on CUDA and float32 elsewhere (float16 is refused); noise is "fast" or "reference"
     (see sampler.py); rope_precision "auto" (bf16 for bfloat16, as the official pipeline), "bf16" or "fp32";
-    edit_input "resize" (official) or "crop" (see images.py). The backbone is self-checked after loading.
+    edit_input "resize" (official) or "crop" (see images.py); compile "auto" (on for CUDA), "on" or "off" (see
+    decoder.py: compiled token steps, replayed from CUDA graphs on CUDA); length_bucket the granularity of
+    attention windows and cache lengths (default 128 on CUDA, 64 elsewhere). The backbone is self-checked after
+    loading; on CUDA the memory planner's batch sizes are logged and kept in `info.settings["batch_plan"]`.
     """
     # 1. Check the options before touching any file.
     if noise not in NOISE_MODES:
@@ -163,6 +168,7 @@ def load_nextstep(name: str, *, vae: str | None = None, revision: str | None = N
     if edit_input not in EDIT_INPUTS:
         raise ValueError(f"edit_input must be one of {', '.join(EDIT_INPUTS)}, got {edit_input!r}")
     dev = resolve_device(device)
+    compiled = resolve_compile(compile, dev)
     torch_dtype = resolve_dtype(dtype, dev)
     rope = resolve_rope_precision(rope_precision, torch_dtype)
 
@@ -197,9 +203,9 @@ def load_nextstep(name: str, *, vae: str | None = None, revision: str | None = N
     settings = {"sampler": f"NextStep-{config.version}", "sampler_source": config.version_source,
                 "edit_model": identity.edit, "edit_source": identity.edit_source, "rope_precision": rope,
                 "noise": noise, "noise_device": dev.type, "edit_input": edit_input,
-                "attention": attn_implementation}
+                "attention": attn_implementation, "compile": "on" if compiled else "off"}
     info = ModelInfo(name=name, family="nextstep", revision=revision_id, device=str(dev),
                      dtype=str(torch_dtype).replace("torch.", ""), settings=settings)
     return NextStepImageModel(model, vae_model, tokenizer, config, vae_config, info, defaults, noise=noise,
                               has_encoder=has_encoder, edit_input=edit_input, cpu_threads=cpu_threads,
-                              cuda_graphs=cuda_graphs)
+                              compile="on" if compiled else "off", length_bucket=length_bucket)

@@ -61,98 +61,78 @@ def noise_table(generator: torch.Generator, n_tokens: int, draws: int, dim: int,
     raise ValueError(f"noise must be 'fast' or 'reference', got {mode!r}")
 
 
-class TokenSampler:
-    """Samples token k of every row given the rows' head conditions.
+class SamplerConstants:
+    """The per-row constants of the SDE steps, in the reference float32 operation order, from the rows' grids.
 
-    grids: (B, G) float32 per-row timestep grids; cfg, cfg_img: (N, B) float32 per-token scales; branches: the
-    guidance branch count shared by the batch (rows are branch-major: R = branches * B); dtype: the head's.
+    grids: (B, G) float32. Each field is (B, G, 1) (per grid point) or (B, G - 1, 1) (per step); a token step
+    slices step i as field[:, i], a (B, 1) column.
     """
 
-    def __init__(self, head: FlowMatchingHead, grids: torch.Tensor, cfg: torch.Tensor, cfg_img: torch.Tensor,
-                 branches: int, version: str, dtype: torch.dtype):
-        self.head, self.branches, self.version, self.dtype = head, branches, version, dtype
-        self.cfg, self.cfg_img = cfg[..., None], cfg_img[..., None]  # (N, B, 1)
-        t = grids  # (B, G)
-        self.n_sde = t.shape[1] - 1  # stochastic steps
-        # Per-row step constants, in the reference float32 operation order.
-        self.t = t[:, :, None]  # (B, G, 1)
-        one_minus_t = 1 - self.t
-        self.one_minus_t = one_minus_t
-        self.var = one_minus_t**2 - self.t * -1 * one_minus_t
-        self.noise_scale = torch.sqrt(2 * (1 - self.t))
-        dt = self.t[:, 1:] - self.t[:, :-1]
-        self.dt, self.sqrt_dt = dt, torch.sqrt(dt)
-        # The same constants sliced per step once, not at every token.
-        self.step_constants = [(self.t[:, i], self.var[:, i], one_minus_t[:, i], self.dt[:, i], self.sqrt_dt[:, i],
-                                self.noise_scale[:, i]) for i in range(self.n_sde)]
-        # The time embedding depends only on the grid: compute it once for every step and row.
-        t_rows = t.repeat(branches, 1).to(dtype)  # (R, G): the reference casts t to the condition's dtype
-        self.time_emb = head.embed_time(t_rows.transpose(0, 1))  # (G, R, width)
+    FIELDS = ("t", "one_minus_t", "var", "noise_scale", "dt", "sqrt_dt")
 
-    def _velocity(self, x: torch.Tensor, mods, i: int, cfg: torch.Tensor, cfg_img: torch.Tensor) -> torch.Tensor:
-        xin = x.to(self.dtype)
-        if self.branches > 1:
-            xin = xin.repeat(self.branches, 1)  # every branch of an image sees the same x
-        v = self.head.velocity(xin, mods, i).float()
-        if self.branches == 2:
-            cond, uncond = v.chunk(2)
-            return uncond + cfg * (cond - uncond)
-        if self.branches == 3:
-            cond, img, neg = v.chunk(3)
-            return neg + cfg_img * (img - neg) + cfg * (cond - img)
-        return v
+    def __init__(self, grids: torch.Tensor):
+        t = grids[:, :, None]  # (B, G, 1)
+        self.t = t
+        self.one_minus_t = 1 - t
+        self.var = self.one_minus_t**2 - t * -1 * self.one_minus_t
+        self.noise_scale = torch.sqrt(2 * (1 - t))
+        self.dt = t[:, 1:] - t[:, :-1]  # (B, G - 1, 1)
+        self.sqrt_dt = torch.sqrt(self.dt)
 
-    def sample(self, head_cond: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
-        """Token k (B, token_dim) float32. head_cond: (R, hidden) = image_out_projector(condition);
-        noise: (B, draws, token_dim) float32, this token's draws."""
-        return self.sample_scaled(head_cond, noise, self.cfg[k], self.cfg_img[k])
-
-    def sample_scaled(self, head_cond: torch.Tensor, noise: torch.Tensor, cfg: torch.Tensor,
-                      cfg_img: torch.Tensor) -> torch.Tensor:
-        """`sample` with this token's guidance scales given as (B, 1) tensors (static inputs for a CUDA graph)."""
-        y = self.time_emb + self.head.embed_cond(head_cond)[None]  # (G, R, width)
-        mods = self.head.modulations(y)
-        x = noise[:, 0]
-        for i, (t, var, one_minus_t, dt, sqrt_dt, noise_scale) in enumerate(self.step_constants):
-            v = self._velocity(x, mods, i, cfg, cfg_img)
-            score = (t * v - x) / var
-            drift = v + one_minus_t * score
-            dw = noise[:, i + 1] * sqrt_dt
-            mean_x = x + drift * dt
-            x = mean_x + noise_scale * dw
-        if self.version == "1":
-            x = x + self._velocity(x, mods, self.n_sde, cfg, cfg_img) * LAST_STEP
-        return x
+    @property
+    def n_sde(self) -> int:
+        """Stochastic steps per token."""
+        return self.dt.shape[1]
 
 
-class GraphedTokenSampler:
-    """A TokenSampler whose per-token work (all S head evaluations) is one CUDA graph replay.
+def time_embedding(head: FlowMatchingHead, grids: torch.Tensor, branches: int, dtype: torch.dtype) -> torch.Tensor:
+    """(G, R, width): the head's time embedding of every grid point of every row, computed once per call (it
+    depends only on the grid). The reference casts t to the condition's dtype first."""
+    return head.embed_time(grids.repeat(branches, 1).to(dtype).transpose(0, 1))
 
-    In eager mode a token costs about 100 kernel launches per step; on a GPU the launches, not the arithmetic,
-    bound the head at small batches. The graph is captured once per render call (shapes are fixed within a
-    call) from static input buffers that each token copies into. Opt-in (`cuda_graphs=True`) until measured on
-    a GPU; `verified` compares a replay with the eager result before it is trusted.
-    """
 
-    def __init__(self, sampler: TokenSampler, head_cond: torch.Tensor, noise: torch.Tensor):
-        self.sampler = sampler
-        self.inputs = [head_cond.clone(), noise.clone(), sampler.cfg[0].clone(), sampler.cfg_img[0].clone()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, cuBLAS handles)
-            for _ in range(2):
-                sampler.sample_scaled(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = sampler.sample_scaled(*self.inputs)
+def guided_velocity(head: FlowMatchingHead, x: torch.Tensor, mods, cfg: torch.Tensor, cfg_img: torch.Tensor,
+                    branches: int, dtype: torch.dtype) -> torch.Tensor:
+    """The guided float32 velocity (B, D) given one step's modulations; every branch of an image sees the same x."""
+    xin = x.to(dtype)
+    if branches > 1:
+        xin = xin.repeat(branches, 1)
+    v = head.velocity(xin, mods).float()
+    if branches == 2:
+        cond, uncond = v.chunk(2)
+        return uncond + cfg * (cond - uncond)
+    if branches == 3:
+        cond, img, neg = v.chunk(3)
+        return neg + cfg_img * (img - neg) + cfg * (cond - img)
+    return v
 
-    def sample(self, head_cond: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
-        for static, value in zip(self.inputs, (head_cond, noise, self.sampler.cfg[k], self.sampler.cfg_img[k])):
-            static.copy_(value)
-        self.graph.replay()
-        return self.output.clone()
 
-    def verified(self, head_cond: torch.Tensor, noise: torch.Tensor, atol: float = 1e-2) -> bool:
-        """Whether a replay agrees with the eager sampler on token 0."""
-        return torch.allclose(self.sample(head_cond, noise, 0), self.sampler.sample(head_cond, noise, 0), atol=atol)
+def sde_step(head: FlowMatchingHead, x: torch.Tensor, mods, t: torch.Tensor, one_minus_t: torch.Tensor,
+             var: torch.Tensor, dt: torch.Tensor, sqrt_dt: torch.Tensor, noise_scale: torch.Tensor, w: torch.Tensor,
+             cfg: torch.Tensor, cfg_img: torch.Tensor, branches: int, dtype: torch.dtype) -> torch.Tensor:
+    """One stochastic step of every row: x (B, D) -> (B, D); mods: this step's modulations (Modulations.step);
+    the constants are this step's (B, 1) columns; w (B, D) its noise draw."""
+    v = guided_velocity(head, x, mods, cfg, cfg_img, branches, dtype)
+    score = (t * v - x) / var
+    drift = v + one_minus_t * score
+    dw = w * sqrt_dt
+    mean_x = x + drift * dt
+    return mean_x + noise_scale * dw
+
+
+def sample_token(head: FlowMatchingHead, c: SamplerConstants, time_emb: torch.Tensor, head_cond: torch.Tensor,
+                 noise: torch.Tensor, cfg: torch.Tensor, cfg_img: torch.Tensor, branches: int, version: str,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """One token of every row (B, D) float32.
+
+    time_emb: (G, R, width) from `time_embedding`; head_cond: (R, hidden) = image_out_projector(condition);
+    noise: (B, draws, D) float32, this token's draws; cfg, cfg_img: (B, 1) this token's guidance scales."""
+    y = time_emb + head.embed_cond(head_cond)[None]  # (G, R, width)
+    mods = head.modulations(y)
+    x = noise[:, 0]
+    for i in range(c.n_sde):
+        x = sde_step(head, x, mods.step(i), c.t[:, i], c.one_minus_t[:, i], c.var[:, i], c.dt[:, i],
+                     c.sqrt_dt[:, i], c.noise_scale[:, i], noise[:, i + 1], cfg, cfg_img, branches, dtype)
+    if version == "1":
+        x = x + guided_velocity(head, x, mods.step(c.n_sde), cfg, cfg_img, branches, dtype) * LAST_STEP
+    return x
