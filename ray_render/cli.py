@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from ray_render.config import (
     CFG_SCHEDULES,
+    COMPILE_MODES,
     DEVICES,
     DTYPES,
     EDIT_INPUTS,
@@ -70,6 +71,9 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--edit-input", dest="edit_input", choices=EDIT_INPUTS,
                        help=f"edit input images: resize to the output size (official), or crop to its aspect ratio "
                             f"first (default: {d.edit_input})")
+    model.add_argument("--compile", choices=COMPILE_MODES,
+                       help=f"NextStep token steps compiled with torch.compile (and replayed from CUDA graphs on CUDA) "
+                            f"or eager; auto is on for CUDA (default: {d.compile})")
 
     render = parser.add_argument_group("render parameters (job defaults; manifest columns override them)")
     render.add_argument("--preset", help="draft, standard, premium, or one of the job file's presets")

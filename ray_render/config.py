@@ -49,6 +49,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISE_MODES = ("fast", "reference")
 ROPE_PRECISIONS = ("auto", "bf16", "fp32")
 EDIT_INPUTS = ("resize", "crop")
+COMPILE_MODES = ("off", "on", "auto")
 MAX_SIDE = 4096  # pixels; 4096x4096 is 65,536 image tokens, far past anything NextStep was trained on
 
 
@@ -149,6 +150,9 @@ class JobConfig:
     # NextStep edit inputs: resized to the output size as the official example does, or centre-cropped to the
     # output's aspect ratio first (no distortion).
     edit_input: str = field(default="resize", metadata=PIXELS)
+    # NextStep token steps: compiled (and replayed from CUDA graphs on CUDA) or eager; auto is on for CUDA. Compiled
+    # and eager images can differ by a rounding step, so it decides pixels.
+    compile: str = field(default="auto", metadata=PIXELS)
     address: str | None = None  # Ray address; default RAY_ADDRESS or a local Ray for this run
     storage_options: dict = field(default_factory=dict)  # fsspec options; never logged or recorded
     limit: int | None = None  # render only the first N rows of the plan
@@ -173,7 +177,7 @@ class JobConfig:
         if not self.out:
             raise ConfigError("no output given: pass --out PATH_OR_URL")
         choices = {"format": IMAGE_FORMATS, "device": DEVICES, "dtype": DTYPES, "noise": NOISE_MODES,
-                   "rope_precision": ROPE_PRECISIONS, "edit_input": EDIT_INPUTS}
+                   "rope_precision": ROPE_PRECISIONS, "edit_input": EDIT_INPUTS, "compile": COMPILE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
@@ -224,7 +228,7 @@ class JobConfig:
         """The keyword arguments of `models.load_model` for this job's `model`."""
         return {"vae": self.vae, "revision": self.revision, "device": self.device, "dtype": self.dtype,
                 "noise": self.noise, "storage_options": self.storage_options,
-                "rope_precision": self.rope_precision, "edit_input": self.edit_input}
+                "rope_precision": self.rope_precision, "edit_input": self.edit_input, "compile": self.compile}
 
     def record(self) -> dict:
         """The settings as written to the job record: storage options are left out, they may hold secrets."""

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ray_render import cli
-from ray_render.config import ConfigError, JobConfig
+from ray_render.config import JOB_PIXEL_SETTINGS, ConfigError, JobConfig
 from ray_render.models import load_model
 from ray_render.models.base import RenderRequest, RowError, max_batch
 from ray_render.models.nextstep import load_nextstep, snapshot
@@ -285,17 +285,22 @@ def test_check_returns_the_request_to_render_and_render_prints_no_warnings(fixtu
 
 def test_job_options_reach_the_model(tmp_path):
     args = cli.build_parser().parse_args(["run", "m.parquet", "--out", str(tmp_path), "--rope-precision", "bf16",
-                                          "--edit-input", "crop"])
+                                          "--edit-input", "crop", "--compile", "on"])
     job = cli.job_from_args(args)
-    assert (job.rope_precision, job.edit_input) == ("bf16", "crop")
-    model = load_model(job.model, device="cpu", rope_precision=job.rope_precision, edit_input=job.edit_input)
+    assert (job.rope_precision, job.edit_input, job.compile) == ("bf16", "crop", "on")
+    assert "compile" in JOB_PIXEL_SETTINGS  # compiled and eager images may differ by a rounding step
+    model = load_model(job.model, **{**job.model_options(), "device": "cpu"})
     assert (model.info.settings["rope_precision"], model.info.settings["edit_input"]) == ("bf16", "crop")
+    assert model.info.settings["compile"] == "on" and model.compiled
+    assert load_model("tiny", device="cpu").info.settings["compile"] == "off"  # auto: eager off CUDA
     drill = load_model("ray_render.tools.chaos:TinyOutOfMemoryAbove4", device="cpu", rope_precision="bf16")
     assert drill.info.settings["rope_precision"] == "bf16"  # plugin factories get the same keywords
     with pytest.raises(ConfigError, match="--rope-precision must be one of auto, bf16, fp32, got 'fp16'"):
         JobConfig(manifests=["m.parquet"], out=str(tmp_path), rope_precision="fp16")
     with pytest.raises(ConfigError, match="--edit-input must be one of resize, crop, got 'pad'"):
         JobConfig(manifests=["m.parquet"], out=str(tmp_path), edit_input="pad")
+    with pytest.raises(ConfigError, match="--compile must be one of off, on, auto, got 'yes'"):
+        JobConfig(manifests=["m.parquet"], out=str(tmp_path), compile="yes")
 
 
 def test_gpu_check_script_passes_on_cpu(tmp_path):

@@ -14,7 +14,7 @@ _PLUGIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z
 
 def load_model(name: str, *, vae: str | None = None, revision: str | None = None, device: str = "auto",
                dtype: str = "auto", noise: str = "fast", storage_options: dict | None = None,
-               rope_precision: str = "auto", edit_input: str = "resize") -> ImageModel:
+               rope_precision: str = "auto", edit_input: str = "resize", compile: str = "auto") -> ImageModel:
     """Load the model a job names. torch is imported only here, inside the actor that holds the model.
 
     `name` may also be `package.module:factory`: your own model family, a class or function importable on every
@@ -23,11 +23,12 @@ def load_model(name: str, *, vae: str | None = None, revision: str | None = None
     job's settings only, never from a manifest, and is imported by name, never unpickled.
     `ray_render.tools.chaos:TinyOutOfMemoryAbove4` is one (a fault injector for drills).
 
-    rope_precision ("auto", "bf16", "fp32") and edit_input ("resize", "crop") are NextStep options (see
-    nextstep/loading.py); other families ignore them.
+    rope_precision ("auto", "bf16", "fp32"), edit_input ("resize", "crop") and compile ("off", "on", "auto") are
+    NextStep options (see nextstep/loading.py); other families ignore them.
     """
     options = dict(vae=vae, revision=revision, device=device, dtype=dtype, noise=noise,
-                   storage_options=storage_options or {}, rope_precision=rope_precision, edit_input=edit_input)
+                   storage_options=storage_options or {}, rope_precision=rope_precision, edit_input=edit_input,
+                   compile=compile)
     if _PLUGIN.fullmatch(name):
         module_name, attribute = name.split(":")
         factory = getattr(importlib.import_module(module_name), attribute)
