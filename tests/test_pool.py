@@ -19,6 +19,7 @@ from ray_render.engine import summary as exits
 from ray_render.engine.actor import RenderActor
 from ray_render.engine.pool import RenderPool, ShardDone
 from ray_render.engine.session import RunSession
+from ray_render.models.placeholder import PlaceholderModel
 from ray_render.output import commits, layout
 
 
@@ -60,6 +61,37 @@ def test_actor_halves_its_batch_size_on_out_of_memory(tmp_path, make_manifest):
     actor, (result,) = render_all(job)
     assert result.counts["ok"] == 8  # nothing lost: the batch was split, not failed
     assert actor.renderer.batch_size == 1 and result.batch_size == 1  # 8 -> 4 -> 2 -> 1, kept for the actor's life
+
+
+class PlannedPlaceholder(PlaceholderModel):
+    """The placeholder model with a memory planner that allows 3 requests of any shape per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def max_batch(self, request) -> int:
+        return 3
+
+    def render(self, requests):
+        self.calls.append(len(requests))
+        return super().render(requests)
+
+
+def test_actor_batches_no_more_than_the_model_plans(tmp_path, make_manifest):
+    rows = [{"id": f"r{i}", "prompt": f"a red square {i}"} for i in range(8)]
+    job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", batch_size=8)
+    plan = planning.plan(job.manifests, job.shard_size, job.storage_options)
+    actor = RenderActor(job, 0, plan.passthrough_schema)
+    actor.renderer.model = planned = PlannedPlaceholder()
+    (result,) = [actor.render_shard(shard) for shard in plan.shards]
+    assert result.counts["ok"] == 8
+    assert planned.calls == [3, 3, 2]  # the planner's 3, not the job's 8
+    job.batch_size = 2
+    small = RenderActor(job, 0, plan.passthrough_schema)
+    small.renderer.model = capped = PlannedPlaceholder()
+    small.render_shard(plan.shards[0])
+    assert capped.calls == [2, 2, 2, 2]  # --batch-size stays a cap below the planner's
 
 
 def test_actor_writes_every_row_once_with_its_settings(tmp_path, make_manifest):

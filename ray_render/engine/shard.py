@@ -30,7 +30,7 @@ from ray_render.engine import quality
 from ray_render.engine.journal import ShardJournal
 from ray_render.engine.plan import Shard
 from ray_render.engine.rows import InvalidRow, RowTask, read_shard_rows, validate_rows
-from ray_render.models.base import ImageModel, ModelOutOfMemory, RenderRequest, RowError
+from ray_render.models.base import ImageModel, ModelOutOfMemory, RenderRequest, RowError, max_batch
 from ray_render.output import commits, images, layout
 from ray_render.output.schema import empty_counts, metadata_table
 
@@ -196,11 +196,13 @@ class ShardRenderer:
             groups.setdefault(key, []).append(item)
         try:
             for group in groups.values():
-                for start in range(0, len(group), self.batch_size):
+                # The model's memory planner may bound this shape below the job's batch size, which stays a cap.
+                size = min(self.batch_size, max_batch(self.model, group[0].request) or self.batch_size)
+                for start in range(0, len(group), size):
                     if self._cancelled():
                         self._done_rendering(work)  # a clean stop, not a death: the next attempt blames no row
                         raise ShardCancelled(f"shard {work.shard.shard_id} cancelled")
-                    work.render_ms += self._render(group[start:start + self.batch_size], work)
+                    work.render_ms += self._render(group[start:start + size], work)
             for future in work.pending:
                 future.result()  # storage errors fail the shard: the driver retries it, nothing is committed
             self._done_rendering(work)
