@@ -93,3 +93,14 @@ def test_gpu_suite_runs_only_with_cuda_and_says_so(tmp_path):
 def test_unknown_suite_is_a_clear_error(tmp_path, capsys):
     assert program(["bench", "--suite", "orchestration,nope", "--out", str(tmp_path)]) == 2
     assert "--suite must be" in capsys.readouterr().err
+
+
+def test_decode_compares_eager_and_compiled_on_the_same_images(quick_run):
+    result = json.loads((quick_run[1] / "decode.json").read_text())
+    eager, compiled = result["eager"], result["compiled"]
+    for figures in (eager, compiled):
+        assert figures["ms_per_token_step"] > 0 and figures["s_per_image"] > 0 and figures["tokens"] == 4
+    # The compiled step runs its arithmetic in generated code: far fewer calls into torch's dispatcher.
+    assert 0 < compiled["ops_per_token_step"] < eager["ops_per_token_step"] / 2
+    assert compiled["first_call_s"] > eager["first_call_s"]  # the compile, once
+    assert result["image_diff"]["p99"] <= 2 and set(result["ratios"]) == {"token step", "per image"}

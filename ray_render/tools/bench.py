@@ -19,6 +19,8 @@ the CPU in the kernel and ran 1.5-2x slower. Each round of each contender writes
     driver_scale   plan and dispatch 1,000,000 rows vs 10,000: the driver's peak RSS, planning time
     resume         rerun a finished 20,000-row job: its wall time against the original's
     actor          one RenderActor, tiny model, batch 1/4/16/32: images/s, share of wall time in the model
+    decode         the token step eager and compiled, side by side on one model: NextStep-1-Large's depth at
+                   tiny widths, batch 8 with guidance, 50 steps: host time and dispatched ops per token step
     gpu            full-size NextStep-1-Large architecture with random bf16 weights; skipped without CUDA
 
 The terminal gets one table per suite; `--out DIR` gets `<suite>.json` for each suite and `summary.json`.
@@ -43,7 +45,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-ALL_SUITES = ("orchestration", "model", "driver_scale", "resume", "actor", "gpu")
+ALL_SUITES = ("orchestration", "model", "driver_scale", "resume", "actor", "decode", "gpu")
 CPU_SUITES = ALL_SUITES[:-1]
 ACTOR_BATCH_SIZES = (1, 4, 16, 32)
 GPU_BATCH_SIZES = (1, 8, 32)
@@ -54,18 +56,21 @@ FULL = {"orchestration": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "driver_scale": {"rows": 1_000_000, "base_rows": 10_000, "shard_size": 1000},
         "resume": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "actor": {"rows": 128},
+        "decode": {"layers": 48, "blocks": 12, "steps": 50, "batch": 8, "side": 128},
         "gpu": {"rows": 8, "steps": 50, "side": 512}}
 QUICK = {"orchestration": {"rows": 240, "shard_size": 60, "batch_size": 8},
          "model": {"rows": 8, "shard_size": 4, "batch_size": 4},
          "driver_scale": {"rows": 2_000, "base_rows": 200, "shard_size": 100},
          "resume": {"rows": 240, "shard_size": 60, "batch_size": 8},
          "actor": {"rows": 4},
+         "decode": {"layers": 2, "blocks": 1, "steps": 2, "batch": 2, "side": 32},
          "gpu": {"rows": 2, "steps": 4, "side": 256}}
 GOALS = {"orchestration": "ray-render >= 1.5x Ray Data in rows/s",
          "model": "ray-render >= 3x the loop and >= 1.2x Ray Data in rows/s",
          "driver_scale": "peak driver RSS at 1,000,000 rows <= 1.3x that at 10,000 rows",
          "resume": "rerun of a finished job < 5% of the original wall time",
          "actor": ">= 90% of actor wall time in the model (encode and upload overlapped)",
+         "decode": "compiled token step >= 5x faster per image than eager on CPU, images within 2 levels (p99)",
          "gpu": "reported only (images/s per batch size on the full-size architecture)"}
 ACTORS = 2
 # Ray starts its workers at niceness 15 by default. On a machine shared with other work at niceness 0, that leaves
@@ -261,8 +266,14 @@ def _work_gpu(batch_sizes: list[int], rows: int, steps: int, side: int) -> dict:
     return {"skipped": False, **result}
 
 
+def _work_decode(layers: int, blocks: int, steps: int, batch: int, side: int, repeat: int) -> dict:
+    from ray_render.models.nextstep.bench import measure_decode
+
+    return measure_decode(layers=layers, blocks=blocks, steps=steps, batch=batch, side=side, repeat=repeat)
+
+
 _CHILD_WORK = {"ray-render": _work_ray_render, "ray-data": _work_ray_data, "loop": _work_loop, "plan": _work_plan,
-               "actor": _work_actor, "gpu": _work_gpu}
+               "actor": _work_actor, "decode": _work_decode, "gpu": _work_gpu}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,6 +444,15 @@ def suite_actor(work: Path, sizes: dict, repeat: int = 1) -> dict:
             "ratios": {"min model share": worst}, "goal_met": worst >= 0.9}
 
 
+def suite_decode(work: Path, sizes: dict, repeat: int = 1) -> dict:
+    """One process builds the same random deep-narrow model twice, eager and compiled, renders the same batch
+    with each, in turn, and reports both (a compile happens once, before the timed rounds)."""
+    result = _child("decode", work, **sizes, repeat=max(3, repeat))
+    met = result["ratios"]["per image"] >= 5.0 and result["image_diff"]["p99"] <= 2
+    return {"params": {**sizes, "model": "random, NextStep-1-Large depth at tiny widths", "device": "cpu"},
+            **result, "goal_met": met}
+
+
 def suite_gpu(work: Path, sizes: dict, repeat: int = 1) -> dict:
     """The full-size architecture (random bf16 weights) at several batch sizes, when a CUDA device is present."""
     result = _child("gpu", work, batch_sizes=list(GPU_BATCH_SIZES), rows=sizes["rows"], steps=sizes["steps"],
@@ -444,7 +464,7 @@ def suite_gpu(work: Path, sizes: dict, repeat: int = 1) -> dict:
 
 
 SUITES = {"orchestration": suite_orchestration, "model": suite_model, "driver_scale": suite_driver_scale,
-          "resume": suite_resume, "actor": suite_actor, "gpu": suite_gpu}
+          "resume": suite_resume, "actor": suite_actor, "decode": suite_decode, "gpu": suite_gpu}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,6 +518,15 @@ def format_suite(name: str, result: dict) -> str:
                         f"{100 * r['bare_model_share']:.1f}%"] for r in result["results"]])
         body += ("\n(model share: time inside model.render / actor wall time; bare-model share: the same requests "
                  "rendered by the model alone / actor wall time)")
+    elif name == "decode":
+        modes = [(mode, result[mode]) for mode in ("eager", "compiled")]
+        body = _table(["mode", "ms/token step", "cpu ms/step", "ops/step", "s/image", "first call s"],
+                      [[mode, f"{r['ms_per_token_step']:.2f}", f"{r['cpu_ms_per_token_step']:.2f}",
+                        r["ops_per_token_step"], f"{r['s_per_image']:.3f}", r["first_call_s"]] for mode, r in modes])
+        diff = result["image_diff"]
+        ratios = result["ratios"]
+        body += (f"\ncompiled/eager: {ratios['per image']:.2f}x per image, {ratios['token step']:.2f}x per token "
+                 f"step; images differ by at most {diff['max']} (p99 {diff['p99']:.0f})")
     elif name == "gpu":
         if result.get("skipped"):
             body = f"SKIPPED: {result['reason']}"
