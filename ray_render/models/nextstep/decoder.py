@@ -69,6 +69,7 @@ class Decoder:
         self._steps: dict[tuple, TokenStep] = {}  # (branches, version) -> step (compiled when `compiled`)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (images, window) -> captured step
         self._pool = None  # memory pool shared by the captured graphs (they never run concurrently)
+        self.fallback: str | None = None  # why compiling failed, when it did: steps then run eager
         self.last_run: dict = {}  # tokens, wall_s and cpu_s of the last token loop: host time, before any sync
         if compiled:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -137,15 +138,35 @@ class Decoder:
     def prepare(self, b: StepBuffers, branches: int, version: str, windows: list[int]) -> None:
         """Before the call's prefill: capture the CUDA graphs of windows not captured yet (warm-up runs scribble
         on the buffers, which the call then fills)."""
-        if not self.graphs_enabled:
-            return
-        step = self.step(branches, version)
         for window in sorted(set(windows)):
-            key = (b.shape.images, window)
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(step, b, window)
+            if not self.graphs_enabled:  # eager, or compiling failed
+                return
+            if (b.shape.images, window) not in self._graphs:
+                graph = self._capture((branches, version), b, window)
+                if graph is not None:
+                    self._graphs[(b.shape.images, window)] = graph
 
-    def _capture(self, step, b: StepBuffers, window: int) -> torch.cuda.CUDAGraph:
+    def _call(self, key: tuple, b: StepBuffers, bias: torch.Tensor) -> None:
+        """One step, with a call of a compiled step that may compile: should compiling fail, the step runs eager
+        from then on (images then differ from compiled ones by a rounding step; `fallback` says why) rather than
+        fail the render."""
+        if not self.compiled:
+            self.step(*key)(b, bias)
+            return
+        try:
+            self.step(*key)(b, bias)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - compiling is an optimisation: never fail a render over it
+            logger.error("compiling the token step failed; running it eager from now on: %s: %s",
+                         type(e).__name__, str(e)[:500])
+            self.fallback = f"{type(e).__name__}: {str(e)[:200]}"
+            self.compiled = self.graphs_enabled = self.dynamic_batch = False
+            self._steps, self._graphs = {}, {}
+            self.step(*key)(b, bias)
+
+    def _capture(self, key: tuple, b: StepBuffers, window: int) -> torch.cuda.CUDAGraph | None:
+        """The step for `window` captured in a CUDA graph, or None when compiling it failed."""
         bias = b.window(window)
 
         def safe_state() -> None:  # every key visible and an in-range position: warm-ups stay finite
@@ -158,38 +179,41 @@ class Decoder:
         with torch.cuda.stream(side):  # warm-up outside capture: compiles, autotunes, allocates workspaces
             for _ in range(2):
                 safe_state()
-                step(b, bias)
+                self._call(key, b, bias)
         torch.cuda.current_stream().wait_stream(side)
+        if not self.graphs_enabled:
+            return None
         safe_state()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            step(b, bias)
+            self.step(*key)(b, bias)
         return graph
 
     def run(self, b: StepBuffers, branches: int, version: str, prompt_length: int, tokens: int,
             on_token=None) -> None:
         """Decode `tokens` tokens from the state the prefill left in `b`; `on_token(k, before)` is called
         before (before=True) and after each step when given (traces)."""
-        step = self.step(branches, version)
         wall, cpu = time.perf_counter(), time.process_time()
         with torch.profiler.record_function(PROFILE_RANGE):
-            self._loop(step, b, prompt_length, tokens, on_token)
+            self._loop((branches, version), b, prompt_length, tokens, on_token)
         self.last_run = {"tokens": tokens, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
-    def _loop(self, step, b: StepBuffers, prompt_length: int, tokens: int, on_token) -> None:
+    def _loop(self, key: tuple, b: StepBuffers, prompt_length: int, tokens: int, on_token) -> None:
         for k in range(tokens):
             window = self.window(prompt_length + k)
             if on_token:
                 on_token(k, True)
             if self.graphs_enabled:
                 self._graphs[(b.shape.images, window)].replay()
-            elif self.compiled and k > 0:
+            elif k == 0:
+                self._call(key, b, b.window(window))
+            elif self.compiled:
                 # The guards were checked at token 0; from there on only the window changes, and it is dynamic.
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    step(b, b.window(window))
+                    self.step(*key)(b, b.window(window))
             else:
-                step(b, b.window(window))
+                self.step(*key)(b, b.window(window))
             if on_token:
                 on_token(k, False)

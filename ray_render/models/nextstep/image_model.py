@@ -183,7 +183,11 @@ class NextStepImageModel:
         device = self.parts.device
         try:
             with torch.inference_mode(), _cpu_threads(self.cpu_threads if device.type == "cpu" else None):
-                return generate(self.parts, list(requests), kept, batch_limit=self.max_batch(requests[0])), kept
+                images = generate(self.parts, list(requests), kept, batch_limit=self.max_batch(requests[0]))
+            if self.parts.decoder.fallback and "compile_fallback" not in self.info.settings:
+                # Compiling failed and steps run eager now: the record says so (shard commits carry it).
+                self.info.settings.update(compile="off", compile_fallback=self.parts.decoder.fallback)
+            return images, kept
         except torch.OutOfMemoryError as e:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
