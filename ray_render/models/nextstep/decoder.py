@@ -23,6 +23,7 @@ import logging
 import time
 
 import torch
+import torch._inductor.config
 
 from ray_render.models.nextstep.backbone import BackboneWeights
 from ray_render.models.nextstep.model import NextStepModel
@@ -130,8 +131,7 @@ class Decoder:
         if key not in self._steps:
             step = TokenStep(self.model, self.weights, branches, version)
             if self.compiled:
-                options = CPU_COMPILE_OPTIONS if self.device.type == "cpu" else None
-                step = torch.compile(step, fullgraph=True, dynamic=False, options=options)
+                step = torch.compile(step, fullgraph=True, dynamic=False)
             self._steps[key] = step
         return self._steps[key]
 
@@ -154,7 +154,9 @@ class Decoder:
             self.step(*key)(b, bias)
             return
         try:
-            self.step(*key)(b, bias)
+            # The options are read while compiling (torch.compile's own options= does not reach freezing).
+            with torch._inductor.config.patch(CPU_COMPILE_OPTIONS if self.device.type == "cpu" else {}):
+                self.step(*key)(b, bias)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - compiling is an optimisation: never fail a render over it

@@ -64,7 +64,9 @@ class StepBuffers:
         self.head_cond = torch.zeros(r, hidden, dtype=dtype, device=dev)  # its projection, kept for traces
         self.token_index = torch.zeros(1, dtype=torch.long, device=dev)  # k
         self.position = torch.zeros(1, dtype=torch.long, device=dev)  # the cache slot token k is fed back at
-        self.bias = torch.zeros(r, 1, 1, shape.capacity, dtype=dtype, device=dev)  # key bias: 0 or -inf
+        # Key bias, 0 or -inf: (R, 1, 1, C) in a row of a multiple of 16 slots, the alignment SDPA's
+        # memory-efficient kernel wants of a bias (else it pads a copy at every call).
+        self.bias = torch.zeros(r, 1, 1, -(-shape.capacity // 16) * 16, dtype=dtype, device=dev)[..., :shape.capacity]
         # The KV cache, a tensor per layer for keys and one for values: (R, kv, C, d) each. Zeros, not empty: a
         # hidden slot's value is multiplied by a zero weight, and 0 * NaN would not be zero.
         cache = (r, weights.kv_heads, shape.capacity, weights.head_dim)
