@@ -11,6 +11,7 @@ from test_nextstep_conformance import FIXTURE, assert_images_close, case_request
 from torch._dynamo.utils import counters
 
 from ray_render.models.base import RenderRequest
+from ray_render.models.nextstep import decoder as decoder_lib
 from ray_render.models.nextstep import load_nextstep
 from ray_render.models.nextstep.bench import deep_narrow, requests_for
 from ray_render.models.nextstep.decoder import Decoder
@@ -60,3 +61,15 @@ def test_deep_narrow_model_compiled_renders_as_eager_at_every_batch_size():
     pair = compiled.render(requests[:2])  # batch bucket 2 after 4 (3 padded): the same graph
     assert compiled_graphs() == before + 1
     assert np.percentile(np.abs(np.stack(pair).astype(int) - a[:2]), 99) <= 2
+
+
+def test_a_step_that_fails_to_compile_renders_eager_and_says_so(monkeypatch, caplog):
+    # Only inductor's own matmul templates allowed and no frozen weights: inductor finds no kernel for a matmul
+    # and raises, a real compile failure.
+    monkeypatch.setattr(decoder_lib, "CPU_COMPILE_OPTIONS",
+                        {"max_autotune": True, "max_autotune_gemm_backends": "CPP"})
+    model = load_nextstep(str(FIXTURE), device="cpu", noise="reference", compile="on")
+    image = model.render([model.check(case_request("A"))])[0]
+    assert_images_close(image, png(FIXTURE / "reference" / "A.png"))  # rendered eager: the official image
+    assert "compiling the token step failed" in caplog.text and not model.compiled
+    assert model.info.settings["compile"] == "off" and "NoValidChoicesError" in model.info.settings["compile_fallback"]

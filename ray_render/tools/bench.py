@@ -56,7 +56,7 @@ FULL = {"orchestration": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "driver_scale": {"rows": 1_000_000, "base_rows": 10_000, "shard_size": 1000},
         "resume": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "actor": {"rows": 128},
-        "decode": {"layers": 48, "blocks": 12, "steps": 50, "batch": 8, "side": 128},
+        "decode": {"layers": 48, "blocks": 12, "steps": 50, "batch": 8, "side": 256},
         "gpu": {"rows": 8, "steps": 50, "side": 512}}
 QUICK = {"orchestration": {"rows": 240, "shard_size": 60, "batch_size": 8},
          "model": {"rows": 8, "shard_size": 4, "batch_size": 4},

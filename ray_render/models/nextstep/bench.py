@@ -112,7 +112,7 @@ def deep_narrow(layers: int = 48, blocks: int = 12, compile: str = "off", seed: 
                               **{**NARROW, **overrides})
 
 
-def measure_decode(layers: int = 48, blocks: int = 12, steps: int = 50, batch: int = 8, side: int = 128,
+def measure_decode(layers: int = 48, blocks: int = 12, steps: int = 50, batch: int = 8, side: int = 256,
                    cfg: float = 7.5, repeat: int = 3) -> dict:
     """The token step eager and compiled on the same model and requests (`batch` images with guidance, `steps`
     sampling steps, `side` x `side`): host time and dispatched ops per token step, per image, the images'

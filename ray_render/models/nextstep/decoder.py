@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = ("off", "on", "auto")
 LENGTH_BUCKET = {"cuda": 128, "cpu": 64}  # attention windows and cache lengths are multiples of this
 # Compiled steps on the CPU: weights frozen into the graph so inductor generates the matmuls itself instead of
-# calling into aten for each (at decode sizes the call, not the arithmetic, is the cost).
+# calling into aten for each (at decode sizes the call, not the arithmetic, is the cost). The price: a compile
+# several times longer (each matmul shape is tuned) and the weights held a second time, packed for those matmuls.
 CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 RECOMPILE_LIMIT = 64  # step shapes x batch buckets one actor may compile (torch's default of 8 is too few)
 PROFILE_RANGE = "nextstep.decode"  # the token loop, as torch.profiler names it (the bench counts ops inside)
