@@ -101,7 +101,11 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="fsspec options as a JSON object (credentials, endpoint_url); never logged")
     output.add_argument("--no-resume", dest="resume", action="store_false",
                         help="render committed shards again (default: skip them)")
-    output.add_argument("--overwrite", action="store_true", help="clear the output root's job first")
+    output.add_argument("--overwrite", action="store_true", help="clear the output root's job first (only "
+                        "ray-render's own files are deleted)")
+    output.add_argument("--lease-ttl", dest="lease_ttl_s", type=float, metavar="SECONDS",
+                        help=f"another run may take the output over this long after this run's last heartbeat "
+                             f"(default: {d.lease_ttl_s:g})")
 
     run = parser.add_argument_group("cluster and scheduling")
     run.add_argument("--address", metavar="ADDR",
@@ -173,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def add_status_parser(subparsers) -> None:
     parser = subparsers.add_parser("status", help="progress of a running or finished job, from its output root",
                                    description="Report a job's progress from its output root alone "
-                                               "(job record, commit markers, summary). Exit 2 if OUT holds no job.")
+                                               "(job record, commit log, lease, summary). Exit 2 if OUT holds no job.")
     parser.add_argument("out", metavar="OUT", help="the job's output root (local path or fsspec URL)")
     parser.add_argument("--storage-options", dest="storage_options", metavar="JSON", default=None,
                         help="fsspec options as a JSON object")

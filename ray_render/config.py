@@ -154,6 +154,7 @@ class JobConfig:
     limit: int | None = None  # render only the first N rows of the plan
     resume: bool = True
     overwrite: bool = False
+    lease_ttl_s: float = 60.0  # another run may take the output over this long after this run's last heartbeat
     progress: bool = True
     cpus_per_actor: float = 0.5  # small on purpose: leave CPU for Ray's own tasks on small machines
     gpus_per_actor: float = 1.0  # used when device resolves to cuda
@@ -188,6 +189,9 @@ class JobConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ConfigError(f"--retries must be a whole number >= 0, got {self.retries!r}")
+        if isinstance(self.lease_ttl_s, bool) or not isinstance(self.lease_ttl_s, (int, float)) \
+                or not 1.0 <= self.lease_ttl_s <= 86400.0:
+            raise ConfigError(f"--lease-ttl must be from 1 to 86400 seconds, got {self.lease_ttl_s!r}")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError(f"--max-failed-fraction must be from 0 to 1, got {self.max_failed_fraction}")
         if not 1 <= self.quality <= 100:

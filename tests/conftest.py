@@ -145,6 +145,14 @@ def flaky_s3(s3, _fault_proxy):
     _fault_proxy.failures = 0
 
 
+def image_files(out) -> list[str]:
+    """Every stored image's file name under a local output root (images/<shard>/<attempt>/<name>)."""
+    found = []
+    for _, _, names in os.walk(os.path.join(str(out), "images")):
+        found += [name for name in names if not name.startswith(".")]
+    return sorted(found)
+
+
 def prompt_rows(n: int, start: int = 0, **columns) -> list[dict]:
     """`n` simple manifest rows with ids r<i> and prompts; extra keyword columns are repeated on every row."""
     return [{"id": f"r{i}", "prompt": f"a photo of object number {i}", **columns} for i in range(start, start + n)]

@@ -10,6 +10,7 @@ import time
 import pyarrow.dataset as ds
 import pytest
 import ray
+from conftest import image_files
 from PIL import Image
 
 from ray_render.config import JobConfig
@@ -29,7 +30,12 @@ def metadata(out: str):
 def render_all(job: JobConfig):
     plan = planning.plan(job.manifests, job.shard_size, job.storage_options)
     actor = RenderActor(job, 0, plan.passthrough_schema)
-    return actor, [actor.render_shard(shard) for shard in plan.shards]
+    results = []
+    for number, shard in enumerate(plan.shards, 1):  # as the driver does: an attempt, then its commit
+        result = actor.render_shard(shard, 1, f"000000000000-{number}")
+        commits.publish(job.out, shard.shard_id, result.attempt_id)
+        results.append(result)
+    return actor, results
 
 
 # -- the actor in this process -------------------------------------------------------------------------------------
@@ -48,7 +54,7 @@ def test_actor_isolates_a_raising_row_and_fails_it_after_retries(tmp_path, make_
     assert failed["status"] == "failed" and "placeholder:raise" in failed["error"]
     # Bisection 8 -> 4 -> 2 -> 1 puts it in 4 calls, then 2 retries alone.
     assert failed["attempts"] == 4 + 2
-    assert not os.path.exists(layout.image_url(job.out, result.shard_id, "r5", 0, "png"))
+    assert not os.path.exists(layout.image_url(job.out, result.shard_id, result.attempt_id, "r5", 0, "png"))
     for row_id in ("r0", "r4", "r6", "r7"):
         assert by_id[row_id]["status"] == "ok" and os.path.exists(by_id[row_id]["image_uri"])
 
@@ -148,8 +154,7 @@ def test_an_actor_killed_mid_shard_is_replaced_and_every_row_lands_once(ray_clus
     assert summary.actors_replaced >= 1 and summary.shard_retries >= 1
     ids = [row["id"] for row in metadata(job.out)]
     assert sorted(ids) == sorted(f"r{i}" for i in range(24))  # every row exactly once
-    images = [name for shard in os.listdir(f"{job.out}/images") for name in os.listdir(f"{job.out}/images/{shard}")]
-    assert len(images) == 24
+    assert len(image_files(job.out)) == 24  # the killed attempt's images are gone with it
 
 
 def test_idle_actor_takes_a_copy_of_a_queued_shard_and_the_first_result_wins(ray_cluster, tmp_path, make_manifest):
@@ -169,7 +174,10 @@ def test_idle_actor_takes_a_copy_of_a_queued_shard_and_the_first_result_wins(ray
                 pool.submit(pending.pop(0), 1)
             if not pending:
                 pool.reissue_stragglers()
-            done += [event for event in pool.wait(0.2) if isinstance(event, ShardDone)]
+            for event in pool.wait(0.2):
+                if isinstance(event, ShardDone):  # as the driver does: the first result is committed
+                    commits.publish(job.out, event.shard.shard_id, event.attempt_id)
+                    done.append(event)
     finally:
         pool.shutdown()
     assert pool.reissued >= 1
@@ -195,9 +203,11 @@ def test_shutdown_lets_cancelled_calls_return_and_names_the_shards_still_running
         time.sleep(0.05)  # each call writes its shard's journal right before its first model call
     started = time.monotonic()
     unsettled = pool.shutdown(grace_s=3.0)
-    assert unsettled == {stuck.shard_id}  # the stoppable call returned at its next batch boundary
+    assert {shard_id for shard_id, _ in unsettled} == {stuck.shard_id}  # the stoppable call returned in time
     assert time.monotonic() - started < 10
-    assert commits.committed_shard_ids(job.out) == set()  # a cancelled call never commits
+    stopped = [pair for pair in pool.attempts if pair[0] == stoppable.shard_id]
+    # A cancelled call stops before it finishes its attempt: no metadata for the driver to commit.
+    assert not any(os.path.exists(layout.attempt_metadata_url(job.out, *pair)) for pair in stopped)
     assert not journal.died_rendering(job.out, stoppable.shard_id)  # it stopped cleanly: the next attempt blames no row
 
 

@@ -33,8 +33,9 @@ def shard(number: int) -> Shard:
 
 
 def result(ref, wall_ms: float = 1000.0) -> ShardResult:
-    piece, attempt = ref.args
-    return ShardResult(shard_id=piece.shard_id, attempt=attempt, rows=piece.num_rows, wall_ms=wall_ms)
+    piece, attempt, attempt_id = ref.args
+    return ShardResult(shard_id=piece.shard_id, attempt=attempt, attempt_id=attempt_id, rows=piece.num_rows,
+                       wall_ms=wall_ms)
 
 
 def started_pool(runtime: FakeRuntime, actors: int = 2, max_in_flight: int = 2) -> RenderPool:
@@ -143,6 +144,7 @@ def test_a_slow_first_attempt_gets_a_copy_and_the_loser_is_cancelled(clock):
     assert pool.reissue_stragglers() == 1
     (copy,) = fast_actor.pending()
     assert copy.args[0].shard_id == "s0"
+    assert copy.args[2] != slow_actor.pending()[0].args[2]  # a copy writes under its own attempt id
     runtime.finish(copy, result(copy))
     (event,) = pool.wait(0)
     assert isinstance(event, ShardDone) and event.shard.shard_id == "s0"
@@ -191,7 +193,7 @@ def test_shutdown_cancels_everything_kills_every_actor_and_names_the_unsettled_s
     stopping = runtime.actors[1].pending()[0]  # this one returns within the grace period
     runtime.finish(stopping, raised="ShardCancelled: shard s1 cancelled")
     unsettled = pool.shutdown(grace_s=0.0)
-    assert unsettled == {"s0", "s2"}  # still running when the grace ran out: their files are left alone
+    assert {shard_id for shard_id, _ in unsettled} == {"s0", "s2"}  # still running when the grace ran out
     assert all(ref.cancel_requested for actor in runtime.actors for ref in actor.calls if ref.method == "render_shard")
     assert all(actor.killed for actor in runtime.actors)
     assert not pool.has_work()

@@ -73,8 +73,8 @@ def test_report_reads_only_the_sampled_shards(tmp_path):
 def test_missing_or_broken_images_become_grey_cells(tmp_path):
     built = build_output_root(str(tmp_path / "out"), shards=1, rows_per_shard=1, num_images=2)
     first, second = built.ok
-    os.remove(os.path.join(built.root, layout.image_key("s000", first["id"], 0, "png")))
-    with open(os.path.join(built.root, layout.image_key("s000", second["id"], 1, "png")), "wb") as handle:
+    os.remove(layout.row_image_url(built.root, "s000", first))
+    with open(layout.row_image_url(built.root, "s000", second), "wb") as handle:
         handle.write(b"not an image")
     result = report.write_report(built.root, samples=2, columns=2, thumb=40)
     sheet = Image.open(result.contact_sheet).convert("RGB")

@@ -85,9 +85,10 @@ class RenderActor:
         return [(item.row_index, item.id, item.fingerprint, None) if isinstance(item, RowTask)
                 else (item.row_index, item.id, None, item.error) for item in checked]
 
-    def render_shard(self, shard: Shard, attempt: int = 1) -> ShardResult:
-        """Render every row of `shard`, write its metadata Parquet, then commit it; returns the counts."""
-        return self.renderer.render_shard(shard, attempt)
+    def render_shard(self, shard: Shard, attempt: int, attempt_id: str) -> ShardResult:
+        """Render every row of `shard` as attempt `attempt_id` (files under its own names) and write its metadata;
+        returns the counts. The driver commits it."""
+        return self.renderer.render_shard(shard, attempt, attempt_id)
 
     def _cancelled(self) -> bool:
         if not self._in_ray:

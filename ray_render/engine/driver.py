@@ -14,9 +14,10 @@ import time
 
 from ray_render.config import PIXEL_SETTINGS, JobConfig
 from ray_render.engine import plan as planning
+from ray_render.engine.rows import default_row_id
 from ray_render.engine.session import JobAborted, RunSession
 from ray_render.engine.summary import Summary
-from ray_render.output import commits, record
+from ray_render.output import record
 from ray_render.output.commits import commit_totals
 
 log = logging.getLogger("ray_render")
@@ -32,42 +33,41 @@ def job_record(job: JobConfig, plan: planning.Plan, summary: Summary) -> dict:
     """The job record a run writes when it claims its output (`_job.json`)."""
     return {"run_id": summary.run_id, "started_at": summary.started_at, "plan_fingerprint": plan.fingerprint,
             "settings_fingerprint": settings_fingerprint(job), "settings": job.record(), "model": summary.model,
-            "files": plan.files, "total_rows": plan.total_rows, "shards": len(plan.shards)}
+            "files": plan.identities, "total_rows": plan.total_rows, "shards": len(plan.shards)}
 
 
 def run(job: JobConfig) -> Summary:
     """Render `job` to completion (or abort); print and return the Summary (its `exit_code`: engine/summary.py)."""
     so = job.storage_options
-    with RunSession(job) as session:
+    with RunSession(job, "run") as session:
         summary = session.summary
-        # 1. Plan: Parquet footers only, so a bad manifest fails before any Ray or GPU time
-        plan = planning.plan(job.manifests, job.shard_size, so, job.limit)
+        # 1. Plan: Parquet footers only, so a bad manifest fails before anything is written or started
+        plan = planning.plan(job.manifests, job.shard_size, so, job.limit, out=job.out)
         for warning in plan.warnings:
             log.warning(warning)
         summary.rows_total, summary.shards_total = plan.total_rows, len(plan.shards)
         summary.plan_s = time.monotonic() - session.started
 
-        # 2. Job record: an output root holds one job; --overwrite clears it first
+        # 2. Take the output's lease, then check the job it holds; --overwrite clears it
+        session.acquire_output()
         previous = record.read_job_record(job.out, so)
         if job.overwrite:
-            if previous is not None or commits.committed_shard_ids(job.out, so):
-                log.info("--overwrite: clearing %s", job.out)
-            commits.clear_output(job.out, so)
+            session.clear_output()
             previous = None
         elif previous is not None:
             _check_same_job(previous, plan, job)
 
         # 3. Resume: committed shards are done
-        done = commits.list_commits(job.out, so) if job.resume else {}
         shard_ids = {shard.shard_id for shard in plan.shards}
-        done = {shard_id: info for shard_id, info in done.items() if shard_id in shard_ids}
+        done = {shard_id: entry["info"] for shard_id, entry in session.committed.items()
+                if shard_id in shard_ids and job.resume}
         counts, images, summary.rows_resumed = commit_totals(done.values())
         summary.add(counts, images)
         summary.shards_resumed = summary.shards_committed = len(done)
         todo = [shard for shard in plan.shards if shard.shard_id not in done]
-        if todo:  # rows repeating an id used earlier in the plan will end invalid (reads the id column only)
+        if todo:  # rows repeating an id used earlier in the plan will end invalid (reads the id columns only)
             ids_started = time.monotonic()
-            plan = planning.mark_repeated_ids(plan, so)
+            plan = planning.mark_repeated_ids(plan, so, lambda row: default_row_id(row, job))
             todo = [shard for shard in plan.shards if shard.shard_id not in done]
             summary.plan_s += time.monotonic() - ids_started
         if done:
@@ -83,11 +83,11 @@ def run(job: JobConfig) -> Summary:
             session.start_pool(plan)
             if previous is not None:
                 _check_same_model(previous, summary.model)
-            # 5. Claim the output: the job record names the plan, the settings and the model
+            # 5. Claim the output: finish what a dead holder left, write the job record
             session.claim_output(job_record(job, plan, summary))
-            # 6. Dispatch shards, collect results, retry, watch the error budget
+            # 6. Dispatch shards, commit results, retry, watch the error budget
             session.dispatch(todo)
-    # 7. The session has stopped the actors and written the summary: print it
+    # 7. The session has stopped the actors, written the summary and released the lease: print it
     print(session.summary.format(), flush=True)
     return session.summary
 
@@ -97,16 +97,16 @@ def _check_same_job(previous: dict, plan: planning.Plan, job: JobConfig) -> None
         # Its shards no longer match any one plan: a run would render rows the refresh already holds, twice.
         raise JobAborted(f"{job.out} is kept up to date by `ray-render refresh`: run `ray-render refresh` with the "
                          f"manifest, or pass --overwrite to start again, or choose another --out")
-    differences = []
-    if previous.get("plan_fingerprint") != plan.fingerprint:
-        differences.append("the plan (manifest files, their rows, --shard-size or --limit)")
+    differences = planning.changed_files(previous.get("files") or [], plan.identities)
+    if not differences and previous.get("plan_fingerprint") != plan.fingerprint:
+        differences.append("the shards (--shard-size or --limit)")
     if previous.get("settings_fingerprint") != settings_fingerprint(job):
         old = previous.get("settings", {})
         changed = [name for name in PIXEL_SETTINGS if old.get(name) != json.loads(json.dumps(getattr(job, name)))]
         differences.append(f"the render settings ({', '.join(changed) or 'see _job.json'})")
     if differences:
-        raise JobAborted(f"{job.out} holds another job: {' and '.join(differences)} differ from this one; "
-                         f"pass --overwrite to replace it, or choose another --out")
+        raise JobAborted(f"{job.out} holds another job: {'; '.join(differences)}; pass --overwrite to replace it, "
+                         f"or choose another --out")
 
 
 def _check_same_model(previous: dict, model: dict) -> None:

@@ -19,9 +19,9 @@ The design (the smallest one that leaves the commit protocol alone):
    (`died_rendering`). That stays bounded: each such death either moves at least one row of a batch into the
    suspects or adds a death to one suspect, so a shard of n rows costs at most n * (retries + 2) of them.
 
-The journal is advisory. The shard's images, metadata and commit marker are written exactly as before, so
-exactly-once and resume never depend on it; it is deleted after the commit, and a leftover one is harmless because
-committed shards are not rendered again. Two copies of one shard (a straggler re-issue) share the journal; the
+The journal is advisory. The shard's attempts and their commits do not depend on it, so exactly-once and resume
+never do; the driver deletes the journals of committed shards when the run ends, and a leftover one is harmless
+because committed shards are not rendered again. Two copies of one shard (a straggler re-issue) share the journal; the
 worst that can do is make an innocent row a suspect, which costs speed, not images.
 """
 

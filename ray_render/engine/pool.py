@@ -43,11 +43,12 @@ class PoolError(RuntimeError):
 
 @dataclass
 class ShardDone:
-    """A shard finished on some actor; `result` is the actor's ShardResult."""
+    """A shard finished on some actor; `result` is the actor's ShardResult (its attempt is not committed yet)."""
 
     shard: Any
     attempt: int
     result: Any
+    attempt_id: str = ""
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ShardFailed:
     error: str
     actor_lost: bool
     started: bool = True  # False: it was still queued behind another shard when its actor died (it never ran)
+    attempt_id: str = ""
 
 
 @dataclass
@@ -115,6 +117,7 @@ class _Call:
     actor: int  # index of the actor that runs it
     shard: Any
     attempt: int
+    attempt_id: str  # "<run id>-<n>": the names its files go under, unique per call (a copy gets its own)
     submitted: float  # time.monotonic() at submission
     started: bool = True  # set False when its actor died while it was still queued behind another call
 
@@ -128,8 +131,11 @@ class RenderPool:
     """
 
     def __init__(self, make_actor: Callable[[int], Any], num_actors: int, max_in_flight: int,
-                 runtime: RayRuntime | None = None) -> None:
+                 runtime: RayRuntime | None = None, run_id: str = "000000000000") -> None:
         self._runtime = runtime or RayRuntime()
+        self._run_id = run_id
+        self._calls_made = 0
+        self.attempts: list[tuple[str, str]] = []  # (shard id, attempt id) of every call made, for clean-up
         self._make_actor = make_actor
         self._num_actors = num_actors
         self._max_in_flight = max_in_flight
@@ -206,9 +212,12 @@ class RenderPool:
         self._submit_to(index, shard, attempt)
 
     def _submit_to(self, index: int, shard: Any, attempt: int) -> None:
-        ref = self._actors[index].render_shard.remote(shard, attempt)
+        self._calls_made += 1
+        attempt_id = f"{self._run_id}-{self._calls_made}"
+        ref = self._actors[index].render_shard.remote(shard, attempt, attempt_id)
+        self.attempts.append((shard.shard_id, attempt_id))
         self._in_flight[index].append(ref)
-        self._future_to_actor[ref] = _Call(index, shard, attempt, time.monotonic())
+        self._future_to_actor[ref] = _Call(index, shard, attempt, attempt_id, time.monotonic())
         self._shard_futures.setdefault(shard.shard_id, []).append(ref)
 
     def has_work(self) -> bool:
@@ -319,7 +328,7 @@ class RenderPool:
             self._cancelled.add(other)
             self._runtime.cancel(other)
         self._shard_wall_s.append(getattr(result, "wall_ms", 0.0) / 1000.0)
-        return [ShardDone(call.shard, call.attempt, result)]
+        return [ShardDone(call.shard, call.attempt, result, call.attempt_id)]
 
     def _on_actor_lost(self, call: _Call, error: str) -> list[ShardDone | ShardFailed]:
         self.actors_lost += 1
@@ -336,10 +345,11 @@ class RenderPool:
         live = [ref for ref in self._shard_futures.get(call.shard.shard_id, []) if ref not in self._cancelled]
         if live:
             return []
-        return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started)]
+        return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started, call.attempt_id)]
 
-    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> set[str]:
-        """Stop every actor (their models go with them); return the ids of shards a killed actor may still write.
+    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> set[tuple[str, str]]:
+        """Stop every actor (their models go with them); return the (shard id, attempt id)s a killed actor may still
+        be writing.
 
         Cancel first: a queued call is dropped and a running one stops at its next batch boundary without
         committing. Once a call has returned, its shard is settled: nothing writes to it any more, so the driver
@@ -349,7 +359,7 @@ class RenderPool:
 
         Best effort: after a lost cluster these calls fail too, and the job's own outcome matters more.
         """
-        outstanding = {ref: call.shard.shard_id for ref, call in self._future_to_actor.items()}
+        outstanding = {ref: (call.shard.shard_id, call.attempt_id) for ref, call in self._future_to_actor.items()}
         unsettled = set(outstanding.values())
         try:
             for ref in outstanding:

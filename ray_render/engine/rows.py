@@ -7,8 +7,9 @@ Row rules (DESIGN.md "Manifest" is the contract):
   characters, valid UTF-8 and without NUL characters. An edit row (with `input_image`) still needs its prompt:
   NextStep's edit prompts carry the `<image>` marker.
 - `id`: a string (or an integer, used as its decimal text) matching ROW_ID_PATTERN, not "." or "..", not starting
-  with "."; a null id defaults to "h" + 20 hex digits of a hash of the prompt, the resolved render settings, the
-  explicit seed and the input image. Ids must be unique within a shard; a repeat is invalid and names the first row.
+  with "."; a null id defaults to "h" + 20 hex digits of a hash of the row's prompt, render columns, seed, input
+  image and preset and of the job's render settings (`default_row_id`). Ids must be unique across the plan; a
+  repeat is invalid and names the first row (the driver finds repeats across shards before rendering).
 - `seed`: a whole number from 0 to 2**63 - 1 (image k uses seed + k, which must fit too); a null seed is derived
   from the id, so a row's images do not depend on where it lands.
 - `input_image`: a URI string; null, empty or blank means "no input image".
@@ -35,6 +36,7 @@ from ray_render.config import (
     resolve_params,
 )
 from ray_render.engine.plan import (
+    DEFAULT_ID_COLUMNS,
     ROW_ID_PATTERN,
     ManifestError,
     Shard,
@@ -222,6 +224,28 @@ def _sha256(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
+def _canonical(name: str, value: object) -> object:
+    """A manifest cell as it decides the images: render parameters in their checked type (7 and 7.0 are one cfg),
+    a blank input image as none; a value that does not check stays as it is (the row is invalid anyway)."""
+    if name in RENDER_PARAMS:
+        try:
+            return check_render_param(name, value)
+        except ValueError:
+            return repr(value)
+    if name == "input_image" and isinstance(value, str):
+        return value.strip() or None
+    return value
+
+
+def default_row_id(row: dict, job: JobConfig) -> str:
+    """The id of a row that has none: "h" + 20 hex digits of a hash of what decides its images as the manifest says
+    it (DEFAULT_ID_COLUMNS) and of the job's own render settings. A function of the row's cells alone, so the driver
+    finds repeats across shards (engine/plan.py: mark_repeated_ids) before any row is rendered."""
+    cells = {name: _canonical(name, row.get(name)) for name in DEFAULT_ID_COLUMNS if row.get(name) is not None}
+    settings = {"preset": job.preset, "params": job.params, "presets": job.presets}
+    return "h" + _sha256({"row": {k: v for k, v in cells.items() if v is not None}, "job": settings})[:20]
+
+
 def base_params(model_defaults: dict) -> dict:
     """Every render parameter's lowest-precedence value: RenderRequest's field defaults, then the model's own."""
     request_defaults = {f.name: f.default for f in fields(RenderRequest)}
@@ -266,9 +290,11 @@ def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
                 first_row_of_id[row_id] = row_index
             task = _resolve_row(row, row_index, row_id, defaults, presets, job, shard, passthrough)
             if raw_id is None:
-                if task.id in first_row_of_id:
+                earlier = (repeated_elsewhere.get(row_index) or
+                           (f"row {first_row_of_id[task.id]} in this shard" if task.id in first_row_of_id else None))
+                if earlier:
                     raise _RowProblem("id", f"is empty, and its default id {task.id!r} (a hash of the prompt and "
-                                            f"settings) repeats row {first_row_of_id[task.id]} in this shard")
+                                            f"settings) repeats {earlier}; give the rows distinct ids or settings")
                 first_row_of_id[task.id] = row_index
             results.append(task)
         except _RowProblem as problem:
@@ -332,7 +358,7 @@ def _resolve_row(row: dict, row_index: int, row_id: str | None, defaults: dict, 
         if not 0 <= seed <= highest:
             raise _RowProblem("seed", f"must be from 0 to {highest} (image k uses seed + k, an int64), got {seed}")
     if row_id is None:
-        row_id = "h" + _sha256({"prompt": prompt, "params": params, "seed": seed, "input_image": input_image})[:20]
+        row_id = default_row_id(row, job)
     if seed is None:
         seed = int(hashlib.sha256(row_id.encode()).hexdigest()[:15], 16)  # 60 bits: seed + k stays in int64
 

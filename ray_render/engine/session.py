@@ -1,18 +1,23 @@
 """RunSession: the lifecycle every run shares, `ray-render run` and `ray-render refresh` alike.
 
-    with RunSession(job) as session:
-        ...                               plan, read the output (the caller's own steps)
+    with RunSession(job, "run") as session:
+        ...                               plan (the caller's own step: nothing is written before the lease)
+        session.acquire_output()          refuse a foreign root, take the output's lease: the committed shards
+        session.clear_output()            optional (--overwrite): void every commit, delete ray-render's files
         session.start_pool(plan)          connect to Ray (or start a local one), start the actors, wait for one
-        session.claim_output(record)      remove leftovers of crashed attempts, write the job record
-        session.dispatch(shards)          hand out shards with backpressure, collect results, retry, error budget
+        session.claim_output(record)      finish what a dead holder left (publish, remove), write the job record
+        session.dispatch(shards)          hand out shards with backpressure, commit results, retry, error budget
         session.stop_pool()               optional: stop the actors now (wind-down does it otherwise)
     session.summary                       the outcome, with its exit code (engine/summary.py)
 
 Leaving the `with` block winds the run down whatever ended it: the actors are stopped (and the Ray this run
-started), then, if this run claimed the output, leftovers of unfinished attempts are removed and the summary and
-report are written there. Every exception becomes an outcome there too (`_OUTCOMES`): the caller gets a Summary,
-never a traceback. Storage calls on this path are guarded: a storage that fails now loses the written summary,
-not the printed one.
+started); if this run claimed the output, the attempts it started that were not committed are removed and the
+summary and report are written there; then the lease is released. Every exception becomes an outcome there too
+(`_record_failure`): the caller gets a Summary, never a traceback. Storage calls on this path are guarded: a
+storage that fails now loses the written summary, not the printed one.
+
+The driver is the only committer (output/commits.py has the protocol): actors write attempts, the lease holder
+commits them, so an attempt that loses a race or outlives its run never becomes visible.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from ray_render import storage
@@ -33,6 +39,8 @@ from ray_render.engine.plan import ManifestError, Plan, Shard
 from ray_render.engine.progress import Progress
 from ray_render.engine.summary import Summary, now_iso
 from ray_render.output import commits, layout, record
+from ray_render.output.lease import Lease, LeaseHeld
+from ray_render.output.log import Fenced, LogState
 
 if TYPE_CHECKING:  # the pool imports ray, which a run with nothing left to do never loads
     from ray_render.engine.pool import RenderPool
@@ -63,14 +71,18 @@ def is_ray_error(exc: BaseException) -> bool:
 class RunSession:
     """One run from connecting to Ray to its exit code; see the module docstring for the order of the steps."""
 
-    def __init__(self, job: JobConfig) -> None:
+    def __init__(self, job: JobConfig, command: str = "run") -> None:
         self.job = job
+        self.command = command
         self.summary = Summary(out=job.out, run_id=uuid.uuid4().hex[:12], started_at=now_iso())
         self.started = time.monotonic()
         self.pool: RenderPool | None = None
+        self.lease: Lease | None = None
+        self.committed: dict[str, dict] = {}  # shard id -> its commit entry: the log's, then this run's
         self.owns_output = False  # the output is cleaned and the summary written there only once this run claimed it
         self._ray_started_here = False
-        self._unsettled: set[str] = set()  # shards a stopped actor may still be writing
+        self._attempts: set[tuple[str, str]] = set()  # (shard, attempt) this run started, from the pools it stopped
+        self._unsettled: set[tuple[str, str]] = set()  # attempts a stopped actor may still be writing
         self._restore_sigterm = lambda: None
 
     # -- the lifecycle -------------------------------------------------------------------------------------------
@@ -93,8 +105,12 @@ class RunSession:
 
     def _record_failure(self, exc: BaseException) -> bool:
         """Turn the exception that ended the run into its outcome; False for the ones to re-raise (SystemExit)."""
-        if isinstance(exc, (ConfigError, ManifestError, JobAborted)):
+        if isinstance(exc, (ConfigError, ManifestError, JobAborted, LeaseHeld)):
             self.summary.finish("aborted", str(exc))
+        elif isinstance(exc, Fenced):
+            self.summary.finish("aborted", f"this run lost its lease on {self.job.out}: {exc}; it stopped without "
+                                           f"committing more, the run that holds the output goes on")
+            self.owns_output = False  # the output is another run's now
         elif isinstance(exc, storage.StorageError):
             self.summary.finish("aborted", STORAGE_GONE.format(error=exc))
             self.owns_output = False  # writing the summary there would only wait out the retries again
@@ -111,10 +127,38 @@ class RunSession:
             return False
         return True
 
+    def acquire_output(self) -> LogState:
+        """Refuse an output root that holds something other than a ray-render job (unless --overwrite), then take
+        its lease; returns the commit log as it stood (LeaseHeld when another live run holds it)."""
+        so = self.job.storage_options
+        names = set(storage.list_names(self.job.out, so))
+        ours = {layout.JOB_RECORD, layout.LOG_DIR} & names
+        if names and not ours and not self.job.overwrite:
+            shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
+            raise JobAborted(f"{self.job.out} is not empty ({shown}) and holds no ray-render job: choose an empty "
+                             f"or new --out, or pass --overwrite to render into it (only ray-render's own files are "
+                             f"ever deleted there)")
+        if layout.OLD_COMMITS_DIR in names and layout.LOG_DIR not in names and not self.job.overwrite:
+            raise JobAborted(f"{self.job.out} was written by an earlier version of ray-render (commit markers in "
+                             f"{layout.OLD_COMMITS_DIR}/): pass --overwrite to render it again, or choose another "
+                             f"--out")
+        self.lease = Lease(self.job.out, self.summary.run_id, so, ttl_s=self.job.lease_ttl_s, command=self.command)
+        state = self.lease.acquire()
+        self.committed = dict(state.committed)
+        commits.roll_forward(self.job.out, self.committed, so)  # readers of metadata/ from here on see every commit
+        return state
+
+    def clear_output(self) -> None:
+        """--overwrite: a `clear` entry voids every commit, then ray-render's own files go (nothing else)."""
+        log.info("--overwrite: clearing %s", self.job.out)
+        self.lease.append("clear")
+        self.committed = {}
+        commits.clear_output(self.job.out, self.job.storage_options)
+
     def start_pool(self, plan: Plan) -> RenderPool:
         """Connect to Ray, start the render actors and wait until one is ready (its model loaded)."""
         self._ray_started_here = _connect(self.job)
-        self.pool = _start_pool(self.job, plan)
+        self.pool = _start_pool(self.job, plan, self.summary.run_id)
         _wait_until_ready(self.pool)
         self.summary.startup_s = time.monotonic() - self.started
         self.summary.model = {key: value for key, value in self.pool.info.items()
@@ -122,11 +166,34 @@ class RunSession:
         return self.pool
 
     def claim_output(self, job_record: dict) -> None:
-        """Remove what crashed attempts left (no actor writes yet) and write the job record: the output is ours."""
-        so = self.job.storage_options
-        commits.remove_orphans(self.job.out, commits.committed_shard_ids(self.job.out, so), so)
-        record.write_job_record(self.job.out, job_record, so)
+        """Remove what the previous holder left uncommitted while no actor of this run writes yet, and write the job
+        record: the output is this run's."""
+        out, so = self.job.out, self.job.storage_options
+        previous = self.lease.previous
+        if previous is None:
+            stale = set()  # a new log: nothing was written before it
+        elif previous["how"] == "released":
+            stale = {(shard_id, attempt_id) for shard_id, attempt_id in previous.get("leftovers", [])}
+        else:  # the holder died or was fenced: whatever it started may be anywhere
+            stale = commits.uncommitted_attempts(out, self.committed, so)
+        stale = self._uncommitted(stale)
+        if stale:
+            log.info("removing %d uncommitted attempt(s) an earlier run left", len(stale))
+        commits.remove_attempts(out, stale, so)
+        commits.remove_unpublished(out, self.committed, so)
+        record.write_job_record(out, {**job_record, "layout_version": layout.LAYOUT_VERSION}, so)
         self.owns_output = True
+
+    def commit(self, shard: Shard, result) -> None:
+        """Commit a finished attempt (a log entry: from now on it is the shard's), then publish its metadata."""
+        info = {**asdict(result), "file": shard.file, "row_start": shard.row_start, "row_stop": shard.row_stop}
+        seq = self.lease.append("commit", shard=shard.shard_id, attempt=result.attempt_id, info=info)
+        replaced = self.committed.get(shard.shard_id)
+        if replaced is not None and replaced["attempt"] != result.attempt_id:  # --no-resume rendered it again
+            self._attempts.add((shard.shard_id, replaced["attempt"]))  # no longer committed: removed at the end
+        self.committed[shard.shard_id] = {"seq": seq, "shard": shard.shard_id, "attempt": result.attempt_id,
+                                          "info": info}
+        commits.publish(self.job.out, shard.shard_id, result.attempt_id, self.job.storage_options)
 
     def dispatch(self, shards: list[Shard]) -> None:
         """Keep every actor's queue full, count results, retry failed shards, stop when the error budget is spent."""
@@ -152,6 +219,7 @@ class RunSession:
                     raise JobLost(str(exc)) from None
                 for event in events:
                     if isinstance(event, ShardDone):
+                        self.commit(event.shard, event.result)
                         self._count_done(event.result, progress)
                         continue
                     shard_id = event.shard.shard_id
@@ -174,6 +242,8 @@ class RunSession:
                         summary.rows_this_run += event.shard.num_rows
                         progress.update(event.shard.num_rows, {"failed": event.shard.num_rows})
                 self._check_budget(progress)
+                if self.lease.fenced:
+                    raise Fenced(self.lease.fenced)
                 if pool.num_ready == 0 and time.monotonic() - pool.last_ready > NO_ACTOR_TIMEOUT_S:
                     raise JobLost(f"no render actor for {NO_ACTOR_TIMEOUT_S:.0f} s: the cluster lost its nodes")
         finally:
@@ -186,6 +256,7 @@ class RunSession:
         """Stop the actors now; afterwards nothing writes to the output but this driver."""
         if self.pool is not None:
             self._unsettled |= self.pool.shutdown()
+            self._attempts |= set(self.pool.attempts)
             self.pool = None
 
     def wind_down(self) -> None:
@@ -199,8 +270,13 @@ class RunSession:
             self._ray_started_here = False
         self.summary.wall_s = time.monotonic() - self.started
         self.summary.message = storage.redact(self.summary.message, self.job.storage_options)
-        if self.owns_output:
+        if self.owns_output and not (self.lease and self.lease.fenced):
             self._close_output()
+        if self.lease is not None:
+            if self.summary.message.startswith("storage unreachable"):
+                self.lease.abandon()  # a release would only wait out the retries; a rerun on this host takes over
+            else:
+                self._release()
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -228,9 +304,8 @@ class RunSession:
         run to clean, since removing a metadata file that a dying copy commits a moment later would lose its rows."""
         job, so, summary = self.job, self.job.storage_options, self.summary
         try:
-            committed = commits.committed_shard_ids(job.out, so)
-            commits.remove_orphans(job.out, committed | self._unsettled, so)
-            journal.remove_settled(job.out, committed, so)
+            commits.remove_attempts(job.out, self._uncommitted(self._attempts - self._unsettled), so)
+            journal.remove_settled(job.out, set(self.committed), so)
             record.write_summary(job.out, summary.to_dict(), so)
             job_record = record.read_job_record(job.out, so) or {}
             job_record["summary"] = summary.to_dict()
@@ -243,6 +318,20 @@ class RunSession:
             return
         if wants_report:
             _write_report(job, summary)
+
+    def _uncommitted(self, attempts: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The (shard, attempt)s that are not their shard's committed attempt."""
+        return {pair for pair in attempts if self.committed.get(pair[0], {}).get("attempt") != pair[1]}
+
+    def _release(self) -> None:
+        """Give the lease back, naming the attempts a killed actor may still write: the next holder removes them."""
+        leftovers = sorted(self._uncommitted(self._unsettled))
+        try:
+            self.lease.release(leftovers=leftovers)
+        except Exception as exc:  # noqa: BLE001 - an unreleased lease expires by itself; the next run takes over
+            self.lease.abandon()
+            log.error("could not release the lease on %s: %s", self.job.out,
+                      storage.redact(str(exc), self.job.storage_options))
 
 
 def _connect(job: JobConfig) -> bool:
@@ -260,7 +349,7 @@ def _connect(job: JobConfig) -> bool:
     return True
 
 
-def _start_pool(job: JobConfig, plan: Plan) -> RenderPool:
+def _start_pool(job: JobConfig, plan: Plan, run_id: str) -> RenderPool:
     """A RenderPool sized to the cluster: one actor per GPU (num_gpus each) when the device resolves to cuda,
     else `--actors` CPU actors (default 1) with `cpus_per_actor` each."""
     import ray
@@ -287,7 +376,7 @@ def _start_pool(job: JobConfig, plan: Plan) -> RenderPool:
     log.info("starting %d render actor(s) (%s, model %s)", num_actors,
              f"{options['num_gpus']:g} GPU each" if use_gpus else f"{job.cpus_per_actor:g} CPU each", job.model)
     return RenderPool(lambda index: remote_actor.remote(job, index, plan.passthrough_schema), num_actors,
-                      job.max_in_flight)
+                      job.max_in_flight, run_id=run_id)
 
 
 def _wait_until_ready(pool: RenderPool) -> None:

@@ -3,10 +3,12 @@
     prepare        read and validate the shard's rows, fetch input images, let the model check each request
     render_batches render compatible requests together; encode and store images meanwhile
     build_rows     one metadata row per image, and one per row that produced none, in manifest order
-    commit         write the metadata Parquet, then the commit marker (last: a crash before it commits nothing)
+    finish         write the attempt's metadata Parquet; the driver commits the attempt (output/commits.py)
 
-The render actor (engine/actor.py) runs all four for each shard; the benchmark baselines (tools/baselines.py) reuse
-the same steps without the actor's safety nets, so a comparison measures orchestration, not different work.
+An attempt writes only under its own names (images/<shard>/<attempt>/, _attempts/<shard>/<attempt>.parquet), so two
+copies of a shard never touch each other's files. The render actor (engine/actor.py) runs all four steps for each
+shard; the benchmark baselines (tools/baselines.py) reuse them without the actor's safety nets, so a comparison
+measures orchestration, not different work.
 
 Inside `render_batches`, a batch that raises is split in halves until the request that raised is alone; that one is
 tried `--retries` more times and then ends failed with its error; an out-of-memory halves the batch size for good.
@@ -31,7 +33,7 @@ from ray_render.engine.journal import ShardJournal
 from ray_render.engine.plan import Shard
 from ray_render.engine.rows import InvalidRow, RowTask, read_shard_rows, validate_rows
 from ray_render.models.base import ImageModel, ModelOutOfMemory, RenderRequest, RowError
-from ray_render.output import commits, images, layout
+from ray_render.output import commits, images
 from ray_render.output.schema import empty_counts, metadata_table
 
 log = logging.getLogger("ray_render")
@@ -48,7 +50,8 @@ class ShardResult:
     """What the driver learns about a finished shard: counts and timings, never rows or images."""
 
     shard_id: str
-    attempt: int
+    attempt: int  # the driver's count of this shard's attempts
+    attempt_id: str  # the names this attempt wrote under (unique per call, copies included)
     rows: int  # input rows in the shard
     counts: dict = field(default_factory=empty_counts)  # input rows by final status
     images: int = 0  # images written
@@ -80,6 +83,7 @@ class ShardWork:
     """A shard attempt between the steps: its rows as checked, the requests to render and how they went."""
 
     shard: Shard
+    attempt_id: str
     checked: list  # RowTask | InvalidRow per manifest row, in order
     items: list[_Item] = field(default_factory=list)
     row_errors: dict[int, str] = field(default_factory=dict)  # position -> why the row fails without rendering
@@ -127,20 +131,21 @@ class ShardRenderer:
         self._metrics = metrics
         self._cancelled = cancelled
 
-    def render_shard(self, shard: Shard, attempt: int = 1) -> ShardResult:
-        """Render every row of `shard`, write its metadata Parquet, then commit it; returns the counts."""
-        work = self.prepare(shard)
+    def render_shard(self, shard: Shard, attempt: int, attempt_id: str) -> ShardResult:
+        """Render every row of `shard` as attempt `attempt_id` and write its metadata; returns the counts."""
+        work = self.prepare(shard, attempt_id)
         self.render_batches(work)
         meta, counts, stored = self.build_rows(work)
-        return self.commit(work, meta, counts, stored, attempt)
+        return self.finish(work, meta, counts, stored, attempt)
 
     # -- 1. prepare ----------------------------------------------------------------------------------------------
 
-    def prepare(self, shard: Shard, rows: list[dict] | None = None) -> ShardWork:
+    def prepare(self, shard: Shard, attempt_id: str, rows: list[dict] | None = None) -> ShardWork:
         """Read (unless `rows` are given) and validate the shard's rows; turn valid rows into checked requests."""
         if rows is None:
             rows = read_shard_rows(shard, self.so)
-        work = ShardWork(shard, validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job))
+        work = ShardWork(shard, attempt_id,
+                         validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job))
         del rows
         if self._use_journal:  # a row that killed earlier attempts' actors is not rendered again
             work.journal = ShardJournal(self.root, shard.shard_id, self.job.retries, self.so)
@@ -273,15 +278,17 @@ class ShardRenderer:
 
     def _queue_store(self, item: _Item, array: np.ndarray, work: ShardWork) -> None:
         row_id = work.checked[item.row].id
-        item.stored = self._uploads.submit(self._store, array, work.shard.shard_id, row_id, item.image_index)
+        item.stored = self._uploads.submit(self._store, array, work.shard.shard_id, work.attempt_id, row_id,
+                                           item.image_index)
         work.pending.append(item.stored)
         # Bound the images held in memory: wait for the oldest upload when the model runs ahead of storage.
         while len(work.pending) > MAX_PENDING_IMAGES:
             work.pending.popleft().result()
 
-    def _store(self, array: np.ndarray, shard_id: str, row_id: str, image_index: int) -> tuple[str, str, int, int]:
+    def _store(self, array: np.ndarray, shard_id: str, attempt_id: str, row_id: str,
+               image_index: int) -> tuple[str, str, int, int]:
         data = images.encode_image(array, self.job.format, self.job.quality)
-        uri = images.write_image(self.root, shard_id, row_id, image_index, self.job.format, data, self.so)
+        uri = images.write_image(self.root, shard_id, attempt_id, row_id, image_index, self.job.format, data, self.so)
         return uri, images.sha256_hex(data), int(array.shape[1]), int(array.shape[0])
 
     def _done_rendering(self, work: ShardWork) -> None:
@@ -291,10 +298,8 @@ class ShardRenderer:
     # -- 3. build rows -------------------------------------------------------------------------------------------
 
     def build_rows(self, work: ShardWork) -> tuple[list[dict], dict, int]:
-        """(metadata rows in manifest order, input rows by status, images stored). Also deletes images an earlier
-        attempt of this shard stored for images that failed now: no image without an ok row."""
+        """(metadata rows in manifest order, input rows by status, images stored)."""
         meta: list[dict] = []
-        stale: list[str] = []
         counts = empty_counts()
         stored = 0
         by_row: dict[int, list[_Item]] = {}
@@ -308,9 +313,9 @@ class ShardRenderer:
                 continue
             if position in work.row_errors:
                 meta.append(task.failed_row(work.row_errors[position], 1, **common))
-                failed_images = list(range(task.params["num_images"]))
+                failed = True
             else:
-                failed_images = []
+                failed = False
                 for item in by_row[position]:
                     if item.error is None:
                         uri, digest, width, height = item.stored.result()
@@ -322,31 +327,21 @@ class ShardRenderer:
                     else:
                         meta.append(task.failed_row(item.error, item.calls, image_index=item.image_index,
                                                     render_ms=item.render_ms, **common))
-                        failed_images.append(item.image_index)
-            counts["failed" if failed_images else "ok"] += 1
-            stale += [layout.image_url(self.root, work.shard.shard_id, task.id, k, self.job.format)
-                      for k in failed_images]
-        for _ in self._uploads.map(lambda url: storage.delete(url, self.so), stale):
-            pass
+                        failed = True
+            counts["failed" if failed else "ok"] += 1
         return meta, counts, stored
 
-    # -- 4. commit -----------------------------------------------------------------------------------------------
+    # -- 4. finish ------------------------------------------------------------------------------------------------
 
-    def commit(self, work: ShardWork, meta: list[dict], counts: dict, stored: int, attempt: int) -> ShardResult:
-        """Write the shard's metadata, then its commit marker (last); drop its journal; return what the driver
-        learns."""
+    def finish(self, work: ShardWork, meta: list[dict], counts: dict, stored: int, attempt: int) -> ShardResult:
+        """Write the attempt's metadata under its own name; return what the driver needs to commit it."""
         shard = work.shard
-        commits.remove_temp_files(self.root, shard.shard_id, self.so)  # half-written images of killed attempts
-        commits.write_shard_metadata(self.root, shard.shard_id, metadata_table(meta, self.schema), self.so)
-        result = ShardResult(shard_id=shard.shard_id, attempt=attempt, rows=len(work.checked), counts=counts,
-                             images=stored, render_ms=work.render_ms,
+        commits.write_attempt_metadata(self.root, shard.shard_id, work.attempt_id, metadata_table(meta, self.schema),
+                                       self.so)
+        result = ShardResult(shard_id=shard.shard_id, attempt=attempt, attempt_id=work.attempt_id,
+                             rows=len(work.checked), counts=counts, images=stored, render_ms=work.render_ms,
                              wall_ms=(time.monotonic() - work.started) * 1000.0, worker=self.worker,
                              model=asdict(self.model.info), batch_size=self.batch_size)
-        commits.commit_shard(self.root, shard.shard_id, {**asdict(result), "file": shard.file,
-                                                         "row_start": shard.row_start, "row_stop": shard.row_stop},
-                             self.so)
-        if work.journal is not None:
-            work.journal.delete()
         if self._metrics is not None:
             self._metrics.shard_done(counts)
         return result

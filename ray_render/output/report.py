@@ -25,7 +25,7 @@ HEAD_ROWS = 256  # metadata rows read from each sampled shard
 MAX_PROBLEMS = 20  # failed / invalid rows listed in the page
 CAPTION_LINES = 3  # lines of caption under each image: the id, then the prompt
 FONT_SIZE = 11
-SAMPLE_COLUMNS = ["id", "image_index", "status", "error", "format", "prompt", "seed", "width", "height",
+SAMPLE_COLUMNS = ["id", "image_index", "status", "error", "image_uri", "format", "prompt", "seed", "width", "height",
                   "quality_score"]
 
 

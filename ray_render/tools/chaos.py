@@ -414,11 +414,10 @@ def actor_chaos(workdir: str, *, rows: int = 2000, min_kills: int = 10, seed: in
 
 
 def _orphan_shards(out: str) -> set[str]:
-    """Shards with images or metadata but no commit: work that was in flight and will be redone."""
+    """Shards with attempts but no commit: work that was in flight and will be redone."""
     committed = commits.committed_shard_ids(out)
-    started = {name for name in storage.list_names(storage.join(out, layout.IMAGES_DIR))}
-    started |= {name[:-len(".parquet")] for name in storage.list_names(storage.join(out, layout.METADATA_DIR))
-                if name.endswith(".parquet")}
+    started = set(storage.list_names(storage.join(out, layout.IMAGES_DIR)))
+    started |= set(storage.list_names(storage.join(out, layout.ATTEMPTS_DIR)))
     return started - committed
 
 
@@ -428,24 +427,24 @@ def kill_driver_repeatedly(command: list[str], out: str, *, kills: int, seed: in
     let the last run finish. Returns per-kill observations and the final exit status."""
     rng = random.Random(seed)
     observations = []
-    markers_before: dict[str, bytes] = {}
-    commits_dir = storage.join(out, layout.COMMITS_DIR)
+    commits_before: dict[str, tuple] = {}  # shard -> (log number, attempt) of its commit
     for _ in range(kills):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(*window))
         finished = process.poll() is not None
         process.send_signal(signal.SIGKILL)
         process.wait()
-        committed = commits.committed_shard_ids(out)
-        for shard_id in committed:
-            markers_before.setdefault(shard_id, storage.read_bytes(storage.join(commits_dir, f"{shard_id}.json")))
+        committed = commits.list_commits(out)
+        for shard_id, info in committed.items():
+            commits_before.setdefault(shard_id, (info["seq"], info["attempt"]))
         observations.append({"committed": len(committed), "in_flight": len(_orphan_shards(out)),
                              "finished_before_kill": finished})
     final = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout)
-    rewritten = sum(storage.read_bytes(storage.join(commits_dir, f"{shard_id}.json")) != data
-                    for shard_id, data in markers_before.items())
+    after = commits.list_commits(out)
+    recommitted = sum((after[shard_id]["seq"], after[shard_id]["attempt"]) != before
+                      for shard_id, before in commits_before.items())
     return {"kills": observations, "returncode": final.returncode, "stderr": final.stderr[-3000:],
-            "committed_markers_rewritten": rewritten}
+            "committed_shards_recommitted": recommitted}
 
 
 def driver_chaos(workdir: str, address: str, *, kills: int = 5, seed: int = 0, shards: int = 100,
