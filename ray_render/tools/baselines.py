@@ -29,7 +29,6 @@ from ray_render.engine.shard import ShardRenderer
 from ray_render.output import commits, layout
 from ray_render.output.schema import metadata_schema, metadata_table
 
-
 ATTEMPT_ID = "000000000000-1"  # the baselines render every shard once
 
 
