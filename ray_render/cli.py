@@ -28,6 +28,7 @@ from ray_render.config import (
     JobConfig,
     job_from_options,
     load_config_file,
+    read_storage_options,
 )
 from ray_render.engine.summary import EXIT_ABORTED, EXIT_CODES, EXIT_INTERNAL
 
@@ -97,8 +98,10 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     scores.add_argument("--quality-retries", dest="quality_retries", type=int, metavar="N",
                         help=f"re-renders per image at most under --min-quality; the best attempt is kept "
                              f"(default: {d.quality_retries})")
-    output.add_argument("--storage-options", dest="storage_options", metavar="JSON",
-                        help="fsspec options as a JSON object (credentials, endpoint_url); never logged")
+    output.add_argument("--storage-options", dest="storage_options", metavar="JSON|@FILE",
+                        help="fsspec options as a JSON object, or @FILE holding one (default: the "
+                             "RAY_RENDER_STORAGE_OPTIONS environment variable); never logged or recorded. Keep "
+                             "credentials off the command line: use @FILE or the variable")
     output.add_argument("--no-resume", dest="resume", action="store_false",
                         help="render committed shards again (default: skip them)")
     output.add_argument("--overwrite", action="store_true", help="clear the output root's job first (only "
@@ -195,16 +198,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_storage_options(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CliError(f"--storage-options must be a JSON object: {exc}") from None
-    if not isinstance(options, dict):
-        raise CliError("--storage-options must be a JSON object")
-    return options
+def parse_storage_options(text: str | None, what: str = "--storage-options") -> dict:
+    """See config.read_storage_options: JSON, @FILE, or the RAY_RENDER_STORAGE_OPTIONS environment variable."""
+    return read_storage_options(text, what)
 
 
 # -- expand / export / report (dataset synthesis) --------------------------------------------------------------------
@@ -263,7 +259,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ray_render.output import export
 
     so = parse_storage_options(args.storage_options)
-    dest_so = parse_storage_options(args.dest_storage_options) if args.dest_storage_options else None
+    dest_so = parse_storage_options(args.dest_storage_options, "--dest-storage-options") if args.dest_storage_options \
+        else None
     try:
         result = export.export(args.out, args.kind, args.dest, so, args.samples_per_shard,
                                dest_storage_options=dest_so, min_quality=args.min_quality)

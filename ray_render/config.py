@@ -258,6 +258,42 @@ def resolve_params(model_defaults: dict, presets: dict[str, Preset], job_preset:
     return resolved
 
 
+STORAGE_OPTIONS_ENV = "RAY_RENDER_STORAGE_OPTIONS"  # JSON, or @FILE: credentials that stay off command lines
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def read_storage_options(value: object, what: str = "--storage-options") -> dict:
+    """fsspec options from a mapping, a JSON text, `@FILE` (a JSON file), or, when none is given, from the
+    RAY_RENDER_STORAGE_OPTIONS environment variable (JSON or @FILE). Inline JSON naming a credential logs a warning:
+    a command line is visible to `ps`, `ray job list` and `ray job logs`."""
+    source = what
+    if value is None or value == "":
+        value, source = os.environ.get(STORAGE_OPTIONS_ENV) or "{}", STORAGE_OPTIONS_ENV
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a JSON object, @FILE or a mapping, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read {text[1:]}: {exc.strerror or exc}") from None
+    elif source == what and any(word in text.lower() for word in _SECRET_WORDS):
+        import logging
+
+        logging.getLogger("ray_render").warning(
+            "%s holds credentials on the command line, where `ps`, `ray job list` and `ray job logs` show them: "
+            "put them in a file and pass %s @FILE, or set %s", what, what, STORAGE_OPTIONS_ENV)
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source} must be a JSON object: {exc}") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"{source} must be a JSON object")
+    return options
+
+
 def load_config_file(path: str) -> dict:
     """Read a YAML or TOML job file into option names (dashes become underscores)."""
     text = Path(path).read_text()
@@ -290,13 +326,7 @@ def job_from_options(options: dict) -> JobConfig:
             options.pop(name, None)
     if isinstance(options.get("manifests"), str):
         options["manifests"] = [options["manifests"]]
-    if isinstance(options.get("storage_options"), str):
-        try:
-            options["storage_options"] = json.loads(options["storage_options"])
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--storage-options must be a JSON object: {exc}") from None
-    if not isinstance(options.get("storage_options", {}), dict):
-        raise ConfigError("--storage-options must be a JSON object")
+    options["storage_options"] = read_storage_options(options.get("storage_options"))
     address = options.get("address") or os.environ.get("RAY_ADDRESS") or None
     options["address"] = address
     return JobConfig(params=params, **options)

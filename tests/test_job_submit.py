@@ -137,3 +137,23 @@ def test_a_failing_job_shows_as_failed(head, tmp_path):
     result = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "no-such.parquet" in result.stdout + result.stderr
+
+
+def test_a_resubmission_from_an_edited_working_dir_resumes(head, tmp_path):
+    """`ray job submit --working-dir` unpacks the directory under a new path for every edit of it: the plan names
+    the manifests by their paths relative to it and by their content, so the resubmitted job resumes."""
+    out = tmp_path / "out"
+    work = small_working_dir(tmp_path)
+    submit = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(work), "--",
+              "python", "jobs/render.py", "--config", "jobs/examples/render.yaml", "--model", "placeholder",
+              "--out", str(out)]
+    first = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (work / "NOTES.txt").write_text("an edit of the working dir: a new unpack path for the next submission")
+    again = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = record.read_summary(str(out))
+    assert summary["shards_resumed"] == summary["shards_total"] == 4 and summary["rows_this_run"] == 0
+    files = record.read_job_record(str(out))["files"]
+    assert [entry["name"] for entry in files] == ["jobs/examples/prompts.parquet"]  # as given, not where unpacked
+    assert files[0]["content"].startswith("sha256:")

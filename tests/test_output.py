@@ -273,14 +273,18 @@ def test_clear_output_removes_only_our_names_and_follows_no_link(tmp_path, make_
 
 
 def test_job_record_round_trip_without_credentials(tmp_path):
-    root = str(tmp_path / "out")
-    options = {"key": "AKIA-FAKE-KEY-123", "secret": "fake-secret-9876", "client_kwargs": {"region_name": "x"}}
+    root = str(tmp_path / "renders-eu-west-1")
+    options = {"key": "AKIA-FAKE-KEY-123", "secret": "fake-secret-9876",
+               "client_kwargs": {"region_name": "eu-west-1"}}
     job = JobConfig(manifests=["m.parquet"], out=root, storage_options=options)
+    # A free-text message is redacted where it is made; the record's structure is written as it is.
     job_record = {"settings": job.record(), "plan_fingerprint": "abc", "model_revision": "rev-1",
-                  "storage_options": options, "note": f"endpoint error mentioning {options['secret']}"}
+                  "storage_options": options,
+                  "note": storage.redact(f"endpoint error mentioning {options['secret']}", options)}
     record.write_job_record(root, job_record, options)
     text = open(os.path.join(root, "_job.json")).read()
     assert "AKIA-FAKE-KEY-123" not in text and "fake-secret-9876" not in text
+    assert json.loads(text)["settings"]["out"] == root  # the region in the path is not blanked
     back = record.read_job_record(root, options)
     assert back["plan_fingerprint"] == "abc" and back["model_revision"] == "rev-1"
     assert back["settings"]["storage_options"] == ["client_kwargs", "key", "secret"]

@@ -270,7 +270,9 @@ class RunSession:
             self._ray_started_here = False
         self.summary.wall_s = time.monotonic() - self.started
         self.summary.message = storage.redact(self.summary.message, self.job.storage_options)
-        if self.owns_output and not (self.lease and self.lease.fenced):
+        if self.lease is not None and self.lease.fenced:
+            self._remove_own_attempts()  # the output is another run's; this run's own leftovers it may still remove
+        elif self.owns_output:
             self._close_output()
         if self.lease is not None:
             if self.summary.message.startswith("storage unreachable"):
@@ -318,6 +320,16 @@ class RunSession:
             return
         if wants_report:
             _write_report(job, summary)
+
+    def _remove_own_attempts(self) -> None:
+        """Delete the attempts this run started and did not commit (no other run can commit them: their ids are
+        this run's), once no actor of it writes them any more."""
+        try:
+            commits.remove_attempts(self.job.out, self._uncommitted(self._attempts - self._unsettled),
+                                    self.job.storage_options)
+        except Exception as exc:  # noqa: BLE001 - leftovers of a fenced run are invisible; the holder's scan finds them
+            log.warning("could not remove this run's attempts from %s: %s", self.job.out,
+                        storage.redact(str(exc), self.job.storage_options))
 
     def _uncommitted(self, attempts: set[tuple[str, str]]) -> set[tuple[str, str]]:
         """The (shard, attempt)s that are not their shard's committed attempt."""

@@ -1,5 +1,7 @@
-"""The job record (`_job.json`: settings, plan fingerprint, model, last summary) and the summary file
-(`_summary.json`) of an output root. Credentials never reach them: settings keep storage option names only."""
+"""The job record (`_job.json`: settings, plan identity, model, last summary) and the summary file (`_summary.json`)
+of an output root. Credentials never reach them: settings keep storage option names only, and free-text messages
+are redacted where they are made (the session's summary message, rows' errors). The records' structure is never
+redacted: a storage option's value that also occurs in a path or a bucket name (a region, say) stays there."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ def _write_json(root: str, name: str, record: dict, storage_options: dict | None
     record = dict(record)
     if isinstance(record.get("storage_options"), dict):  # keep the option names only: the values may be secrets
         record["storage_options"] = sorted(record["storage_options"])
-    text = storage.redact(json.dumps(record, indent=2, sort_keys=True, default=str), storage_options)
+    text = json.dumps(record, indent=2, sort_keys=True, default=str)
     url = storage.join(root, name)
     storage.write_bytes(url, text.encode(), storage_options)
     return url

@@ -14,30 +14,25 @@ Injectors (real mechanisms, nothing mocked):
   time is the placeholder model's `[placeholder:crash]` prompt directive.
 
 Drills (`actor_chaos`, `driver_chaos`, `storage_chaos`, `poison_row`, `out_of_memory`) each run one job under one
-kind of fault, check its output with `check_output` and return a `Figures` row. `soak()` repeats them until time is
-up; `ray-render soak --minutes N` (or `python -m ray_render.tools.chaos`) prints the table as Markdown. The pytest group
-`-m chaos` runs the same drills and asserts their figures.
+kind of fault, check its output with `check_output` and return a `Figures` row. tools/soak.py repeats them (and the
+ownership drills of tools/ownership.py) until time is up: `ray-render soak --minutes N`. The pytest group `-m chaos`
+runs the same drills and asserts their figures.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import http.client
 import io
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -369,6 +364,12 @@ class Figures:
     wall_s: float
     details: dict = field(default_factory=dict)
 
+    @property
+    def sha_mismatches(self) -> int:
+        """ok rows whose image is missing, does not decode or does not match its sha256 (part of `lost`)."""
+        checks = [self.details.get("check") or {}, (self.details.get("outage") or {}).get("check") or {}]
+        return sum(check.get("undecodable", 0) for check in checks)
+
 
 def write_manifest(path: str, rows: list[dict], storage_options: dict | None = None) -> str:
     buffer = io.BytesIO()
@@ -572,113 +573,3 @@ def out_of_memory(workdir: str, *, rows: int = 48, batch_size: int = 16, steps: 
                    check.duplicates, _lost(check), wall,
                    {"summary": summary.to_dict(), "check": check.__dict__,
                     "batch_sizes": sorted(info["batch_size"] for info in markers.values())})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Soak runner
-
-
-def figures_table(figures: list[Figures]) -> str:
-    """The reliability table as Markdown: one row per drill, sums over rounds."""
-    lines = ["| drill | faults injected | rows | ok | duplicates | lost rows | wall time |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for figure in figures:
-        lines.append(f"| {figure.drill} | {figure.faults} | {figure.rows:,} | {figure.ok:,} | {figure.duplicates} | "
-                     f"{figure.lost} | {figure.wall_s:.0f} s |")
-    return "\n".join(lines)
-
-
-def _combine(rounds: list[Figures]) -> Figures:
-    first = rounds[0]
-    if len(rounds) == 1:
-        return first
-    return Figures(f"{first.drill} x{len(rounds)}", "; ".join(dict.fromkeys(f.faults for f in rounds))[:200],
-                   sum(f.rows for f in rounds), sum(f.ok for f in rounds), sum(f.duplicates for f in rounds),
-                   sum(f.lost for f in rounds), sum(f.wall_s for f in rounds))
-
-
-def soak(minutes: float, *, seed: int = 0, workdir: str | None = None, actor_rows: int = 2000,
-         log=print) -> list[Figures]:
-    """Run every drill in rounds (new seed each round) until `minutes` have passed (at least one round).
-
-    Starts its own local Ray (2 CPUs) and an S3-compatible server (moto, a dev dependency) on 127.0.0.1.
-    """
-    import ray
-    from moto.server import ThreadedMotoServer
-
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    deadline = time.monotonic() + minutes * 60
-    results: dict[str, list[Figures]] = {}
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    upstream = {"key": "soak-key", "secret": "soak-secret", "endpoint_url": f"http://{host}:{port}",
-                "bucket": "ray-render-soak"}
-    fs, _ = storage.open_fs("s3://", {k: v for k, v in upstream.items() if k != "bucket"})
-    fs.mkdir(upstream["bucket"])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    address = ray.get_runtime_context().gcs_address
-    try:
-        round_index = 0
-        while True:
-            round_seed = seed + round_index
-            with tempfile.TemporaryDirectory(prefix="ray-render-soak-", dir=workdir) as scratch:
-                drills = [("actor", lambda seed=round_seed: actor_chaos(scratch, rows=actor_rows, seed=seed)),
-                          ("driver", lambda seed=round_seed: driver_chaos(scratch, address, seed=seed)),
-                          ("storage", lambda seed=round_seed: storage_chaos(scratch, upstream, seed=seed)),
-                          ("poison", lambda seed=round_seed: poison_row(scratch, seed=seed)),
-                          ("oom", lambda: out_of_memory(scratch))]
-                for name, drill in drills:
-                    figure = drill()
-                    results.setdefault(name, []).append(figure)
-                    log(f"round {round_index} {name}: {figure.faults}, {figure.ok}/{figure.rows} ok, "
-                        f"{figure.duplicates} duplicates, {figure.lost} lost, {figure.wall_s:.0f} s")
-            round_index += 1
-            if time.monotonic() >= deadline:
-                break
-    finally:
-        ray.shutdown()
-        server.stop()
-    return [_combine(rounds) for rounds in results.values()]
-
-
-def add_soak_parser(subparsers) -> None:
-    """`ray-render soak`: cli.py lists this in SUBCOMMANDS."""
-    parser = subparsers.add_parser("soak", help="fault-injection drills in rounds; prints the reliability table",
-                                   description="Run the fault-injection drills (actor kills, driver kills, "
-                                               "storage faults and an outage, a poison row, out-of-memory) in "
-                                               "rounds until --minutes have passed; print the figures as Markdown. "
-                                               "Starts its own local Ray and S3-compatible server on 127.0.0.1.")
-    _soak_options(parser)
-    parser.set_defaults(handler=cmd_soak)
-
-
-def _soak_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--minutes", type=float, default=0.0, help="keep running rounds this long (default: 0, "
-                        "one round)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first round (default: 0)")
-    parser.add_argument("--actor-rows", dest="actor_rows", type=int, default=2000,
-                        help="rows of the actor-chaos job (default: 2000)")
-    parser.add_argument("--workdir", default=None, help="scratch directory (default: the system's temp dir)")
-    parser.add_argument("--json", dest="json_path", default=None, help="also write the figures as JSON here")
-
-
-def cmd_soak(args: argparse.Namespace) -> int:
-    with contextlib.redirect_stdout(sys.stderr):  # each job prints its summary: keep stdout for the table
-        figures = soak(args.minutes, seed=args.seed, workdir=args.workdir, actor_rows=args.actor_rows,
-                       log=lambda text: print(text, file=sys.stderr, flush=True))
-    print(figures_table(figures))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps([f.__dict__ for f in figures], indent=2, default=str))
-    return 0 if all(f.duplicates == 0 and f.lost == 0 for f in figures) else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_render.tools.chaos",
-                                     description="Fault-injection soak runner.")
-    _soak_options(parser)
-    return cmd_soak(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,8 +10,8 @@ stopped driver whose lease is taken over, and shard copies that do not render bi
   slow shard: every committed image still matches its sha256.
 
 Each returns a `chaos.Figures` row (rows ok, duplicated, lost, and the sha mismatches among the lost) with what it
-observed in `details`. Drivers reach an S3 output through environment variables (`storage_env`), never through
-credentials on their command line.
+observed in `details`. Drivers reach an S3 output through the RAY_RENDER_STORAGE_OPTIONS environment variable, never
+through credentials on their command line.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import sys
 import time
 
 from ray_render import storage
+from ray_render.config import STORAGE_OPTIONS_ENV
 from ray_render.models.base import ModelInfo
 from ray_render.output import commits, layout
 from ray_render.output.log import read_state
@@ -33,13 +34,19 @@ DRIVER_TIMEOUT_S = 180.0
 
 
 def _command(subcommand: str, manifest: str, out: str, address: str, *extra: str) -> list[str]:
+    # CPU actors (half a CPU each): a frozen driver's actors keep their resources, and the next driver needs room.
     return [sys.executable, "-m", "ray_render", subcommand, manifest, "--out", out, "--model", "placeholder",
-            "--address", address, "--no-progress", "--shard-size", "6", "--batch-size", "2", "--actors", "2",
-            *extra]
+            "--address", address, "--no-progress", "--shard-size", "6", "--batch-size", "2", "--device", "cpu",
+            "--actors", "1", *extra]
 
 
-def _env(storage_env: dict | None) -> dict:
-    return {**os.environ, **(storage_env or {})}
+def _env(storage_options: dict | None) -> dict:
+    """The drivers' environment: the storage options (credentials) in RAY_RENDER_STORAGE_OPTIONS, off the command
+    line; the driver hands them to its actors."""
+    env = dict(os.environ)
+    if storage_options:
+        env[STORAGE_OPTIONS_ENV] = json.dumps(storage_options)
+    return env
 
 
 def _wait_for(condition, what: str, timeout_s: float = 60.0, process: subprocess.Popen | None = None) -> None:
@@ -66,29 +73,28 @@ def _figures(name: str, faults: str, out: str, rows: list[dict], storage_options
 
 
 def double_submit(workdir: str, address: str, *, rows: int = 48, row_sleep: float = 0.15,
-                  storage_options: dict | None = None, storage_env: dict | None = None,
-                  root: str | None = None) -> Figures:
+                  storage_options: dict | None = None, root: str | None = None) -> Figures:
     """Run A renders; run B of the same command is refused (exit 2) naming A; A is SIGKILLed mid-run; B's rerun
     takes the lease over at once (A's process is gone) and finishes. `root`: where manifest and output go (a local
-    directory by default, or an s3:// prefix with `storage_options`/`storage_env`)."""
+    directory by default, or an s3:// prefix with its `storage_options`)."""
     base = root or workdir
     manifest_rows = _prompt_rows(rows, f" [placeholder:sleep={row_sleep}]")
     manifest = write_manifest(storage.join(base, "double-submit.parquet"), manifest_rows, storage_options)
     out = storage.join(base, "double-submit-out")
     command = _command("run", manifest, out, address)
     started = time.monotonic()
-    first = subprocess.Popen(command, env=_env(storage_env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(command, env=_env(storage_options), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: commits.committed_shard_ids(out, storage_options), "the first run's first commit",
                   process=first)
         holder = _holder(out, storage_options)
-        second = subprocess.run(command, env=_env(storage_env), capture_output=True, text=True,
+        second = subprocess.run(command, env=_env(storage_options), capture_output=True, text=True,
                                 timeout=DRIVER_TIMEOUT_S)
         committed_when_refused = len(commits.committed_shard_ids(out, storage_options))
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    rerun = subprocess.run(command, env=_env(storage_env), capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S)
+    rerun = subprocess.run(command, env=_env(storage_options), capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S)
     details = {"second_exit": second.returncode, "second_output": (second.stdout + second.stderr)[-3000:],
                "first_holder": holder, "names_holder": bool(holder) and holder in second.stdout + second.stderr,
                "committed_when_refused": committed_when_refused, "rerun_exit": rerun.returncode,
@@ -179,15 +185,15 @@ class JitteredPlaceholder:
         return [image + self.offset for image in self.inner.render(requests)]  # uint8 arithmetic wraps: still uint8
 
 
-def jittered_copies(workdir: str, *, rows: int = 24, slow_every: int = 6) -> Figures:
-    """Every `slow_every`-th shard holds a slow row, so idle actors take copies of it (straggler re-issue) while
-    it runs; the copies render different bytes (JitteredPlaceholder). First result wins; every committed image
+def jittered_copies(workdir: str, *, rows: int = 24, slow: int = 2) -> Figures:
+    """The last `slow` shards each hold a slow row, so idle actors take copies of them (straggler re-issue) while
+    they run; the copies render different bytes (JitteredPlaceholder). First result wins; every committed image
     must still match the sha256 its metadata names. Runs in this process, on the Ray it has started."""
     from ray_render.config import JobConfig
     from ray_render.engine import driver, pool
 
     manifest_rows = [{"id": f"r{i:05d}", "prompt": f"a jittered picture {i}"
-                      + (" [placeholder:sleep=3]" if i % (2 * slow_every) == 0 else "")} for i in range(rows)]
+                      + (" [placeholder:sleep=3]" if i >= rows - 2 * slow and i % 2 else "")} for i in range(rows)]
     manifest = write_manifest(os.path.join(workdir, "jitter.parquet"), manifest_rows)
     out = os.path.join(workdir, "jitter-out")
     job = JobConfig(manifests=[manifest], out=out, model="ray_render.tools.ownership:JitteredPlaceholder",
