@@ -106,6 +106,13 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="render committed shards again (default: skip them)")
     output.add_argument("--overwrite", action="store_true", help="clear the output root's job first (only "
                         "ray-render's own files are deleted)")
+    output.add_argument("--input-roots", dest="input_roots", nargs="+", metavar="PREFIX",
+                        help="where edit rows' input images may come from, besides the manifests' own directories "
+                             "(paths or URL prefixes); anything else is refused")
+    output.add_argument("--max-input-bytes", dest="max_input_bytes", type=int, metavar="N",
+                        help=f"an input image larger than this fails its row (default: {d.max_input_bytes})")
+    output.add_argument("--input-timeout", dest="input_timeout_s", type=float, metavar="SECONDS",
+                        help=f"an input image read slower than this fails its row (default: {d.input_timeout_s:g})")
     output.add_argument("--lease-ttl", dest="lease_ttl_s", type=float, metavar="SECONDS",
                         help=f"another run may take the output over this long after this run's last heartbeat "
                              f"(default: {d.lease_ttl_s:g})")
@@ -120,6 +127,10 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                      f"(default: {d.shard_size})")
     run.add_argument("--max-in-flight", dest="max_in_flight", type=int, metavar="N", help=f"shards queued per actor "
                      f"(default: {d.max_in_flight})")
+    run.add_argument("--call-timeout", dest="call_timeout_s", type=float, metavar="SECONDS",
+                     help=f"the most one render call may take (each also has a deadline of 5x the recent time per "
+                          f"row, at least 60 s; 900 s for an actor's first call); past it the actor is killed "
+                          f"(default: {d.call_timeout_s:g})")
     run.add_argument("--retries", type=int, metavar="N",
                      help=f"extra attempts per row and per shard (default: {d.retries})")
     run.add_argument("--max-failed-fraction", dest="max_failed_fraction", type=float, metavar="F",

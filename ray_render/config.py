@@ -155,6 +155,11 @@ class JobConfig:
     resume: bool = True
     overwrite: bool = False
     lease_ttl_s: float = 60.0  # another run may take the output over this long after this run's last heartbeat
+    call_timeout_s: float = 3600.0  # no render call may run longer: its actor is killed and the attempt counted
+    # Where edit rows' input images may come from, besides the directories of the job's own manifests.
+    input_roots: list = field(default_factory=list)
+    max_input_bytes: int = 64 << 20  # an input image larger than this fails its row
+    input_timeout_s: float = 60.0  # an input image read that takes longer fails its row
     progress: bool = True
     cpus_per_actor: float = 0.5  # small on purpose: leave CPU for Ray's own tasks on small machines
     gpus_per_actor: float = 1.0  # used when device resolves to cuda
@@ -192,6 +197,20 @@ class JobConfig:
         if isinstance(self.lease_ttl_s, bool) or not isinstance(self.lease_ttl_s, (int, float)) \
                 or not 1.0 <= self.lease_ttl_s <= 86400.0:
             raise ConfigError(f"--lease-ttl must be from 1 to 86400 seconds, got {self.lease_ttl_s!r}")
+        if isinstance(self.call_timeout_s, bool) or not isinstance(self.call_timeout_s, (int, float)) \
+                or not 1.0 <= self.call_timeout_s <= 7 * 86400:
+            raise ConfigError(f"--call-timeout must be from 1 second to a week, got {self.call_timeout_s!r}")
+        if isinstance(self.input_roots, str):
+            self.input_roots = [self.input_roots]
+        if not all(isinstance(root, str) and root for root in self.input_roots):
+            raise ConfigError(f"--input-roots must be paths or URL prefixes, got {self.input_roots!r}")
+        if isinstance(self.max_input_bytes, bool) or not isinstance(self.max_input_bytes, int) \
+                or self.max_input_bytes < 1:
+            raise ConfigError(f"--max-input-bytes must be a whole number >= 1, got {self.max_input_bytes!r}")
+        if isinstance(self.input_timeout_s, bool) or not isinstance(self.input_timeout_s, (int, float)) \
+                or not 0 < self.input_timeout_s <= 3600:
+            raise ConfigError(f"--input-timeout must be more than 0 and at most 3600 seconds, got "
+                              f"{self.input_timeout_s!r}")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError(f"--max-failed-fraction must be from 0 to 1, got {self.max_failed_fraction}")
         if not 1 <= self.quality <= 100:

@@ -54,6 +54,7 @@ class FakeRuntime:
 
     def __init__(self) -> None:
         self.actors: list[FakeActor] = []
+        self.dead_nodes: set[str] = set()
 
     def make_actor(self, index: int) -> FakeActor:
         actor = FakeActor(index)
@@ -94,6 +95,9 @@ class FakeRuntime:
 
     def cancel(self, ref: FakeRef) -> None:
         ref.cancel_requested = True
+
+    def node_alive(self, node_id: str | None) -> bool:
+        return node_id not in self.dead_nodes
 
     def kill(self, actor: FakeActor) -> None:
         actor.killed = True

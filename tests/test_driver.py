@@ -61,8 +61,8 @@ def test_all_ok_exits_0_and_a_rerun_renders_nothing(ray_cluster, tmp_path, make_
     assert not (tmp_path / "out" / "_journal").exists()  # every shard committed: no journal left, nor its directory
     markers = {shard_id: (info["seq"], info["attempt"]) for shard_id, info in commits.list_commits(job.out).items()}
     # What a losing straggler copy can leave when it writes its journal after the winner committed:
-    stale = tmp_path / "out" / "_journal" / f"{next(iter(markers))}.json"
-    stale.parent.mkdir()
+    stale = tmp_path / "out" / "_journal" / next(iter(markers)) / "0123456789ab-7.json"
+    stale.parent.mkdir(parents=True)
     stale.write_text('{"rendering": ["r0"]}')
     again = driver.run(job)
     assert again.exit_code == exits.EXIT_OK

@@ -208,11 +208,11 @@ def test_journals_of_committed_shards_go_and_the_others_stay(tmp_path, make_mani
     the_plan, _, _, _ = run_plan(make_manifest, [rows], root, commit=lambda shard_id: shard_id.endswith("00000000"))
     first, second = (shard.shard_id for shard in the_plan.shards)
     for shard_id in (first, second):
-        storage.write_bytes(layout.journal_url(root, shard_id), b'{"rendering": ["r0"]}')
+        storage.write_bytes(layout.journal_url(root, shard_id, f"{RUN_ID}-9"), b'{"rendering": ["r0"]}')
 
     journal.remove_settled(root, commits.committed_shard_ids(root))
-    assert os.listdir(os.path.join(root, "_journal")) == [f"{second}.json"]  # still names its suspects
-    assert journal.died_rendering(root, second)
+    assert os.listdir(os.path.join(root, "_journal")) == [second]  # still names its suspects
+    assert journal.read(root, second, f"{RUN_ID}-9")["rendering"] == ["r0"]
     journal.remove_settled(root, {first, second})
     assert not os.path.exists(os.path.join(root, "_journal"))
 

@@ -80,7 +80,7 @@ def test_actor_writes_every_row_once_with_its_settings(tmp_path, make_manifest):
         {"id": "wide", "prompt": "a green triangle", "width": 128, "height": 32},
     ]
     job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", format="webp",
-                    quality=80)
+                    quality=80, input_roots=[str(tmp_path / "inputs")])
     _, (result,) = render_all(job)
     assert result.counts == {"ok": 3, "invalid": 3, "failed": 0}
     assert result.images == 5
@@ -198,17 +198,17 @@ def test_shutdown_lets_cancelled_calls_return_and_names_the_shards_still_running
     for shard in plan.shards:
         pool.submit(shard, 1)
     deadline = time.monotonic() + 60
-    while not all(os.path.exists(layout.journal_url(job.out, shard.shard_id)) for shard in plan.shards):
+    while not all(os.path.exists(layout.journal_url(job.out, *pair)) for pair in pool.attempts):
         assert time.monotonic() < deadline, "the calls never reached the model"
         time.sleep(0.05)  # each call writes its shard's journal right before its first model call
     started = time.monotonic()
     unsettled = pool.shutdown(grace_s=3.0)
     assert {shard_id for shard_id, _ in unsettled} == {stuck.shard_id}  # the stoppable call returned in time
     assert time.monotonic() - started < 10
-    stopped = [pair for pair in pool.attempts if pair[0] == stoppable.shard_id]
+    (stopped,) = [pair for pair in pool.attempts if pair[0] == stoppable.shard_id]
     # A cancelled call stops before it finishes its attempt: no metadata for the driver to commit.
-    assert not any(os.path.exists(layout.attempt_metadata_url(job.out, *pair)) for pair in stopped)
-    assert not journal.died_rendering(job.out, stoppable.shard_id)  # it stopped cleanly: the next attempt blames no row
+    assert not os.path.exists(layout.attempt_metadata_url(job.out, *stopped))
+    assert journal.read(job.out, *stopped)["rendering"] == []  # it stopped cleanly: no row is blamed
 
 
 def test_a_model_that_does_not_load_aborts_the_job(ray_cluster, tmp_path, make_manifest):

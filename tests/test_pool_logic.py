@@ -33,7 +33,7 @@ def shard(number: int) -> Shard:
 
 
 def result(ref, wall_ms: float = 1000.0) -> ShardResult:
-    piece, attempt, attempt_id = ref.args
+    piece, attempt, attempt_id, _ = ref.args
     return ShardResult(shard_id=piece.shard_id, attempt=attempt, attempt_id=attempt_id, rows=piece.num_rows,
                        wall_ms=wall_ms)
 
@@ -197,3 +197,75 @@ def test_shutdown_cancels_everything_kills_every_actor_and_names_the_unsettled_s
     assert all(ref.cancel_requested for actor in runtime.actors for ref in actor.calls if ref.method == "render_shard")
     assert all(actor.killed for actor in runtime.actors)
     assert not pool.has_work()
+
+
+def test_a_call_past_its_deadline_has_its_actor_killed_and_comes_back_counted(clock):
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 1, 2, runtime=runtime, call_timeout_s=3600.0)
+    runtime.start(runtime.actors[0])
+    pool.wait(0)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    first = runtime.actors[0].pending()[0]
+    clock.now += 30.0
+    runtime.finish(first, result(first, wall_ms=1000.0))  # 10 rows in 1 s: 0.1 s a row
+    assert [type(event) for event in pool.wait(0)] == [ShardDone]
+    clock.now += pool_module.DEADLINE_MIN_S - 1  # 5 x 0.1 s x 10 rows = 5 s, but never less than the floor
+    assert pool.wait(0) == []
+    clock.now += 2.0
+    (event,) = pool.wait(0)
+    assert isinstance(event, ShardFailed) and event.killed and event.started and event.shard.shard_id == "s1"
+    assert "past its deadline of 60 s" in event.error
+    assert runtime.actors[0].killed and len(runtime.actors) == 2  # replaced
+
+
+def test_an_actors_first_call_gets_the_warm_up_allowance_within_the_call_timeout(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=1)
+    pool.submit(shard(0), 1)
+    clock.now += pool_module.FIRST_CALL_S - 1
+    assert pool.wait(0) == []  # compiling, loading caches: not hung yet
+    clock.now += 2
+    (event,) = pool.wait(0)
+    assert event.killed
+    short = RenderPool(runtime.make_actor, 1, 1, runtime=runtime, call_timeout_s=5.0)
+    runtime.start(runtime.actors[-1])
+    short.wait(0)
+    short.submit(shard(1), 1)
+    clock.now += 6
+    (event,) = short.wait(0)
+    assert event.killed and "deadline of 5 s" in event.error  # --call-timeout caps every deadline
+
+
+def test_an_actor_that_died_with_its_node_is_not_the_rows_fault(clock):
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 2, 1, runtime=runtime)
+    for number, actor in enumerate(runtime.actors):
+        runtime.start(actor, {"name": "fake", "worker": f"w{number}", "node_id": f"node{number}", "batch_size": 8})
+    pool.wait(0)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    runtime.dead_nodes.add("node0")
+    runtime.lose_actor(runtime.actors[0], "the actor died because its node died")
+    runtime.lose_actor(runtime.actors[1], "the actor process crashed")
+    events = {event.shard.shard_id: event for event in pool.wait(0)}
+    assert events["s0"].node_lost and not events["s1"].node_lost
+
+
+def test_the_driver_never_waits_for_a_cancelled_copy(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=1)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    (fast,) = runtime.actors[1].pending()
+    runtime.finish(fast, result(fast))
+    pool.wait(0)
+    clock.now += 60.0
+    pool.reissue_stragglers()
+    (copy,) = runtime.actors[1].pending()
+    runtime.finish(copy, result(copy))
+    pool.wait(0)
+    # The original still runs (a hung actor): its shard is settled, so there is no work left to wait for.
+    assert not pool.has_work()
+    unsettled = pool.shutdown(grace_s=1000.0)  # no grace spent on it: it was cancelled long ago
+    assert {shard_id for shard_id, _ in unsettled} == {"s0"} and runtime.actors[0].killed

@@ -8,8 +8,12 @@ In the spirit of Ray's `ActorPool` (same plain names), plus what it lacks:
   driver decides whether to try it again;
 - stragglers: once the driver has nothing left to hand out, an idle actor takes over a shard still queued behind
   another one (the queued call is cancelled), or takes a copy of one running much longer than usual; the first
-  result wins and the other copy is cancelled. Both copies write the same deterministic keys, so nothing is
-  duplicated.
+  result wins and the other copy is cancelled. Each copy writes under its own attempt id, so neither touches the
+  other's files, and the driver commits only the winner;
+- deadlines: a call running past its deadline (a multiple of the recent time per row times its rows, within a
+  floor and --call-timeout; a first call on an actor gets a generous allowance for warm-up and compilation) has
+  its actor killed: a wedged kernel or a hung read never holds the job. The driver counts that attempt against the
+  shard, not against its rows (`ShardFailed.killed`), as it does for an actor whose node died (`node_lost`).
 
 Why replacement rather than `max_restarts=-1`: Ray would restart the actor and re-run nothing (the driver sets
 `max_task_retries=0` so that it sees every failure and counts the shard's attempts), so restarts would buy only
@@ -35,7 +39,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STRAGGLER_FACTOR = 2.0  # re-issue a running shard once it has run this many times the median shard's wall time
 STRAGGLER_MIN_S = 5.0  # ... and at least this long: short shards are not worth a second copy
 SHUTDOWN_GRACE_S = 10.0  # how long shutdown lets cancelled calls return before it kills their actors
-
+DEADLINE_FACTOR = 5.0  # a call may take this many times the recent time per row, times its rows ...
+DEADLINE_MIN_S = 60.0  # ... but never less than this (short calls have noisy times) ...
+FIRST_CALL_S = 900.0  # ... and an actor's first call gets this long: caches, kernels, compilation
+ROW_TIMES = 200  # recent calls whose time per row sets the deadlines
 
 class PoolError(RuntimeError):
     """The pool cannot go on: no actor can be started (the model does not load, no node has room)."""
@@ -61,6 +68,8 @@ class ShardFailed:
     actor_lost: bool
     started: bool = True  # False: it was still queued behind another shard when its actor died (it never ran)
     attempt_id: str = ""
+    killed: bool = False  # the pool killed its actor: it ran past its deadline
+    node_lost: bool = False  # its actor died with its node (a preemption, a lost machine)
 
 
 @dataclass
@@ -108,6 +117,15 @@ class RayRuntime:
     def cancel(self, ref: Any) -> None:
         self._ray.cancel(ref)
 
+    def node_alive(self, node_id: str | None) -> bool:
+        """Whether the node an actor ran on is still alive (unknown nodes count as alive)."""
+        if not node_id:
+            return True
+        for node in self._ray.nodes():
+            if node.get("NodeID") == node_id:
+                return bool(node.get("Alive"))
+        return True
+
     def kill(self, actor: Any) -> None:
         self._ray.kill(actor, no_restart=True)
 
@@ -119,6 +137,9 @@ class _Call:
     attempt: int
     attempt_id: str  # "<run id>-<n>": the names its files go under, unique per call (a copy gets its own)
     submitted: float  # time.monotonic() at submission
+    inherit: tuple | None = None  # (previous attempt id, blame it): what the attempt learns from the last one
+    running_since: float | None = None  # when it became the head of its actor's queue (it runs from then on)
+    deadline_s: float | None = None  # how long it may run
     started: bool = True  # set False when its actor died while it was still queued behind another call
 
 
@@ -131,8 +152,13 @@ class RenderPool:
     """
 
     def __init__(self, make_actor: Callable[[int], Any], num_actors: int, max_in_flight: int,
-                 runtime: RayRuntime | None = None, run_id: str = "000000000000") -> None:
+                 runtime: RayRuntime | None = None, run_id: str = "000000000000",
+                 call_timeout_s: float = 3600.0) -> None:
         self._runtime = runtime or RayRuntime()
+        self._call_timeout_s = call_timeout_s
+        self._row_s: deque[float] = deque(maxlen=ROW_TIMES)  # recent seconds per row of finished calls
+        self._calls_done_by: dict[int, int] = {}  # actor index -> calls it finished
+        self._node_of: dict[int, str | None] = {}  # actor index -> the node it runs on
         self._run_id = run_id
         self._calls_made = 0
         self.attempts: list[tuple[str, str]] = []  # (shard id, attempt id) of every call made, for clean-up
@@ -204,25 +230,66 @@ class RenderPool:
         """True when some ready actor has fewer than `max_in_flight` shards queued: the one backpressure rule."""
         return any(len(refs) < self._max_in_flight for refs in self._in_flight.values())
 
-    def submit(self, shard: Any, attempt: int) -> None:
-        """Queue `shard` on the ready actor with the least work; call only when `can_submit()`."""
+    def submit(self, shard: Any, attempt: int, inherit: tuple | None = None) -> None:
+        """Queue `shard` on the ready actor with the least work; call only when `can_submit()`. `inherit`: the
+        previous attempt of the shard and whether its death is blamed on its rows (engine/journal.py)."""
         index = min(self._in_flight, key=lambda i: len(self._in_flight[i]))
         if len(self._in_flight[index]) >= self._max_in_flight:
             raise RuntimeError("submit() called while can_submit() is false")
-        self._submit_to(index, shard, attempt)
+        self._submit_to(index, shard, attempt, inherit)
 
-    def _submit_to(self, index: int, shard: Any, attempt: int) -> None:
+    def _submit_to(self, index: int, shard: Any, attempt: int, inherit: tuple | None) -> None:
         self._calls_made += 1
         attempt_id = f"{self._run_id}-{self._calls_made}"
-        ref = self._actors[index].render_shard.remote(shard, attempt, attempt_id)
+        ref = self._actors[index].render_shard.remote(shard, attempt, attempt_id, inherit)
         self.attempts.append((shard.shard_id, attempt_id))
         self._in_flight[index].append(ref)
-        self._future_to_actor[ref] = _Call(index, shard, attempt, attempt_id, time.monotonic())
+        self._future_to_actor[ref] = _Call(index, shard, attempt, attempt_id, time.monotonic(), inherit)
         self._shard_futures.setdefault(shard.shard_id, []).append(ref)
+        self._start_head(index)
 
     def has_work(self) -> bool:
-        """True while any shard is outstanding (cancelled copies included: their actor is still busy)."""
-        return bool(self._future_to_actor)
+        """True while a shard is outstanding. A cancelled copy is not work: its shard is settled, the driver never
+        waits for it (shutdown kills its actor)."""
+        return any(ref not in self._cancelled for ref in self._future_to_actor)
+
+    # -- deadlines -----------------------------------------------------------------------------------------------
+
+    def _start_head(self, index: int) -> None:
+        """The first call in an actor's queue runs from now: give it its deadline."""
+        refs = self._in_flight.get(index)
+        if not refs:
+            return
+        call = self._future_to_actor[refs[0]]
+        if call.running_since is None:
+            call.running_since = time.monotonic()
+            call.deadline_s = self._deadline(index, call)
+
+    def _deadline(self, index: int, call: _Call) -> float:
+        if not self._calls_done_by.get(index) or not self._row_s:
+            allowance = FIRST_CALL_S  # its first call: the model warms up, a compiled step is captured
+        else:
+            allowance = max(DEADLINE_MIN_S, DEADLINE_FACTOR * statistics.median(self._row_s) * call.shard.num_rows)
+        return min(allowance, self._call_timeout_s)
+
+    def _expire_overdue(self) -> list[ShardDone | ShardFailed]:
+        """Kill the actors whose running call is past its deadline; their calls come back as ShardFailed."""
+        now = time.monotonic()
+        events: list[ShardDone | ShardFailed] = []
+        for index, refs in list(self._in_flight.items()):
+            if not refs:
+                continue
+            call = self._future_to_actor[refs[0]]
+            if call.running_since is None or now - call.running_since <= call.deadline_s:
+                continue
+            message = (f"actor {index} killed: shard {call.shard.shard_id} ran {now - call.running_since:.0f} s, "
+                       f"past its deadline of {call.deadline_s:.0f} s (a hung call: a wedged kernel, a stuck read)")
+            log.warning("%s; replacing it", message)
+            self.actors_lost += 1
+            for held in self._retire(index):
+                events += self._failed_unless_copied(held, message, actor_lost=True, killed=True)
+            self._start_actor()
+        return events
 
     def reissue_stragglers(self) -> int:
         """Give each idle actor a shard queued behind another (moved), or a copy of one running unusually long.
@@ -244,7 +311,7 @@ class RenderPool:
                 call = self._future_to_actor[ref]
                 if len(self._shard_futures.get(call.shard.shard_id, [])) > 1:
                     continue  # already has a second copy
-                age = now - call.submitted
+                age = now - (call.running_since or call.submitted)
                 if position > 0:
                     candidates.append((0, -age, ref))
                 elif threshold is not None and age > threshold and call.attempt == 1:
@@ -256,7 +323,7 @@ class RenderPool:
         for index, (queued, _, ref) in zip(idle, candidates):
             call = self._future_to_actor[ref]
             log.info("re-issuing shard %s (attempt %d) to idle actor %d", call.shard.shard_id, call.attempt, index)
-            self._submit_to(index, call.shard, call.attempt)
+            self._submit_to(index, call.shard, call.attempt, call.inherit)
             if queued == 0:  # it had not started: move it rather than run it twice
                 self._cancelled.add(ref)
                 self._runtime.cancel(ref)
@@ -281,6 +348,7 @@ class RenderPool:
                 self._on_started(ref)
             elif ref in self._future_to_actor:  # not taken back by an earlier event in this loop
                 events += self._on_finished(ref)
+        events += self._expire_overdue()
         if self._in_flight:
             self.last_ready = time.monotonic()
         return events
@@ -304,6 +372,7 @@ class RenderPool:
         self.info = self.info or info
         self._init_failures = 0
         self._in_flight[index] = []
+        self._node_of[index] = info.get("node_id") if isinstance(info, dict) else None
         log.info("render actor %d ready on %s", index, info.get("worker", "?"))
 
     def _on_finished(self, ref: Any) -> list[ShardDone | ShardFailed]:
@@ -311,6 +380,13 @@ class RenderPool:
         call.started = self._in_flight[call.actor][0] == ref  # an actor runs its calls in submission order
         self._in_flight[call.actor].remove(ref)
         self._forget(ref, call)
+        self._calls_done_by[call.actor] = self._calls_done_by.get(call.actor, 0) + 1
+        try:
+            return self._outcome_of(ref, call)
+        finally:  # the next call in its queue runs from now, with a deadline from the times known now
+            self._start_head(call.actor)
+
+    def _outcome_of(self, ref: Any, call: _Call) -> list[ShardDone | ShardFailed]:
         if ref in self._cancelled:  # lost the race; whatever it returned is ignored
             self._cancelled.discard(ref)
             return []
@@ -328,24 +404,29 @@ class RenderPool:
             self._cancelled.add(other)
             self._runtime.cancel(other)
         self._shard_wall_s.append(getattr(result, "wall_ms", 0.0) / 1000.0)
+        if getattr(result, "rows", 0):
+            self._row_s.append(result.wall_ms / 1000.0 / result.rows)
         return [ShardDone(call.shard, call.attempt, result, call.attempt_id)]
 
     def _on_actor_lost(self, call: _Call, error: str) -> list[ShardDone | ShardFailed]:
         self.actors_lost += 1
-        message = f"actor {call.actor} lost: {error}"
+        node_lost = not self._runtime.node_alive(self._node_of.get(call.actor))
+        message = f"actor {call.actor} lost{' with its node' if node_lost else ''}: {error}"
         log.warning("%s; replacing it", message)
-        events = self._failed_unless_copied(call, message, actor_lost=True)
+        events = self._failed_unless_copied(call, message, actor_lost=True, node_lost=node_lost)
         for other in self._retire(call.actor, head_running=not call.started):
-            events += self._failed_unless_copied(other, message, actor_lost=True)
+            events += self._failed_unless_copied(other, message, actor_lost=True, node_lost=node_lost)
         self._start_actor()
         return events
 
-    def _failed_unless_copied(self, call: _Call, error: str, actor_lost: bool) -> list[ShardFailed]:
+    def _failed_unless_copied(self, call: _Call, error: str, actor_lost: bool, killed: bool = False,
+                              node_lost: bool = False) -> list[ShardFailed]:
         # Another live copy of this shard may still succeed: then this failure does not count.
         live = [ref for ref in self._shard_futures.get(call.shard.shard_id, []) if ref not in self._cancelled]
         if live:
             return []
-        return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started, call.attempt_id)]
+        return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started, call.attempt_id, killed,
+                            node_lost)]
 
     def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> set[tuple[str, str]]:
         """Stop every actor (their models go with them); return the (shard id, attempt id)s a killed actor may still
@@ -362,11 +443,14 @@ class RenderPool:
         outstanding = {ref: (call.shard.shard_id, call.attempt_id) for ref, call in self._future_to_actor.items()}
         unsettled = set(outstanding.values())
         try:
-            for ref in outstanding:
+            # A copy cancelled earlier that is still running has had its chance to stop: only the calls cancelled
+            # now get the grace period.
+            fresh = [ref for ref in outstanding if ref not in self._cancelled]
+            for ref in fresh:
                 _quietly(self._runtime.cancel, ref)
-            if outstanding:
-                running = self._runtime.wait_all(list(outstanding), grace_s)
-                unsettled = {outstanding[ref] for ref in running}
+            running = self._runtime.wait_all(fresh, grace_s) if fresh else []
+            unsettled = {outstanding[ref] for ref in running} | {outstanding[ref] for ref in outstanding
+                                                                 if ref in self._cancelled}
         except Exception as exc:  # noqa: BLE001 - every shard in flight stays unsettled
             log.debug("ignored during shutdown: %s", exc)
         finally:  # even on a second Ctrl-C: no actor outlives the driver's decision to stop

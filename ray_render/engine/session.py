@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 import time
 import uuid
 from collections import deque
@@ -35,8 +33,10 @@ from typing import TYPE_CHECKING
 from ray_render import storage
 from ray_render.config import ConfigError, JobConfig
 from ray_render.engine import journal
+from ray_render.engine.deaths import DeathLedger, SystematicDeaths
 from ray_render.engine.plan import ManifestError, Plan, Shard
 from ray_render.engine.progress import Progress
+from ray_render.engine.signals import StopSignals
 from ray_render.engine.summary import Summary, now_iso
 from ray_render.output import commits, layout, record
 from ray_render.output.lease import Lease, LeaseHeld
@@ -50,6 +50,8 @@ log = logging.getLogger("ray_render")
 MIN_ROWS_FOR_BUDGET = 100  # judge --max-failed-fraction only after this many rows finished in this run
 NO_ACTOR_TIMEOUT_S = 1800.0  # give up when no actor has been ready this long (model download, autoscaling)
 WAIT_S = 1.0  # how long one wait for results may block: the loop's tick for progress and checks
+SHUTDOWN_GRACE_S = 10.0  # how long stopping lets cancelled calls return before it kills their actors
+SIGNAL_GRACE_S = 1.0  # ... after SIGTERM or Ctrl-C: the whole wind-down must fit in `ray job stop`'s 3 s
 STORAGE_GONE = ("storage unreachable: {error}; committed shards are kept: rerun the same command to resume once "
                 "the storage is back")
 
@@ -83,12 +85,12 @@ class RunSession:
         self._ray_started_here = False
         self._attempts: set[tuple[str, str]] = set()  # (shard, attempt) this run started, from the pools it stopped
         self._unsettled: set[tuple[str, str]] = set()  # attempts a stopped actor may still be writing
-        self._restore_sigterm = lambda: None
+        self.signals = StopSignals()
 
     # -- the lifecycle -------------------------------------------------------------------------------------------
 
     def __enter__(self) -> RunSession:
-        self._restore_sigterm = _sigterm_raises_interrupt()
+        self.signals.install()
         return self
 
     def __exit__(self, kind, exc, traceback) -> bool:
@@ -99,8 +101,11 @@ class RunSession:
             else:
                 handled = self._record_failure(exc)
         finally:
-            self._restore_sigterm()
-            self.wind_down()
+            self.signals.winding_down = True  # a second signal now must not cut the clean-up short
+            try:
+                self.wind_down()
+            finally:
+                self.signals.restore()
         return handled
 
     def _record_failure(self, exc: BaseException) -> bool:
@@ -115,7 +120,8 @@ class RunSession:
             self.summary.finish("aborted", STORAGE_GONE.format(error=exc))
             self.owns_output = False  # writing the summary there would only wait out the retries again
         elif isinstance(exc, KeyboardInterrupt):
-            self.summary.finish("interrupted", "interrupted; rerun the same command to resume")
+            how = f" by {self.signals.received}" if self.signals.received else ""
+            self.summary.finish("interrupted", f"interrupted{how}; rerun the same command to resume")
         elif isinstance(exc, JobLost):
             self.summary.finish("interrupted", str(exc))
         elif isinstance(exc, Exception) and is_ray_error(exc):
@@ -158,11 +164,12 @@ class RunSession:
     def start_pool(self, plan: Plan) -> RenderPool:
         """Connect to Ray, start the render actors and wait until one is ready (its model loaded)."""
         self._ray_started_here = _connect(self.job)
+        self.signals.reinstall()  # ray.init replaced our SIGTERM handler with its own
         self.pool = _start_pool(self.job, plan, self.summary.run_id)
         _wait_until_ready(self.pool)
         self.summary.startup_s = time.monotonic() - self.started
         self.summary.model = {key: value for key, value in self.pool.info.items()
-                              if key not in ("worker", "batch_size")}
+                              if key not in ("worker", "node_id", "batch_size")}
         return self.pool
 
     def claim_output(self, job_record: dict) -> None:
@@ -196,13 +203,16 @@ class RunSession:
         commits.publish(self.job.out, shard.shard_id, result.attempt_id, self.job.storage_options)
 
     def dispatch(self, shards: list[Shard]) -> None:
-        """Keep every actor's queue full, count results, retry failed shards, stop when the error budget is spent."""
+        """Keep every actor's queue full, commit results, retry failed shards (engine/deaths.py decides what a lost
+        attempt costs), stop when the error budget is spent."""
         from ray_render.engine.pool import PoolError, ShardDone
 
         job, pool, summary = self.job, self.pool, self.summary
         pending = deque(shards)
         attempts: dict[str, int] = {}
-        uncharged: dict[str, int] = {}  # lost attempts that never ran, or died in a model call (journal.py blames rows)
+        charged: dict[str, int] = {}  # attempts counted against the shard's --retries
+        inherit: dict[str, tuple[str, bool]] = {}  # what the next attempt of a shard learns from the last one
+        ledger = DeathLedger(job.retries, summary.rows_total)
         started = time.monotonic()
         progress = Progress(summary.rows_total, summary.rows_resumed, enabled=job.progress)
         try:
@@ -210,7 +220,7 @@ class RunSession:
                 while pending and pool.can_submit():
                     shard = pending.popleft()
                     attempts[shard.shard_id] = attempts.get(shard.shard_id, 0) + 1
-                    pool.submit(shard, attempts[shard.shard_id])
+                    pool.submit(shard, attempts[shard.shard_id], inherit.get(shard.shard_id))
                 if not pending:
                     pool.reissue_stragglers()
                 try:
@@ -221,18 +231,21 @@ class RunSession:
                     if isinstance(event, ShardDone):
                         self.commit(event.shard, event.result)
                         self._count_done(event.result, progress)
+                        ledger.progress()
                         continue
                     shard_id = event.shard.shard_id
-                    if event.actor_lost and (not event.started or journal.died_rendering(job.out, shard_id,
-                                                                                         job.storage_options)):
-                        # It never ran (queued on the lost actor), or it died in a model call: see journal.py.
-                        uncharged[shard_id] = uncharged.get(shard_id, 0) + 1
-                    elif not event.actor_lost and event.error.startswith("StorageError"):
+                    if not event.actor_lost and event.error.startswith("StorageError"):
                         commits.committed_shard_ids(job.out, job.storage_options)  # raises if the storage is gone
+                    entry = journal.read(job.out, shard_id, event.attempt_id, job.storage_options) \
+                        if event.actor_lost else {}
+                    verdict = ledger.judge(event, entry)
+                    inherit[shard_id] = verdict.inherit
+                    charged[shard_id] = charged.get(shard_id, 0) + verdict.charged
                     error = storage.redact(event.error, job.storage_options)
-                    if attempts[shard_id] - uncharged.get(shard_id, 0) <= job.retries:
+                    if charged[shard_id] <= job.retries:
                         summary.shard_retries += 1
-                        log.warning("shard %s attempt %d failed, trying again: %s", shard_id, event.attempt, error)
+                        log.warning("shard %s attempt %d failed (%s), trying again: %s", shard_id, event.attempt,
+                                    verdict.reason, error)
                         pending.appendleft(event.shard)
                     else:
                         log.error("shard %s failed %d times, giving up on it (a rerun tries again): %s", shard_id,
@@ -246,6 +259,8 @@ class RunSession:
                     raise Fenced(self.lease.fenced)
                 if pool.num_ready == 0 and time.monotonic() - pool.last_ready > NO_ACTOR_TIMEOUT_S:
                     raise JobLost(f"no render actor for {NO_ACTOR_TIMEOUT_S:.0f} s: the cluster lost its nodes")
+        except SystematicDeaths as exc:
+            raise JobAborted(str(exc)) from None
         finally:
             progress.close()
             summary.rendering_s = time.monotonic() - started
@@ -253,9 +268,11 @@ class RunSession:
             summary.stragglers_reissued = pool.reissued
 
     def stop_pool(self) -> None:
-        """Stop the actors now; afterwards nothing writes to the output but this driver."""
+        """Stop the actors now; afterwards nothing writes to the output but this driver. After a stop signal the
+        calls get a short grace: `ray job stop` SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S (3) seconds later."""
         if self.pool is not None:
-            self._unsettled |= self.pool.shutdown()
+            grace = SIGNAL_GRACE_S if self.signals.received else SHUTDOWN_GRACE_S
+            self._unsettled |= self.pool.shutdown(grace)
             self._attempts |= set(self.pool.attempts)
             self.pool = None
 
@@ -387,8 +404,15 @@ def _start_pool(job: JobConfig, plan: Plan, run_id: str) -> RenderPool:
     remote_actor = ray.remote(RenderActor).options(**options)
     log.info("starting %d render actor(s) (%s, model %s)", num_actors,
              f"{options['num_gpus']:g} GPU each" if use_gpus else f"{job.cpus_per_actor:g} CPU each", job.model)
-    return RenderPool(lambda index: remote_actor.remote(job, index, plan.passthrough_schema), num_actors,
-                      job.max_in_flight, run_id=run_id)
+    roots = input_roots(job, plan)
+    return RenderPool(lambda index: remote_actor.remote(job, index, plan.passthrough_schema, roots), num_actors,
+                      job.max_in_flight, run_id=run_id, call_timeout_s=job.call_timeout_s)
+
+
+def input_roots(job: JobConfig, plan: Plan) -> list[str]:
+    """Where edit rows' input images may come from by default: the directories of the job's manifests (the actors
+    add --input-roots)."""
+    return sorted({url.rsplit("/", 1)[0] for url in plan.files})
 
 
 def _wait_until_ready(pool: RenderPool) -> None:
@@ -413,15 +437,3 @@ def _write_report(job: JobConfig, summary: Summary) -> None:
     except Exception as exc:  # noqa: BLE001 - a report must never fail a job
         log.warning("could not write the job report to %s: %s", job.out,
                     storage.redact(f"{type(exc).__name__}: {exc}", job.storage_options))
-
-
-def _sigterm_raises_interrupt():
-    """`ray job stop` and schedulers send SIGTERM: treat it as Ctrl-C so the run stops its actors and reports."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -29,10 +29,18 @@ import pyarrow as pa
 from ray_render import storage
 from ray_render.config import JobConfig
 from ray_render.engine import quality
+from ray_render.engine.inputs import InputFetcher, InputRefused
 from ray_render.engine.journal import ShardJournal
 from ray_render.engine.plan import Shard
 from ray_render.engine.rows import InvalidRow, RowTask, read_shard_rows, validate_rows
-from ray_render.models.base import ImageModel, ModelOutOfMemory, RenderRequest, RowError
+from ray_render.models.base import (
+    ImageModel,
+    ModelOutOfMemory,
+    RenderRequest,
+    RowError,
+    check_edit_tags,
+    input_image_tag,
+)
 from ray_render.output import commits, images
 from ray_render.output.schema import empty_counts, metadata_table
 
@@ -87,6 +95,7 @@ class ShardWork:
     checked: list  # RowTask | InvalidRow per manifest row, in order
     items: list[_Item] = field(default_factory=list)
     row_errors: dict[int, str] = field(default_factory=dict)  # position -> why the row fails without rendering
+    edits: list[int] = field(default_factory=list)  # positions of edit rows: fetched and checked a batch at a time
     journal: ShardJournal | None = None
     pending: deque = field(default_factory=deque)  # image stores not yet waited for
     render_ms: float = 0.0
@@ -112,13 +121,15 @@ class ShardRenderer:
     """Renders shard attempts with one model; see the module docstring for the four steps.
 
     `uploads`: the executor that encodes and stores images (a thread pool overlaps them with the next batch;
-    None stores inline). `journal`: write the shard journal that isolates rows killing the process (engine/
-    journal.py). `cancelled`: polled between batches; True stops the attempt without committing.
+    None stores inline). `input_roots`: where edit rows' input images may come from besides the job's own
+    --input-roots (the driver passes the manifests' directories; engine/inputs.py). `journal`:
+    write the shard journal that isolates rows killing the process (engine/journal.py). `cancelled`: polled between
+    batches; True stops the attempt without committing.
     """
 
     def __init__(self, model: ImageModel, job: JobConfig, schema: pa.Schema, worker: str, *,
-                 uploads: ThreadPoolExecutor | None = None, journal: bool = True, metrics=None,
-                 cancelled: Callable[[], bool] = lambda: False) -> None:
+                 input_roots: list[str] = (), uploads: ThreadPoolExecutor | None = None, journal: bool = True,
+                 metrics=None, cancelled: Callable[[], bool] = lambda: False) -> None:
         self.model = model
         self.job = job
         self.root = job.out
@@ -127,29 +138,36 @@ class ShardRenderer:
         self.worker = worker
         self.batch_size = job.batch_size
         self._uploads = uploads if uploads is not None else _Inline()
+        self._inputs = InputFetcher([*input_roots, *job.input_roots], self.so, max_bytes=job.max_input_bytes,
+                                    timeout_s=job.input_timeout_s)
         self._use_journal = journal
         self._metrics = metrics
         self._cancelled = cancelled
 
-    def render_shard(self, shard: Shard, attempt: int, attempt_id: str) -> ShardResult:
-        """Render every row of `shard` as attempt `attempt_id` and write its metadata; returns the counts."""
-        work = self.prepare(shard, attempt_id)
+    def render_shard(self, shard: Shard, attempt: int, attempt_id: str,
+                     inherit: tuple[str, bool] | None = None) -> ShardResult:
+        """Render every row of `shard` as attempt `attempt_id` and write its metadata; returns the counts.
+        `inherit`: the previous attempt of the shard and whether its death is blamed on its rows (journal.py)."""
+        work = self.prepare(shard, attempt_id, inherit=inherit)
         self.render_batches(work)
         meta, counts, stored = self.build_rows(work)
         return self.finish(work, meta, counts, stored, attempt)
 
     # -- 1. prepare ----------------------------------------------------------------------------------------------
 
-    def prepare(self, shard: Shard, attempt_id: str, rows: list[dict] | None = None) -> ShardWork:
-        """Read (unless `rows` are given) and validate the shard's rows; turn valid rows into checked requests."""
+    def prepare(self, shard: Shard, attempt_id: str, rows: list[dict] | None = None,
+                inherit: tuple[str, bool] | None = None) -> ShardWork:
+        """Read (unless `rows` are given) and validate the shard's rows; turn valid rows into checked requests.
+        Edit rows are only checked against the model's edit rules here: their input images are fetched, and their
+        requests checked, a batch at a time while rendering (render_batches)."""
         if rows is None:
             rows = read_shard_rows(shard, self.so)
         work = ShardWork(shard, attempt_id,
                          validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job))
         del rows
         if self._use_journal:  # a row that killed earlier attempts' actors is not rendered again
-            work.journal = ShardJournal(self.root, shard.shard_id, self.job.retries, self.so)
-        inputs = self._fetch_inputs(work.checked)
+            work.journal = ShardJournal(self.root, shard.shard_id, attempt_id, self.job.retries, self.so, inherit)
+        tag = input_image_tag(self.model)
         for position, task in enumerate(work.checked):
             if isinstance(task, InvalidRow):
                 continue
@@ -157,55 +175,59 @@ class ShardRenderer:
             if poison:
                 work.row_errors[position] = poison
                 continue
-            data = inputs.get(position)
-            if isinstance(data, BaseException):
-                if isinstance(data, FileNotFoundError):
-                    work.checked[position] = _invalid(task, "input_image", f"no such file {task.input_image!r}")
-                else:
-                    work.row_errors[position] = self._redact(f"input_image {task.input_image!r}: "
-                                                             f"{type(data).__name__}: {data}")
-                continue
             try:
-                requests = [self.model.check(request) for request in task.requests(data)]
+                if task.input_image:
+                    check_edit_tags(task.requests(b"")[0], tag)  # the tag rules need no image: fetch nothing yet
+                    work.edits.append(position)
+                    continue
+                requests = [self.model.check(request) for request in task.requests()]
             except RowError as exc:
                 work.checked[position] = _invalid(task, "", str(exc))
                 continue
             work.items += [_Item(position, k, request) for k, request in enumerate(requests)]
         return work
 
-    def _fetch_inputs(self, checked: list) -> dict[int, bytes | BaseException]:
-        """Input images of edit rows, fetched concurrently: position -> bytes, or the error that stopped it."""
-        wanted = {position: task.input_image for position, task in enumerate(checked)
-                  if isinstance(task, RowTask) and task.input_image}
-        futures = {position: self._uploads.submit(storage.read_bytes, uri, self.so) for position, uri in wanted.items()}
-        fetched: dict[int, bytes | BaseException] = {}
-        for position, future in futures.items():
+    def _fetch_and_check(self, work: ShardWork, positions: list[int]) -> list[_Item]:
+        """Fetch the input images of these edit rows (concurrently, from the allowed roots, capped and timed) and
+        check their requests; a row whose fetch or check fails ends `invalid` or `failed` alone."""
+        tasks = {position: work.checked[position] for position in positions}
+        if work.journal is not None:  # a death while reading an input is that row's, as one inside the model
+            work.journal.rendering(sorted(task.id for task in tasks.values()))
+        fetched = self._inputs.fetch_many([task.input_image for task in tasks.values()])
+        items = []
+        for position, task in tasks.items():
+            data = fetched[task.input_image]
+            if isinstance(data, InputRefused):
+                work.checked[position] = _invalid(task, "input_image", str(data))
+                continue
+            if isinstance(data, Exception):
+                work.row_errors[position] = self._redact(f"input_image {data}")
+                continue
             try:
-                fetched[position] = future.result()
-            except Exception as exc:  # noqa: BLE001 - the row fails, not the shard
-                fetched[position] = exc
-        return fetched
+                requests = [self.model.check(request) for request in task.requests(data)]
+            except RowError as exc:
+                work.checked[position] = _invalid(task, "", str(exc))
+                continue
+            items += [_Item(position, k, request) for k, request in enumerate(requests)]
+        return items
 
     # -- 2. render batches ---------------------------------------------------------------------------------------
 
     def render_batches(self, work: ShardWork) -> None:
-        """Render the requests in batches of compatible ones (the model's batch key); stores run meanwhile.
+        """Render the requests in batches of compatible ones (the model's batch key), the edit rows a batch of
+        inputs at a time; images are stored meanwhile.
 
         Returns once every image is stored, or raises: ShardCancelled when cancelled, a storage error when a store
         failed for good (the driver retries the shard; nothing is committed)."""
-        groups: dict = {}
-        for item in work.items:
-            key = self.model.batch_key(item.request)
-            if work.journal and work.checked[item.row].id in work.journal.suspects:
-                key = ("suspect", item.row, item.image_index)  # alone: a death now names exactly one row
-            groups.setdefault(key, []).append(item)
         try:
-            for group in groups.values():
-                for start in range(0, len(group), self.batch_size):
-                    if self._cancelled():
-                        self._done_rendering(work)  # a clean stop, not a death: the next attempt blames no row
-                        raise ShardCancelled(f"shard {work.shard.shard_id} cancelled")
-                    work.render_ms += self._render(group[start:start + self.batch_size], work)
+            for batch in self._batches(work, work.items):
+                self._render_batch(batch, work)
+            for start in range(0, len(work.edits), self.batch_size):
+                self._stop_if_cancelled(work)
+                items = self._fetch_and_check(work, work.edits[start:start + self.batch_size])
+                work.items += items
+                for batch in self._batches(work, items):
+                    self._render_batch(batch, work)
             for future in work.pending:
                 future.result()  # storage errors fail the shard: the driver retries it, nothing is committed
             self._done_rendering(work)
@@ -213,7 +235,30 @@ class ShardRenderer:
             for future in work.pending:
                 future.cancel()
             wait(work.pending)  # an upload already running ends before the call does: a returned call writes nothing
+        self._stop_if_cancelled(work)
+
+    def _batches(self, work: ShardWork, items: list[_Item]) -> list[list[_Item]]:
+        """Items in batches of one batch key and at most batch_size; then each suspect alone, fewest deaths first,
+        so that a death names one row and an innocent suspect's success comes before a poison row's crash."""
+        groups: dict = {}
+        suspects = []
+        for item in items:
+            if work.journal and work.checked[item.row].id in work.journal.suspects:
+                suspects.append(item)
+            else:
+                groups.setdefault(self.model.batch_key(item.request), []).append(item)
+        batches = [group[start:start + self.batch_size] for group in groups.values()
+                   for start in range(0, len(group), self.batch_size)]
+        suspects.sort(key=lambda item: work.journal.deaths.get(work.checked[item.row].id, 0))
+        return batches + [[item] for item in suspects]
+
+    def _render_batch(self, batch: list[_Item], work: ShardWork) -> None:
+        self._stop_if_cancelled(work)
+        work.render_ms += self._render(batch, work)
+
+    def _stop_if_cancelled(self, work: ShardWork) -> None:
         if self._cancelled():
+            self._done_rendering(work)  # a clean stop, not a death: the next attempt blames no row
             raise ShardCancelled(f"shard {work.shard.shard_id} cancelled")
 
     def _render(self, batch: list[_Item], work: ShardWork) -> float:
@@ -235,6 +280,8 @@ class ShardRenderer:
         except Exception as exc:  # noqa: BLE001 - any model error: isolate the request that raised
             error = exc
         spent = (time.monotonic() - started) * 1000.0
+        if work.journal is not None:
+            work.journal.call_returned()
         if work.journal is not None and work.journal.suspects.intersection(row_ids):
             # A suspect survived its call: a death from here on (uploading, the next read) must not count against it.
             work.journal.done_rendering()

@@ -5,9 +5,18 @@ from __future__ import annotations
 import importlib
 import re
 
-from ray_render.models.base import ImageModel, ModelInfo, ModelOutOfMemory, RenderRequest, RowError, max_batch
+from ray_render.models.base import (
+    ImageModel,
+    ModelInfo,
+    ModelOutOfMemory,
+    RenderRequest,
+    RowError,
+    input_image_tag,
+    max_batch,
+)
 
-__all__ = ["ImageModel", "ModelInfo", "ModelOutOfMemory", "RenderRequest", "RowError", "load_model", "max_batch"]
+__all__ = ["ImageModel", "ModelInfo", "ModelOutOfMemory", "RenderRequest", "RowError", "input_image_tag",
+           "load_model", "max_batch"]
 
 _PLUGIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")  # module.path:name
 

@@ -107,6 +107,39 @@ class ImageModel(Protocol):
     # model without the method behaves as one that returns None.
 
 
+    # Optional: `input_image_tag: str | None`, the marker an edit prompt carries where the input image goes
+    # ("<image>" for NextStep), or None when the model cannot edit. The renderer fetches a row's input_image only
+    # when the model has a tag and the prompt holds it; read it through the module-level `input_image_tag`.
+
+
+EDIT_TAG = "<image>"  # the edit marker NextStep's prompts use; the placeholder model checks it the same way
+
+
+def input_image_tag(model: ImageModel) -> str | None:
+    """The marker of an edit prompt on this model, or None when it takes no input image."""
+    return getattr(model, "input_image_tag", None)
+
+
+def check_edit_tags(request: RenderRequest, tag: str | None) -> None:
+    """The edit rules every model applies alike: an input image needs a model that edits and exactly one tag in
+    the prompt; a tag needs an input image; the negative and positive prompts never hold one."""
+    if request.input_image is not None and tag is None:
+        raise RowError(f"{request.key}: input_image: this model cannot edit images; remove input_image, or use an "
+                       f"editing model (e.g. NextStep-1-Large-Edit)")
+    if tag is None:
+        return
+    for name in ("negative_prompt", "positive_prompt"):
+        if tag in getattr(request, name):
+            raise RowError(f"{request.key}: {name} must not contain {tag}")
+    tags = request.prompt.count(tag)
+    if request.input_image is not None and tags != 1:
+        raise RowError(f"{request.key}: prompt must contain exactly one {tag} when input_image is given "
+                       f"(found {tags})")
+    if request.input_image is None and tags:
+        raise RowError(f"{request.key}: prompt contains {tag} but no input_image was given; add input_image or "
+                       f"remove {tag}")
+
+
 def max_batch(model: ImageModel, request: RenderRequest) -> int | None:
     """The model's own bound on requests per `render` call for `request`'s batch key, or None for no bound."""
     method = getattr(model, "max_batch", None)

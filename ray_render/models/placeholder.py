@@ -25,9 +25,10 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from ray_render.models.base import ModelInfo, ModelOutOfMemory, RenderRequest, RowError
+from ray_render.models.base import EDIT_TAG, ModelInfo, ModelOutOfMemory, RenderRequest, RowError, check_edit_tags
 
 REVISION = "placeholder-1"  # bump whenever the pixels for a request change
+DOWN_FACTOR = 16  # pixels per image token side of every NextStep model: sizes it could not render fail here too
 _DIRECTIVE = re.compile(r"\[placeholder:(raise|oom|invalid|crash|sleep=([0-9]*\.?[0-9]+))\]")
 
 
@@ -61,7 +62,16 @@ class PlaceholderModel:
             "num_sampling_steps": 2,
         }
 
+    input_image_tag = EDIT_TAG  # it "edits": the input image's bytes seed the picture
+
     def check(self, request: RenderRequest) -> RenderRequest:
+        """The checks a NextStep model makes that need no weights (a dry run finds the same bad rows): sizes, the
+        edit tag rules; then the [placeholder:invalid] directive."""
+        for name in ("width", "height"):
+            if getattr(request, name) % DOWN_FACTOR:
+                raise RowError(f"{request.key}: {name} must be a multiple of {DOWN_FACTOR}, got "
+                               f"{getattr(request, name)}")
+        check_edit_tags(request, self.input_image_tag)
         if "invalid" in _directives(request.prompt):
             raise RowError("prompt: [placeholder:invalid] asks the placeholder model to reject this row")
         return request

@@ -5,7 +5,7 @@
     _attempts/<shard>/<attempt>.parquet               each attempt's metadata as its actor wrote it
     _log/<seq>.json                                   the commit log: lease acquisitions, commits, releases
     _lease/<run id>.json                              the lease holder's heartbeat
-    _journal/<shard>.json                             which rows a shard's attempt is rendering (advisory)
+    _journal/<shard>/<attempt>.json                   which rows an attempt is rendering (advisory)
     _job.json                                         resolved settings, plan identity, model revision
     _summary.json                                     the final counts
     contact_sheet.png, report.html                    the job report
@@ -111,8 +111,9 @@ def heartbeat_url(root: str, run_id: str) -> str:
     return storage.join(root, LEASE_DIR, f"{check_safe_name(run_id, 'run id')}.json")
 
 
-def journal_url(root: str, shard_id: str) -> str:
-    return storage.join(root, JOURNAL_DIR, f"{check_safe_name(shard_id, 'shard id')}.json")
+def journal_url(root: str, shard_id: str, attempt_id: str) -> str:
+    return storage.join(root, JOURNAL_DIR, check_safe_name(shard_id, "shard id"),
+                        f"{check_safe_name(attempt_id, 'attempt id')}.json")
 
 
 def is_temp_name(name: str) -> bool:
