@@ -50,7 +50,12 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     """Every option of a render job (shared by `run` and jobs/render.py); unset options stay out of the namespace."""
     d = _defaults()
     parser.add_argument("manifests", nargs="*", metavar="MANIFEST",
-                        help="Parquet files, directories, globs or fsspec URLs (s3://, gs://, ...)")
+                        help="Parquet, CSV (.csv, .csv.gz) or JSON Lines (.jsonl, .ndjson, .jsonl.gz) files, "
+                             "directories, globs or fsspec URLs (s3://, gs://, hf://datasets/...)")
+    parser.add_argument("--prompt-column", dest="prompt_column", metavar="NAME",
+                        help="the manifest's column holding the prompt, when it is not `prompt` (caption, text, ...)")
+    parser.add_argument("--id-column", dest="id_column", metavar="NAME",
+                        help="the manifest's column holding the row id, when it is not `id` (key, uid, ...)")
     parser.add_argument("--out", metavar="URI", help="output root: a local path or fsspec URL")
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML job file with the same options "
                         "(dashes or underscores); command-line flags override it")

@@ -188,6 +188,32 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> N
     with_retries(write, what=f"write {url}", storage_options=storage_options)
 
 
+def upload_file(local_path: str, url: str, storage_options: dict | None = None) -> None:
+    """Copy a local file to `url` so that readers see nothing or all of it: a rename on local storage, one
+    (multipart) upload on an object store. For files too big to hold in memory for `write_bytes`."""
+    fs, path = open_fs(url, storage_options)
+
+    def upload() -> None:
+        if is_local(fs):
+            directory = os.path.dirname(path) or "."
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                with open(local_path, "rb") as source, open(tmp, "wb") as target:
+                    while chunk := source.read(1 << 22):
+                        target.write(chunk)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        else:
+            fs.put_file(local_path, path)
+
+    with_retries(upload, what=f"write {url}", storage_options=storage_options)
+
+
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     """The whole content of `url`; FileNotFoundError if it does not exist."""
     fs, path = open_fs(url, storage_options)

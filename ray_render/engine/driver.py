@@ -13,6 +13,7 @@ import logging
 import time
 
 from ray_render.config import PIXEL_SETTINGS, JobConfig
+from ray_render.engine import manifests
 from ray_render.engine import plan as planning
 from ray_render.engine.session import JobAborted, RunSession
 from ray_render.engine.summary import Summary
@@ -28,11 +29,15 @@ def settings_fingerprint(job: JobConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def job_record(job: JobConfig, plan: planning.Plan, summary: Summary) -> dict:
-    """The job record a run writes when it claims its output (`_job.json`)."""
-    return {"run_id": summary.run_id, "started_at": summary.started_at, "plan_fingerprint": plan.fingerprint,
-            "settings_fingerprint": settings_fingerprint(job), "settings": job.record(), "model": summary.model,
-            "files": plan.files, "total_rows": plan.total_rows, "shards": len(plan.shards)}
+def job_record(job: JobConfig, plan: planning.Plan, summary: Summary, sources: dict | None = None) -> dict:
+    """The job record a run writes when it claims its output (`_job.json`); `sources` names the source of each
+    staged manifest (engine/manifests.py)."""
+    record = {"run_id": summary.run_id, "started_at": summary.started_at, "plan_fingerprint": plan.fingerprint,
+              "settings_fingerprint": settings_fingerprint(job), "settings": job.record(), "model": summary.model,
+              "files": plan.files, "total_rows": plan.total_rows, "shards": len(plan.shards)}
+    if sources:
+        record["manifest_sources"] = sources
+    return record
 
 
 def run(job: JobConfig) -> Summary:
@@ -40,8 +45,10 @@ def run(job: JobConfig) -> Summary:
     so = job.storage_options
     with RunSession(job) as session:
         summary = session.summary
-        # 1. Plan: Parquet footers only, so a bad manifest fails before any Ray or GPU time
-        plan = planning.plan(job.manifests, job.shard_size, so, job.limit)
+        # 1. Plan: text manifests staged as Parquet once, then Parquet footers only, so a bad manifest fails before
+        # any Ray or GPU time
+        manifest_files, sources = manifests.stage_manifests(job)
+        plan = planning.plan(manifest_files, job.shard_size, so, job.limit)
         for warning in plan.warnings:
             log.warning(warning)
         summary.rows_total, summary.shards_total = plan.total_rows, len(plan.shards)
@@ -67,7 +74,7 @@ def run(job: JobConfig) -> Summary:
         todo = [shard for shard in plan.shards if shard.shard_id not in done]
         if todo:  # rows repeating an id used earlier in the plan will end invalid (reads the id column only)
             ids_started = time.monotonic()
-            plan = planning.mark_repeated_ids(plan, so)
+            plan = manifests.with_source_names(planning.mark_repeated_ids(plan, so), sources)
             todo = [shard for shard in plan.shards if shard.shard_id not in done]
             summary.plan_s += time.monotonic() - ids_started
         if done:
@@ -84,7 +91,7 @@ def run(job: JobConfig) -> Summary:
             if previous is not None:
                 _check_same_model(previous, summary.model)
             # 5. Claim the output: the job record names the plan, the settings and the model
-            session.claim_output(job_record(job, plan, summary))
+            session.claim_output(job_record(job, plan, summary, sources))
             # 6. Dispatch shards, collect results, retry, watch the error budget
             session.dispatch(todo)
     # 7. The session has stopped the actors and written the summary: print it

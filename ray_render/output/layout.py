@@ -4,6 +4,7 @@
     metadata/<shard_id>.parquet                      one row per image, and one per row that produced none
     _commits/<shard_id>.json                         written last: the shard is done
     _journal/<shard_id>.json                         which rows a shard's attempt is rendering (advisory)
+    _manifests/<stem>-<hash>.parquet                 text (or renamed) manifests staged as Parquet
     _job.json                                        resolved settings, plan fingerprint, model revision
     _summary.json                                    the final counts
     contact_sheet.png, report.html                   the job report
@@ -23,6 +24,7 @@ IMAGES_DIR = "images"
 METADATA_DIR = "metadata"
 COMMITS_DIR = "_commits"
 JOURNAL_DIR = "_journal"
+MANIFESTS_DIR = "_manifests"  # staged manifests, named by content: not cleared by --overwrite, which runs after staging
 JOB_RECORD = "_job.json"
 SUMMARY = "_summary.json"
 CONTACT_SHEET = "contact_sheet.png"
