@@ -30,6 +30,7 @@ from ray_render.config import (
     load_config_file,
 )
 from ray_render.engine.summary import EXIT_ABORTED, EXIT_CODES, EXIT_INTERNAL
+from ray_render.storage import FilesystemMissing
 
 PROG = "ray-render"
 
@@ -134,7 +135,7 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 def job_from_args(args: argparse.Namespace) -> JobConfig:
     """The job file's options, overridden by the flags given on the command line."""
     given = {key: value for key, value in vars(args).items()
-             if key not in ("command", "handler", "config", "verbose")}
+             if key not in ("command", "handler", "config", "verbose", "log_level")}
     options = _read_job_file(args.config) if getattr(args, "config", None) else {}
     if not given.get("manifests"):
         given.pop("manifests", None)
@@ -329,31 +330,43 @@ SUBCOMMANDS = [add_run_parser, add_status_parser, add_refresh_parser, add_expand
                add_report_parser]
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_logging_options(parser: argparse.ArgumentParser, default) -> None:
+    try:
+        parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                            help="debug logging, and tracebacks of errors (same as --log-level debug)")
+    except argparse.ArgumentError:  # a subcommand with a -v of its own
+        pass
+    parser.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS, default=default,
+                        help="how much ray-render logs to stderr (default: info)")
+
+
 def build_parser(subcommands=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Render Parquet prompt manifests with NextStep-1 "
-                                     "on a Ray cluster.", epilog=EXIT_CODES_HELP,
+    from ray_render import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Render prompt manifests (Parquet, CSV, JSON Lines) "
+                                     "with NextStep-1 on a Ray cluster.", epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_logging_options(parser, None)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_parser in SUBCOMMANDS if subcommands is None else subcommands:
         add_parser(subparsers)
-    for subparser in subparsers.choices.values():  # -v after the subcommand too
-        try:
-            subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                                   help="debug logging, and tracebacks of errors")
-        except argparse.ArgumentError:  # a subcommand with a -v of its own
-            pass
+    for subparser in subparsers.choices.values():  # -v and --log-level after the subcommand too
+        _add_logging_options(subparser, argparse.SUPPRESS)
     return parser
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def _setup_logging(verbose: bool = False, level: str | None = None) -> None:
     logger = logging.getLogger("ray_render")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else getattr(logging, (level or "info").upper()))
 
 
 def main(argv: list[str] | None = None, subcommands=None,
@@ -365,10 +378,11 @@ def main(argv: list[str] | None = None, subcommands=None,
         _setup_logging()
         return forwarded[argv[0]](argv[1:])
     args = build_parser(subcommands).parse_args(argv)
-    _setup_logging(args.verbose)
+    args.verbose = bool(args.verbose) or args.log_level == "debug"
+    _setup_logging(args.verbose, args.log_level)
     try:
         return args.handler(args)
-    except (CliError, ConfigError) as exc:
+    except (CliError, ConfigError, FilesystemMissing) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ABORTED
     except OSError as exc:  # a job file or output root that cannot be read

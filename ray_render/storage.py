@@ -45,9 +45,16 @@ RETRY_ATTEMPTS = 6
 RETRY_BASE_DELAY = 0.2  # seconds; doubles per attempt, with jitter: 0.1-0.2, 0.2-0.4, ... about 6 s in all
 
 
+class FilesystemMissing(ImportError):
+    """A URL whose fsspec implementation is not installed (gs:// without gcsfs, ...): the message names the extra."""
+
+
 class StorageError(OSError):
     """A storage operation still failed after its retries; the message names the URL, never the credentials."""
 
+
+# The package extra that brings the fsspec implementation of a protocol (pyproject.toml).
+EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure", "adl": "azure"}
 
 _fs_cache: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
 _fs_cache_lock = threading.Lock()
@@ -68,7 +75,13 @@ def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstr
     with _fs_cache_lock:
         fs = _fs_cache.get(key)
     if fs is None:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except ImportError as exc:
+            extra = EXTRAS.get(protocol)
+            if extra is None:
+                raise
+            raise FilesystemMissing(f"{url}: {exc}; install it with: pip install 'ray-render[{extra}]'") from None
         with _fs_cache_lock:
             _fs_cache.setdefault(key, fs)
         return fs, path

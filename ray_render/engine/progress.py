@@ -1,7 +1,8 @@
 """What a person watching the job sees while it runs: the progress bar (or log lines), and Ray metrics.
 
-- `Progress`: a tqdm bar on stderr (rows/s, ETA, failed and invalid counts) when stderr is a terminal; periodic
-  log lines otherwise (`ray job logs`, CI), so a job log shows where it is without control characters.
+- `Progress`: a tqdm bar on stderr (rows/s, ETA, failed and invalid counts) when stderr is a terminal, a notebook
+  bar (tqdm.auto) under Jupyter/IPython; periodic log lines otherwise (`ray job logs`, CI), so a job log shows where
+  it is without control characters.
 - `RenderMetrics`: counters and a histogram recorded inside the actors through `ray.util.metrics`; Ray exports
   them on each node's metrics endpoint, which the dashboard's Prometheus scrapes.
 """
@@ -15,6 +16,16 @@ import time
 from ray_render.output.schema import STATUSES, empty_counts
 
 log = logging.getLogger("ray_render")
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter (or other IPython kernel) session, where stderr is no terminal but a bar still shows."""
+    shell = sys.modules.get("IPython")
+    try:
+        ipython = shell.get_ipython() if shell is not None else None
+    except Exception:  # noqa: BLE001 - an IPython too old or too odd to ask: no notebook bar
+        return False
+    return ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
 
 
 class Progress:
@@ -32,7 +43,11 @@ class Progress:
         self._start_done = done_rows
         self._last_log = self._start
         self._bar = None
-        if enabled and getattr(self.stream, "isatty", lambda: False)():
+        if enabled and in_notebook():
+            from tqdm.auto import tqdm  # a widget where ipywidgets is installed, text in the cell otherwise
+
+            self._bar = tqdm(total=total_rows, initial=done_rows, unit="row", smoothing=0.1)
+        elif enabled and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_rows, initial=done_rows, unit="row", file=self.stream,

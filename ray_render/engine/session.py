@@ -93,7 +93,7 @@ class RunSession:
 
     def _record_failure(self, exc: BaseException) -> bool:
         """Turn the exception that ended the run into its outcome; False for the ones to re-raise (SystemExit)."""
-        if isinstance(exc, (ConfigError, ManifestError, JobAborted)):
+        if isinstance(exc, (ConfigError, ManifestError, JobAborted, storage.FilesystemMissing)):
             self.summary.finish("aborted", str(exc))
         elif isinstance(exc, storage.StorageError):
             self.summary.finish("aborted", STORAGE_GONE.format(error=exc))
