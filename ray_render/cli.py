@@ -173,6 +173,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     return driver.run(job_from_args(args)).exit_code
 
 
+# -- plan / preview ------------------------------------------------------------------------------------------------
+
+
+def add_plan_parser(subparsers) -> None:
+    parser = subparsers.add_parser("plan", help="rows, shards, images, image tokens and a cost estimate, before a run",
+                                   argument_default=argparse.SUPPRESS,
+                                   description="What `ray-render run` with the same options would render, and an "
+                                               "estimate per GPU type (seconds per image, GPU-hours, cost) from a "
+                                               "calibration table that says where each figure comes from. Starts "
+                                               "no Ray, reads no weights; --out is optional (nothing is written).")
+    add_job_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--price", action="append", metavar="GPU=USD_PER_HOUR",
+                        help="price of an hour of a device (repeatable), e.g. --price H100=2.49: adds the cost")
+    parser.set_defaults(handler=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ray_render.engine import forecast
+    from ray_render.engine.plan import ManifestError
+
+    values = vars(args)
+    as_json = bool(values.pop("json", False))
+    try:
+        prices = forecast.parse_prices(values.pop("price", None) or [])
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    values.setdefault("out", "-")  # a run's output root; the plan writes nothing anywhere
+    try:
+        result = forecast.forecast(job_from_args(args), prices)
+    except (ManifestError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(result.to_dict(), indent=2) if as_json else forecast.format_forecast(result))
+    return 0
+
+
+def add_preview_parser(subparsers) -> None:
+    parser = subparsers.add_parser("preview", help="render a stratified sample of the manifest, with its report",
+                                   argument_default=argparse.SUPPRESS, epilog=EXIT_CODES_HELP,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description="Render N rows sampled across the whole manifest (stratified by "
+                                               "size and preset) with the job's settings into --out, with the "
+                                               "contact sheet and report; the metadata's source_row says which "
+                                               "rows (see ray_render/engine/preview.py).")
+    add_job_options(parser)
+    parser.add_argument("--sample", type=int, required=True, metavar="N", help="rows to render")
+    parser.set_defaults(handler=cmd_preview)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from ray_render.engine import preview
+
+    sample = vars(args).pop("sample")
+    if sample < 1:
+        raise CliError(f"--sample must be a whole number >= 1, got {sample}")
+    return preview.run(job_from_args(args), sample).exit_code
+
+
 # -- status --------------------------------------------------------------------------------------------------------
 
 
@@ -326,8 +384,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 # -- main ----------------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_run_parser, add_status_parser, add_refresh_parser, add_expand_parser, add_export_parser,
-               add_report_parser]
+SUBCOMMANDS = [add_run_parser, add_plan_parser, add_preview_parser, add_status_parser, add_refresh_parser,
+               add_expand_parser, add_export_parser, add_report_parser]
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

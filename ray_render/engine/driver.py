@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from ray_render.config import PIXEL_SETTINGS, JobConfig
 from ray_render.engine import manifests
@@ -40,8 +41,9 @@ def job_record(job: JobConfig, plan: planning.Plan, summary: Summary, sources: d
     return record
 
 
-def run(job: JobConfig) -> Summary:
-    """Render `job` to completion (or abort); print and return the Summary (its `exit_code`: engine/summary.py)."""
+def run(job: JobConfig, select: Callable[[planning.Plan], planning.Plan] | None = None) -> Summary:
+    """Render `job` to completion (or abort); print and return the Summary (its `exit_code`: engine/summary.py).
+    `select` narrows the plan to the shards (and rows) to render, with a fingerprint of its own (preview.py)."""
     so = job.storage_options
     with RunSession(job) as session:
         summary = session.summary
@@ -49,6 +51,8 @@ def run(job: JobConfig) -> Summary:
         # any Ray or GPU time
         manifest_files, sources = manifests.stage_manifests(job)
         plan = planning.plan(manifest_files, job.shard_size, so, job.limit)
+        if select is not None:
+            plan = select(plan)
         for warning in plan.warnings:
             log.warning(warning)
         summary.rows_total, summary.shards_total = plan.total_rows, len(plan.shards)

@@ -80,8 +80,9 @@ class ModelDescription:
     source: str  # where the facts were read: a snapshot directory, a URL, or published defaults
     settings: dict = field(default_factory=dict)  # what decided them (sampler version, edit model, and why)
     # The sizes a cost estimate needs, for autoregressive families: parameters read per image token
-    # (`backbone_params`), per sampling step of the head (`head_params`), `layers`, `head_layers`, and `kv_width`
-    # (key/value values per layer and position). Empty when the family has none of these.
+    # (`backbone_params`), per sampling step of the head (`head_params`), the token embeddings held in memory
+    # (`embedding_params`), `layers`, `head_layers`, and `kv_width` (key/value values per layer and position).
+    # Empty when the family has none of these.
     architecture: dict = field(default_factory=dict)
 
     def image_tokens(self, width: int, height: int) -> int:

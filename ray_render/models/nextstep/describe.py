@@ -74,7 +74,8 @@ def architecture(config: NextStepConfig) -> dict:
     head = ((256 * d + d) + (d * d + d) + (h * d + d) + (config.token_dim * d + d) + config.fm_head_layers * block
             + (2 * d * d + 2 * d) + (d * config.token_dim + config.token_dim))
     return {"backbone_params": config.num_hidden_layers * layer + h + projectors, "head_params": head,
-            "layers": config.num_hidden_layers, "head_layers": config.fm_head_layers, "kv_width": kv_width}
+            "embedding_params": config.vocab_size * h, "layers": config.num_hidden_layers,
+            "head_layers": config.fm_head_layers, "kv_width": kv_width}
 
 
 def describe_nextstep(name: str, *, vae: str | None = None, revision: str | None = None,
