@@ -8,7 +8,7 @@ shard's counts) and the summary (`_summary.json`, written when a run ends).
 from __future__ import annotations
 
 from ray_render import storage
-from ray_render.output import commits, layout, record
+from ray_render.output import commits, headline, layout, record
 from ray_render.output.commits import commit_totals
 from ray_render.output.schema import ALL_STATUSES, REMOVED
 
@@ -29,7 +29,11 @@ def job_status(out: str, storage_options: dict | None = None) -> dict | None:
         # A refresh supersedes rows of older shards, whose markers still count them: count the metadata instead.
         rows, images, rows_done = metadata_totals(out, storage_options)
     total_rows = job_record.get("total_rows", 0)
+    top = headline.headline(summary, job_record, done, running=state == "running")
+    if "refresh" in job_record and state != "running":  # the counts of the metadata, as above
+        top.rows, top.images = {status: rows.get(status, 0) for status in ("ok", "invalid", "failed")}, images
     return {
+        "headline": top.line(),
         "out": out,
         "state": state,
         "run_id": job_record.get("run_id"),
@@ -66,6 +70,7 @@ def format_status(report: dict) -> str:
     rows = report["rows"]
     model = report.get("model") or {}
     lines = [
+        report["headline"],
         f"{report['out']}: {report['state']}" + (" (or stopped without a summary; rerun to resume)"
                                                    if report["state"] == "running" else ""),
         f"  run       {report['run_id']} started {report['started_at']}",
@@ -79,6 +84,6 @@ def format_status(report: dict) -> str:
     summary = report.get("summary")
     if summary:
         lines.append(f"  last run  {summary.get('state')}, exit code {summary.get('exit_code')}, "
-                     f"{summary.get('rows_per_s', 0)} rows/s, {summary.get('wall_s', 0):.1f} s"
+                     f"{headline.rate(summary.get('rows_per_s'), 'rows')}, {headline.duration(summary.get('wall_s'))}"
                      + (f": {summary['message']}" if summary.get("message") else ""))
     return "\n".join(lines)
