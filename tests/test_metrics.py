@@ -39,7 +39,7 @@ def scrape(deadline_s: float = 60.0) -> dict[str, list[str]]:
 def test_metrics_come_out_under_prometheus_names_in_seconds(ray_cluster, tmp_path, make_manifest):
     rows = [{"id": f"r{i}", "prompt": f"shape {i}" + (" [placeholder:raise]" if i == 3 else "")} for i in range(8)]
     job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", device="cpu",
-                    progress=False, retries=0, batch_size=4, shard_size=4)
+                    progress=False, retries=0, batch_size=4, shard_size=4, address=ray_cluster)
     summary = driver.run(job)
     assert summary.rows == {"ok": 7, "invalid": 0, "failed": 1}
     samples = scrape()
