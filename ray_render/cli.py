@@ -31,6 +31,7 @@ from ray_render.config import (
     read_storage_options,
 )
 from ray_render.engine.summary import EXIT_ABORTED, EXIT_CODES, EXIT_INTERNAL
+from ray_render.storage import FilesystemMissing
 
 PROG = "ray-render"
 
@@ -51,7 +52,12 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     """Every option of a render job (shared by `run` and jobs/render.py); unset options stay out of the namespace."""
     d = _defaults()
     parser.add_argument("manifests", nargs="*", metavar="MANIFEST",
-                        help="Parquet files, directories, globs or fsspec URLs (s3://, gs://, ...)")
+                        help="Parquet, CSV (.csv, .csv.gz) or JSON Lines (.jsonl, .ndjson, .jsonl.gz) files, "
+                             "directories, globs or fsspec URLs (s3://, gs://, hf://datasets/...)")
+    parser.add_argument("--prompt-column", dest="prompt_column", metavar="NAME",
+                        help="the manifest's column holding the prompt, when it is not `prompt` (caption, text, ...)")
+    parser.add_argument("--id-column", dest="id_column", metavar="NAME",
+                        help="the manifest's column holding the row id, when it is not `id` (key, uid, ...)")
     parser.add_argument("--out", metavar="URI", help="output root: a local path or fsspec URL")
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML job file with the same options "
                         "(dashes or underscores); command-line flags override it")
@@ -147,7 +153,7 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 def job_from_args(args: argparse.Namespace) -> JobConfig:
     """The job file's options, overridden by the flags given on the command line."""
     given = {key: value for key, value in vars(args).items()
-             if key not in ("command", "handler", "config", "verbose")}
+             if key not in ("command", "handler", "config", "verbose", "log_level")}
     options = _read_job_file(args.config) if getattr(args, "config", None) else {}
     if not given.get("manifests"):
         given.pop("manifests", None)
@@ -183,6 +189,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ray_render.engine import driver
 
     return driver.run(job_from_args(args)).exit_code
+
+
+# -- plan / preview ------------------------------------------------------------------------------------------------
+
+
+def add_plan_parser(subparsers) -> None:
+    parser = subparsers.add_parser("plan", help="rows, shards, images, image tokens and a cost estimate, before a run",
+                                   argument_default=argparse.SUPPRESS,
+                                   description="What `ray-render run` with the same options would render, and an "
+                                               "estimate per GPU type (seconds per image, GPU-hours, cost) from a "
+                                               "calibration table that says where each figure comes from. Starts "
+                                               "no Ray, reads no weights; --out is optional (nothing is written).")
+    add_job_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--price", action="append", metavar="GPU=USD_PER_HOUR",
+                        help="price of an hour of a device (repeatable), e.g. --price H100=2.49: adds the cost")
+    parser.set_defaults(handler=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ray_render.engine import forecast
+    from ray_render.engine.plan import ManifestError
+
+    values = vars(args)
+    as_json = bool(values.pop("json", False))
+    try:
+        prices = forecast.parse_prices(values.pop("price", None) or [])
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    values.setdefault("out", "-")  # a run's output root; the plan writes nothing anywhere
+    try:
+        result = forecast.forecast(job_from_args(args), prices)
+    except (ManifestError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(result.to_dict(), indent=2) if as_json else forecast.format_forecast(result))
+    return 0
+
+
+def add_preview_parser(subparsers) -> None:
+    parser = subparsers.add_parser("preview", help="render a stratified sample of the manifest, with its report",
+                                   argument_default=argparse.SUPPRESS, epilog=EXIT_CODES_HELP,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description="Render N rows sampled across the whole manifest (stratified by "
+                                               "size and preset) with the job's settings into --out, with the "
+                                               "contact sheet and report; the metadata's source_row says which "
+                                               "rows (see ray_render/engine/preview.py).")
+    add_job_options(parser)
+    parser.add_argument("--sample", type=int, required=True, metavar="N", help="rows to render")
+    parser.set_defaults(handler=cmd_preview)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from ray_render.engine import preview
+
+    sample = vars(args).pop("sample")
+    if sample < 1:
+        raise CliError(f"--sample must be a whole number >= 1, got {sample}")
+    return preview.run(job_from_args(args), sample).exit_code
 
 
 # -- status --------------------------------------------------------------------------------------------------------
@@ -332,35 +396,47 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 # -- main ----------------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_run_parser, add_status_parser, add_refresh_parser, add_expand_parser, add_export_parser,
-               add_report_parser]
+SUBCOMMANDS = [add_run_parser, add_plan_parser, add_preview_parser, add_status_parser, add_refresh_parser,
+               add_expand_parser, add_export_parser, add_report_parser]
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_logging_options(parser: argparse.ArgumentParser, default) -> None:
+    try:
+        parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                            help="debug logging, and tracebacks of errors (same as --log-level debug)")
+    except argparse.ArgumentError:  # a subcommand with a -v of its own
+        pass
+    parser.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS, default=default,
+                        help="how much ray-render logs to stderr (default: info)")
 
 
 def build_parser(subcommands=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Render Parquet prompt manifests with NextStep-1 "
-                                     "on a Ray cluster.", epilog=EXIT_CODES_HELP,
+    from ray_render import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Render prompt manifests (Parquet, CSV, JSON Lines) "
+                                     "with NextStep-1 on a Ray cluster.", epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_logging_options(parser, None)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_parser in SUBCOMMANDS if subcommands is None else subcommands:
         add_parser(subparsers)
-    for subparser in subparsers.choices.values():  # -v after the subcommand too
-        try:
-            subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                                   help="debug logging, and tracebacks of errors")
-        except argparse.ArgumentError:  # a subcommand with a -v of its own
-            pass
+    for subparser in subparsers.choices.values():  # -v and --log-level after the subcommand too
+        _add_logging_options(subparser, argparse.SUPPRESS)
     return parser
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def _setup_logging(verbose: bool = False, level: str | None = None) -> None:
     logger = logging.getLogger("ray_render")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else getattr(logging, (level or "info").upper()))
 
 
 def main(argv: list[str] | None = None, subcommands=None,
@@ -372,10 +448,11 @@ def main(argv: list[str] | None = None, subcommands=None,
         _setup_logging()
         return forwarded[argv[0]](argv[1:])
     args = build_parser(subcommands).parse_args(argv)
-    _setup_logging(args.verbose)
+    args.verbose = bool(args.verbose) or args.log_level == "debug"
+    _setup_logging(args.verbose, args.log_level)
     try:
         return args.handler(args)
-    except (CliError, ConfigError) as exc:
+    except (CliError, ConfigError, FilesystemMissing) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ABORTED
     except OSError as exc:  # a job file or output root that cannot be read

@@ -125,6 +125,10 @@ class JobConfig:
 
     manifests: list[str]
     out: str
+    # The manifest's own names for the prompt and id columns (a dataset's `caption`, `key`, ...); staged manifests
+    # carry them renamed (engine/manifests.py)
+    prompt_column: str | None = None
+    id_column: str | None = None
     # "tiny" (embedded), "placeholder", a snapshot dir, a hub repo id, or an fsspec URL
     model: str = field(default="tiny", metadata=PIXELS)
     vae: str | None = field(default=None, metadata=PIXELS)  # overrides the VAE path in the model's config.json
@@ -178,6 +182,12 @@ class JobConfig:
             raise ConfigError("no manifest given: pass one or more Parquet files, directories, globs or URLs")
         if not self.out:
             raise ConfigError("no output given: pass --out PATH_OR_URL")
+        mapped = {"prompt_column": self.prompt_column, "id_column": self.id_column}
+        for name, column in mapped.items():
+            if column is not None and (not isinstance(column, str) or not column.strip()):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a column name, got {column!r}")
+        if self.prompt_column is not None and self.prompt_column == self.id_column:
+            raise ConfigError(f"--prompt-column and --id-column name the same column {self.prompt_column!r}")
         choices = {"format": IMAGE_FORMATS, "device": DEVICES, "dtype": DTYPES, "noise": NOISE_MODES,
                    "rope_precision": ROPE_PRECISIONS, "edit_input": EDIT_INPUTS}
         for name, allowed in choices.items():
@@ -326,12 +336,17 @@ def load_config_file(path: str) -> dict:
         data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job file must be a mapping of option names to values")
-    known = {f.name for f in fields(JobConfig)} | set(RENDER_PARAMS)
     options = {key.replace("-", "_"): value for key, value in data.items()}
+    check_option_names(options, path)
+    return options
+
+
+def check_option_names(options: dict, where: str) -> None:
+    """ConfigError naming the unknown ones, unless every name is a JobConfig field or a render parameter."""
+    known = {f.name for f in fields(JobConfig)} | set(RENDER_PARAMS)
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return options
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 def job_from_options(options: dict) -> JobConfig:

@@ -45,9 +45,16 @@ RETRY_ATTEMPTS = 6
 RETRY_BASE_DELAY = 0.2  # seconds; doubles per attempt, with jitter: 0.1-0.2, 0.2-0.4, ... about 6 s in all
 
 
+class FilesystemMissing(ImportError):
+    """A URL whose fsspec implementation is not installed (gs:// without gcsfs, ...): the message names the extra."""
+
+
 class StorageError(OSError):
     """A storage operation still failed after its retries; the message names the URL, never the credentials."""
 
+
+# The package extra that brings the fsspec implementation of a protocol (pyproject.toml).
+EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure", "adl": "azure"}
 
 _fs_cache: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
 _fs_cache_lock = threading.Lock()
@@ -68,7 +75,13 @@ def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstr
     with _fs_cache_lock:
         fs = _fs_cache.get(key)
     if fs is None:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except ImportError as exc:
+            extra = EXTRAS.get(protocol)
+            if extra is None:
+                raise
+            raise FilesystemMissing(f"{url}: {exc}; install it with: pip install 'ray-render[{extra}]'") from None
         with _fs_cache_lock:
             _fs_cache.setdefault(key, fs)
         return fs, path
@@ -263,6 +276,30 @@ def identity(url: str, storage_options: dict | None = None) -> dict:
                 result["etag"] = str(found[key]).strip('"')
                 break
     return result
+def upload_file(local_path: str, url: str, storage_options: dict | None = None) -> None:
+    """Copy a local file to `url` so that readers see nothing or all of it: a rename on local storage, one
+    (multipart) upload on an object store. For files too big to hold in memory for `write_bytes`."""
+    fs, path = open_fs(url, storage_options)
+
+    def upload() -> None:
+        if is_local(fs):
+            directory = os.path.dirname(path) or "."
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                with open(local_path, "rb") as source, open(tmp, "wb") as target:
+                    while chunk := source.read(1 << 22):
+                        target.write(chunk)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        else:
+            fs.put_file(local_path, path)
+
+    with_retries(upload, what=f"write {url}", storage_options=storage_options)
 
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:

@@ -26,6 +26,8 @@ def ray_cluster():
     reach this process, as they reach a driver in production (the credential checks read them)."""
     import ray
 
+    # Actors report their metrics every second (default 10 s), so the metrics tests read them soon after a job.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=True)
     try:
         yield ray.get_runtime_context().gcs_address

@@ -119,14 +119,16 @@ def test_ray_job_submit_renders_the_example_job(head, tmp_path):
     assert summary["exit_code"] == 0 and summary["shards_committed"] == 4
     assert all("/gpu" in row["worker"] for row in table)  # the head's declared GPUs: GPU actors
 
-    # The actors' counters reach the node's metrics endpoint, which the dashboard's Prometheus scrapes.
+    # The actors' counters reach the node's metrics endpoint, which the dashboard's Prometheus scrapes, under their
+    # Prometheus names (README: Metrics).
     deadline = time.monotonic() + 30
     text = ""
-    while time.monotonic() < deadline and 'status="ok"' not in text:
+    while time.monotonic() < deadline and not ('status="ok"' in text and "ray_render_render_seconds_bucket" in text):
         with urllib.request.urlopen(head["metrics"], timeout=10) as response:
-            text = "\n".join(line for line in response.read().decode().splitlines() if "ray_render_rows" in line)
+            text = "\n".join(line for line in response.read().decode().splitlines() if "render_" in line)
         time.sleep(1)
-    assert 'status="ok"' in text, text[-2000:]
+    assert re.search(r'^ray_render_rows_total\{.*status="ok"', text, re.M), text[-2000:]
+    assert "ray_render_render_seconds_bucket" in text and "ray_ray_render" not in text
 
 
 def test_a_failing_job_shows_as_failed(head, tmp_path):

@@ -11,13 +11,15 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from ray_render.config import PIXEL_SETTINGS, JobConfig
+from ray_render.engine import manifests
 from ray_render.engine import plan as planning
 from ray_render.engine.rows import default_row_id
 from ray_render.engine.session import JobAborted, RunSession
 from ray_render.engine.summary import Summary
-from ray_render.output import record
+from ray_render.output import layout, record
 from ray_render.output.commits import commit_totals
 
 log = logging.getLogger("ray_render")
@@ -29,20 +31,32 @@ def settings_fingerprint(job: JobConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def job_record(job: JobConfig, plan: planning.Plan, summary: Summary) -> dict:
-    """The job record a run writes when it claims its output (`_job.json`)."""
-    return {"run_id": summary.run_id, "started_at": summary.started_at, "plan_fingerprint": plan.fingerprint,
-            "settings_fingerprint": settings_fingerprint(job), "settings": job.record(), "model": summary.model,
-            "files": plan.identities, "total_rows": plan.total_rows, "shards": len(plan.shards)}
+def job_record(job: JobConfig, plan: planning.Plan, summary: Summary, sources: dict | None = None) -> dict:
+    """The job record a run writes when it claims its output (`_job.json`); `sources` names the source of each
+    staged manifest (engine/manifests.py)."""
+    record = {"run_id": summary.run_id, "started_at": summary.started_at, "plan_fingerprint": plan.fingerprint,
+              "settings_fingerprint": settings_fingerprint(job), "settings": job.record(), "model": summary.model,
+              "files": plan.identities, "total_rows": plan.total_rows, "shards": len(plan.shards)}
+    if sources:
+        record["manifest_sources"] = sources
+    return record
 
 
-def run(job: JobConfig) -> Summary:
-    """Render `job` to completion (or abort); print and return the Summary (its `exit_code`: engine/summary.py)."""
+def run(job: JobConfig, select: Callable[[planning.Plan], planning.Plan] | None = None) -> Summary:
+    """Render `job` to completion (or abort); print and return the Summary (its `exit_code`: engine/summary.py).
+    `select` narrows the plan to the shards (and rows) to render, with a fingerprint of its own (preview.py)."""
     so = job.storage_options
     with RunSession(job, "run") as session:
         summary = session.summary
-        # 1. Plan: Parquet footers only, so a bad manifest fails before anything is written or started
-        plan = planning.plan(job.manifests, job.shard_size, so, job.limit, out=job.out)
+        # 1. Plan: Parquet footers only, so a bad manifest fails before anything is written or started. A text (or
+        # renamed) manifest is staged as Parquet under the output root first: that write takes the lease first.
+        if manifests.needs_staging(job):
+            session.acquire_output()
+        manifest_files, sources = manifests.stage_manifests(job)
+        plan = planning.plan(manifest_files, job.shard_size, so, job.limit, out=job.out,
+                             allowed_inside_out=(layout.MANIFESTS_DIR,))
+        if select is not None:
+            plan = select(plan)
         for warning in plan.warnings:
             log.warning(warning)
         summary.rows_total, summary.shards_total = plan.total_rows, len(plan.shards)
@@ -67,7 +81,8 @@ def run(job: JobConfig) -> Summary:
         todo = [shard for shard in plan.shards if shard.shard_id not in done]
         if todo:  # rows repeating an id used earlier in the plan will end invalid (reads the id columns only)
             ids_started = time.monotonic()
-            plan = planning.mark_repeated_ids(plan, so, lambda row: default_row_id(row, job))
+            plan = manifests.with_source_names(
+                planning.mark_repeated_ids(plan, so, lambda row: default_row_id(row, job)), sources)
             todo = [shard for shard in plan.shards if shard.shard_id not in done]
             summary.plan_s += time.monotonic() - ids_started
         if done:
@@ -84,7 +99,7 @@ def run(job: JobConfig) -> Summary:
             if previous is not None:
                 _check_same_model(previous, summary.model)
             # 5. Claim the output: finish what a dead holder left, write the job record
-            session.claim_output(job_record(job, plan, summary))
+            session.claim_output(job_record(job, plan, summary, sources))
             # 6. Dispatch shards, commit results, retry, watch the error budget
             session.dispatch(todo)
     # 7. The session has stopped the actors, written the summary and released the lease: print it

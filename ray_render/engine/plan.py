@@ -47,6 +47,9 @@ EXPECTED_TYPES = {
 }
 
 _STEM_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_-]+")
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+# Columns a staged manifest carries for the rows' own bookkeeping (engine/manifests.py): never passed through.
+HIDDEN_PREFIX = "__ray_render_"
 
 
 class ManifestError(Exception):
@@ -97,8 +100,9 @@ class Plan:
 
 
 def is_passthrough(column: str) -> bool:
-    """True for manifest columns copied unchanged to the output metadata: all but the known ones and pandas' index."""
-    return column not in KNOWN_COLUMNS and not column.startswith("__index_level_")
+    """True for manifest columns copied unchanged to the output metadata: all but the known ones, pandas' index and
+    a staged manifest's hidden columns."""
+    return column not in KNOWN_COLUMNS and not column.startswith(("__index_level_", HIDDEN_PREFIX))
 
 
 def is_text_type(kind: pa.DataType) -> bool:
@@ -120,8 +124,10 @@ def _type_ok(column: str, kind: pa.DataType) -> bool:
     return pa.types.is_boolean(kind)
 
 
-def list_manifest_files(specs: list[str], storage_options: dict | None = None) -> list[str]:
-    """Resolve paths, directories (every *.parquet below, sorted), globs and URLs to a deterministic file list.
+def list_manifest_files(specs: list[str], storage_options: dict | None = None,
+                        suffixes: tuple[str, ...] = PARQUET_SUFFIXES) -> list[str]:
+    """Resolve paths, directories (every file below ending in one of `suffixes`, sorted), globs and URLs to a
+    deterministic file list.
 
     Hidden and underscore-prefixed entries in directories (`.tmp`, `_SUCCESS`, `_metadata`) are skipped, as
     Spark and pyarrow datasets do. A file named twice is kept once, at its first position.
@@ -137,10 +143,10 @@ def list_manifest_files(specs: list[str], storage_options: dict | None = None) -
                 matches = sorted(m for m in fs.glob(path) if not m.rstrip("/").rsplit("/", 1)[-1].startswith("."))
                 files = []
                 for match in matches:
-                    files += _parquet_below(fs, match) if fs.isdir(match) else [match]
+                    files += _files_below(fs, match, suffixes) if fs.isdir(match) else [match]
                 return files
             if fs.isdir(path):
-                return _parquet_below(fs, path)
+                return _files_below(fs, path, suffixes)
             if fs.exists(path):
                 return [path]
             raise ManifestError(f"manifest {spec!r}: no such file, directory or URL")
@@ -153,7 +159,8 @@ def list_manifest_files(specs: list[str], storage_options: dict | None = None) -
             message = f"manifest {spec!r}: cannot list it: {type(exc).__name__}: {exc}"
             raise ManifestError(storage.redact(message, storage_options)) from None
         if not found:
-            raise ManifestError(f"manifest {spec!r}: matches no Parquet files")
+            kinds = "Parquet files" if suffixes == PARQUET_SUFFIXES else f"manifest files ({', '.join(suffixes)})"
+            raise ManifestError(f"manifest {spec!r}: matches no {kinds}")
         for path in found:
             url = path if storage.is_local(fs) else fs.unstrip_protocol(path)
             if url not in result:
@@ -161,13 +168,13 @@ def list_manifest_files(specs: list[str], storage_options: dict | None = None) -
     return result
 
 
-def _parquet_below(fs, directory: str) -> list[str]:
+def _files_below(fs, directory: str, suffixes: tuple[str, ...]) -> list[str]:
     files = []
     for path in fs.find(directory):
         relative = path[len(directory.rstrip("/")):].strip("/")
         if any(part.startswith((".", "_")) for part in relative.split("/")):
             continue
-        if path.endswith((".parquet", ".pq", ".parq")):
+        if path.endswith(suffixes):
             files.append(path)
     return sorted(files)
 
@@ -237,6 +244,18 @@ def _check_schema(facts: _FileFacts) -> None:
                 expected += " (or an integer type)"
             raise ManifestError(f"manifest {facts.url}: column {column.name!r} has type {column.type}, "
                                 f"expected {expected}")
+
+
+def check_manifest_schemas(schemas: list[tuple[str, pa.Schema]]) -> None:
+    """The checks `plan()` makes of the files' schemas (a prompt column, no repeated names, the known columns'
+    types, passthrough columns of one type in every file and not named like a metadata column), for files that are
+    not planned yet: staged manifests are checked under their sources' names. Raises ManifestError naming the file
+    and the column."""
+    all_facts = [_FileFacts(url=url, size=0, row_group_rows=[], schema=schema, footer_sha256="")
+                 for url, schema in schemas]
+    for facts in all_facts:
+        _check_schema(facts)
+    _passthrough_schema(all_facts)
 
 
 def _passthrough_schema(all_facts: list[_FileFacts]) -> pa.Schema:

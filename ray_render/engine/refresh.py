@@ -59,6 +59,7 @@ import pyarrow as pa
 
 from ray_render import storage
 from ray_render.config import JOB_PIXEL_SETTINGS, ConfigError, JobConfig
+from ray_render.engine import manifests
 from ray_render.engine import plan as planning
 from ray_render.engine.driver import job_record, same_model
 from ray_render.engine.session import JobAborted, RunSession
@@ -126,8 +127,13 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         summary = session.summary
         if job.limit is not None:
             raise ConfigError("--limit does not apply to refresh: rows past it would count as removed")
-        # 1. Plan; take the output's lease (--overwrite clears it); start the actors (the model says its revision)
-        plan = planning.plan(job.manifests, job.shard_size, so, out=job.out)
+        # 1. Plan (a text manifest is staged as Parquet first, under the lease); take the output's lease (--overwrite
+        # clears it); start the actors (the model says its revision)
+        if manifests.needs_staging(job):
+            session.acquire_output()
+        manifest_files, sources = manifests.stage_manifests(job)
+        plan = planning.plan(manifest_files, job.shard_size, so, out=job.out,
+                             allowed_inside_out=(layout.MANIFESTS_DIR,))
         for warning in plan.warnings:
             log.warning(warning)
         session.acquire_output()
@@ -159,7 +165,7 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         summary.rows_resumed = diff.unchanged
 
         # 5. Claim the output and render the rows to render as generation shards
-        session.claim_output(_record(job, plan, summary, facts))
+        session.claim_output(_record(job, plan, summary, facts, sources))
         if todo:
             session.dispatch(todo)
         session.stop_pool()  # from here only this driver writes to the output
@@ -171,7 +177,7 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         target = _target_schema(job, plan, old_schemas)
         facts["pruned"] = supersede(job.out, committed, done, stale, rendered_ids, diff.removed, target, prune, so)
         facts["state"] = "done"
-        record.write_job_record(job.out, _record(job, plan, summary, facts), so)
+        record.write_job_record(job.out, _record(job, plan, summary, facts, sources), so)
     # 7. Print what changed and the summary
     if facts:
         print(f"refresh generation {facts['generation']}: {facts['new']} new, {facts['changed']} changed, "
@@ -185,8 +191,8 @@ def _generation_shard(generation: int, shard: planning.Shard, rows: list[int]) -
     return replace(shard, shard_id=generation_shard_id(generation, shard.shard_id), rows=subset)
 
 
-def _record(job: JobConfig, plan: planning.Plan, summary: Summary, facts: dict) -> dict:
-    return {**job_record(job, plan, summary), "refresh": dict(facts)}
+def _record(job: JobConfig, plan: planning.Plan, summary: Summary, facts: dict, sources: dict) -> dict:
+    return {**job_record(job, plan, summary, sources), "refresh": dict(facts)}
 
 
 def _same_job_settings(previous: dict | None, job: JobConfig, model: dict) -> bool:

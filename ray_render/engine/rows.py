@@ -15,6 +15,8 @@ Row rules (DESIGN.md "Manifest" is the contract):
 - `input_image`: a URI string; null, empty or blank means "no input image".
 - Null cells mean "use the job default"; NaN and infinities are invalid.
 - Row numbers in messages are 0-based positions in the manifest file (the same as the `source_row` output column).
+  A staged manifest (engine/manifests.py) names the user's file instead of the staged copy, adds the line of a
+  text manifest, and carries the problem of a cell it could not convert: that row is invalid for it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ray_render.config import (
     check_render_param,
     resolve_params,
 )
+from ray_render.engine import manifests
 from ray_render.engine.plan import (
     DEFAULT_ID_COLUMNS,
     ROW_ID_PATTERN,
@@ -261,6 +264,13 @@ class _RowProblem(Exception):
         self.column = column
 
 
+def _where(row: dict, shard: Shard, row_index: int) -> tuple[str, str]:
+    """(the user's file, "manifest FILE row N[, line L]") of a row: a staged manifest's rows name their source."""
+    source = row.get(manifests.SOURCE_FILE) or shard.file
+    line = row.get(manifests.SOURCE_LINE)
+    return source, f"manifest {source} row {row_index}" + (f", line {line}" if line is not None else "")
+
+
 def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
                   job: JobConfig) -> list[RowTask | InvalidRow]:
     """One RowTask or InvalidRow per row, in order. Never raises for a bad value: that row alone is invalid."""
@@ -274,6 +284,7 @@ def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
         fallback_id = f"row-{shard.file_index}-{row_index}"
         row_id: str | None = None
         prompt = row.get("prompt")
+        source_file, where = _where(row, shard, row_index)
         try:
             raw_id = row.get("id")
             if isinstance(raw_id, int) and not isinstance(raw_id, bool):
@@ -288,7 +299,9 @@ def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
                 if row_id in first_row_of_id:
                     raise _RowProblem("id", f"repeats the id of row {first_row_of_id[row_id]} in this shard")
                 first_row_of_id[row_id] = row_index
-            task = _resolve_row(row, row_index, row_id, defaults, presets, job, shard, passthrough)
+            if row.get(manifests.ERROR) is not None:  # a cell staging could not convert, or a line that is no row
+                raise _RowProblem(row.get(manifests.ERROR_COLUMN) or "", row[manifests.ERROR])
+            task = _resolve_row(row, row_index, row_id, defaults, presets, job, source_file, passthrough)
             if raw_id is None:
                 earlier = (repeated_elsewhere.get(row_index) or
                            (f"row {first_row_of_id[task.id]} in this shard" if task.id in first_row_of_id else None))
@@ -299,16 +312,16 @@ def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
             results.append(task)
         except _RowProblem as problem:
             shown_id = row_id if row_id is not None else fallback_id
-            where = f"manifest {shard.file} row {row_index} (id {shown_id!r})"
+            what = f"column {problem.column!r} {problem}" if problem.column else str(problem)
             usable_prompt = prompt if isinstance(prompt, str) and _text_problem(prompt, 10**9) is None else None
             results.append(InvalidRow(row_index=row_index, id=shown_id, column=problem.column,
-                                      error=f"{where}: column {problem.column!r} {problem}", passthrough=passthrough,
-                                      source_file=shard.file, prompt=usable_prompt))
+                                      error=f"{where} (id {shown_id!r}): {what}", passthrough=passthrough,
+                                      source_file=source_file, prompt=usable_prompt))
     return results
 
 
 def _resolve_row(row: dict, row_index: int, row_id: str | None, defaults: dict, presets: dict, job: JobConfig,
-                 shard: Shard, passthrough: dict) -> RowTask:
+                 source_file: str, passthrough: dict) -> RowTask:
     # 1. Prompt fields
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
@@ -364,4 +377,4 @@ def _resolve_row(row: dict, row_index: int, row_id: str | None, defaults: dict, 
 
     fingerprint = _sha256({"prompt": prompt, "params": params, "seed": seed, "input_image": input_image})
     return RowTask(row_index=row_index, id=row_id, prompt=prompt, params=params, seed=seed, input_image=input_image,
-                   preset=preset, passthrough=passthrough, fingerprint=fingerprint, source_file=shard.file)
+                   preset=preset, passthrough=passthrough, fingerprint=fingerprint, source_file=source_file)

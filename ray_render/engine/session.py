@@ -80,6 +80,7 @@ class RunSession:
         self.started = time.monotonic()
         self.pool: RenderPool | None = None
         self.lease: Lease | None = None
+        self._log_state: LogState | None = None
         self.committed: dict[str, dict] = {}  # shard id -> its commit entry: the log's, then this run's
         self.owns_output = False  # the output is cleaned and the summary written there only once this run claimed it
         self._ray_started_here = False
@@ -110,7 +111,7 @@ class RunSession:
 
     def _record_failure(self, exc: BaseException) -> bool:
         """Turn the exception that ended the run into its outcome; False for the ones to re-raise (SystemExit)."""
-        if isinstance(exc, (ConfigError, ManifestError, JobAborted, LeaseHeld)):
+        if isinstance(exc, (ConfigError, ManifestError, JobAborted, LeaseHeld, storage.FilesystemMissing)):
             self.summary.finish("aborted", str(exc))
         elif isinstance(exc, Fenced):
             self.summary.finish("aborted", f"this run lost its lease on {self.job.out}: {exc}; it stopped without "
@@ -135,10 +136,13 @@ class RunSession:
 
     def acquire_output(self) -> LogState:
         """Refuse an output root that holds something other than a ray-render job (unless --overwrite), then take
-        its lease; returns the commit log as it stood (LeaseHeld when another live run holds it)."""
+        its lease; returns the commit log as it stood (LeaseHeld when another live run holds it). Once per run: a
+        second call returns the same state."""
+        if self._log_state is not None:
+            return self._log_state
         so = self.job.storage_options
         names = set(storage.list_names(self.job.out, so))
-        ours = {layout.JOB_RECORD, layout.LOG_DIR} & names
+        ours = {layout.JOB_RECORD, layout.LOG_DIR, layout.MANIFESTS_DIR} & names  # staged manifests: a job to come
         if names and not ours and not self.job.overwrite:
             shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
             raise JobAborted(f"{self.job.out} is not empty ({shown}) and holds no ray-render job: choose an empty "
@@ -152,6 +156,7 @@ class RunSession:
         state = self.lease.acquire()
         self.committed = dict(state.committed)
         commits.roll_forward(self.job.out, self.committed, so)  # readers of metadata/ from here on see every commit
+        self._log_state = state
         return state
 
     def clear_output(self) -> None:

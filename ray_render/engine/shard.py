@@ -68,6 +68,8 @@ class ShardResult:
     worker: str = ""
     model: dict = field(default_factory=dict)  # ModelInfo as a dict
     batch_size: int = 0  # the renderer's batch size when it finished (smaller after an out-of-memory)
+    started_at: float = 0.0  # epoch seconds: when this attempt began reading its rows (the report's timeline)
+    finished_at: float = 0.0  # epoch seconds: when it committed
 
 
 @dataclass
@@ -100,6 +102,7 @@ class ShardWork:
     pending: deque = field(default_factory=deque)  # image stores not yet waited for
     render_ms: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.time)  # epoch seconds, for the commit's timeline entry
 
 
 class _Inline:
@@ -388,7 +391,8 @@ class ShardRenderer:
         result = ShardResult(shard_id=shard.shard_id, attempt=attempt, attempt_id=work.attempt_id,
                              rows=len(work.checked), counts=counts, images=stored, render_ms=work.render_ms,
                              wall_ms=(time.monotonic() - work.started) * 1000.0, worker=self.worker,
-                             model=asdict(self.model.info), batch_size=self.batch_size)
+                             model=asdict(self.model.info), batch_size=self.batch_size,
+                             started_at=work.started_at, finished_at=time.time())
         if self._metrics is not None:
             self._metrics.shard_done(counts)
         return result

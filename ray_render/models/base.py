@@ -66,6 +66,40 @@ class ModelInfo:
     settings: dict = field(default_factory=dict, hash=False)
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a model renders by default and accepts, known without loading it (`models.describe_model`): for planning
+    a job and checking rows before any weights are read. Every field equals what the loaded model reports."""
+
+    name: str  # as given to describe_model / load_model
+    family: str  # "nextstep", "placeholder", ...
+    revision: str | None  # ModelInfo.revision of the loaded model; None where only loading it can tell
+    defaults: dict  # what the loaded model's defaults() returns
+    down_factor: int  # pixels per image-token side: width and height must be multiples of it
+    context_length: int | None  # tokens of prompt, image prefix and image a row may take; None: no such limit
+    source: str  # where the facts were read: a snapshot directory, a URL, or published defaults
+    settings: dict = field(default_factory=dict)  # what decided them (sampler version, edit model, and why)
+    # The sizes a cost estimate needs, for autoregressive families: parameters read per image token
+    # (`backbone_params`), per sampling step of the head (`head_params`), the token embeddings held in memory
+    # (`embedding_params`), `layers`, `head_layers`, and `kv_width` (key/value values per layer and position).
+    # Empty when the family has none of these.
+    architecture: dict = field(default_factory=dict)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Image tokens of one image of this size: one autoregressive step each."""
+        return (int(height) // self.down_factor) * (int(width) // self.down_factor)
+
+    def size_problem(self, width: int, height: int) -> str | None:
+        """Why this model cannot render width x height (the row's message), or None when it can."""
+        for name, value in (("width", width), ("height", height)):
+            if int(value) % self.down_factor:
+                return f"{name} must be a multiple of {self.down_factor} for this model, got {value}"
+        if self.context_length is not None and self.image_tokens(width, height) >= self.context_length:
+            return (f"{width}x{height} is {self.image_tokens(width, height)} image tokens, more than the model's "
+                    f"context of {self.context_length} tokens")
+        return None
+
+
 class ImageModel(Protocol):
     """A resident model that renders batches of requests on one device."""
 

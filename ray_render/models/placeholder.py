@@ -25,7 +25,15 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from ray_render.models.base import EDIT_TAG, ModelInfo, ModelOutOfMemory, RenderRequest, RowError, check_edit_tags
+from ray_render.models.base import (
+    EDIT_TAG,
+    ModelDescription,
+    ModelInfo,
+    ModelOutOfMemory,
+    RenderRequest,
+    RowError,
+    check_edit_tags,
+)
 
 REVISION = "placeholder-1"  # bump whenever the pixels for a request change
 DOWN_FACTOR = 16  # pixels per image token side of every NextStep model: sizes it could not render fail here too
@@ -109,6 +117,14 @@ class PlaceholderModel:
         end = np.frombuffer(digest[3:6], dtype=np.uint8).astype(np.float32)
         ramp, shade = _pattern(request.width, request.height, digest[6] % 16, 2 + digest[7] % 6)
         return ((start + (end - start) * ramp) * shade).astype(np.uint8)  # (H, W, 3)
+
+
+def describe() -> ModelDescription:
+    """The placeholder as `models.describe_model` reports it: its defaults and revision; sizes follow the
+    manifest's rule (multiples of 16), and it has no context to run out of."""
+    model = PlaceholderModel()
+    return ModelDescription(name=model.info.name, family=model.info.family, revision=model.info.revision,
+                            defaults=model.defaults(), down_factor=16, context_length=None, source="built in")
 
 
 @functools.lru_cache(maxsize=64)

@@ -6,6 +6,7 @@
     _log/<seq>.json                                   the commit log: lease acquisitions, commits, releases
     _lease/<run id>.json                              the lease holder's heartbeat
     _journal/<shard>/<attempt>.json                   which rows an attempt is rendering (advisory)
+    _manifests/<stem>-<hash>.parquet                  text (or renamed) manifests staged as Parquet
     _job.json                                         resolved settings, plan identity, model revision
     _summary.json                                     the final counts
     contact_sheet.png, report.html                    the job report
@@ -29,6 +30,7 @@ LOG_DIR = "_log"
 LEASE_DIR = "_lease"
 JOURNAL_DIR = "_journal"
 OLD_COMMITS_DIR = "_commits"  # the commit markers of outputs written before the commit log
+MANIFESTS_DIR = "_manifests"  # staged manifests, named by content: not cleared by --overwrite, which runs after staging
 JOB_RECORD = "_job.json"
 SUMMARY = "_summary.json"
 CONTACT_SHEET = "contact_sheet.png"

@@ -9,7 +9,7 @@ run ends).
 from __future__ import annotations
 
 from ray_render import storage
-from ray_render.output import layout, record
+from ray_render.output import headline, layout, record
 from ray_render.output.commits import commit_totals
 from ray_render.output.lease import holder_status
 from ray_render.output.log import read_state
@@ -24,7 +24,8 @@ def job_status(out: str, storage_options: dict | None = None) -> dict | None:
     log_state = read_state(out, storage_options)
     holder = holder_status(out, log_state, storage_options)
     summary = record.read_summary(out, storage_options)
-    rows, images, rows_done = commit_totals(entry.get("info", {}) for entry in log_state.committed.values())
+    done = {shard_id: entry.get("info", {}) for shard_id, entry in log_state.committed.items()}
+    rows, images, rows_done = commit_totals(done.values())
     if holder is not None and holder["live"]:
         state = "running"
     elif summary is not None and summary.get("run_id") == job_record.get("run_id"):
@@ -35,7 +36,11 @@ def job_status(out: str, storage_options: dict | None = None) -> dict | None:
         # A refresh supersedes rows of older shards, whose commits still count them: count the metadata instead.
         rows, images, rows_done = metadata_totals(out, storage_options)
     total_rows = job_record.get("total_rows", 0)
+    top = headline.headline(summary, job_record, done, running=state == "running")
+    if "refresh" in job_record and state != "running":  # the counts of the metadata, as above
+        top.rows, top.images = {status: rows.get(status, 0) for status in ("ok", "invalid", "failed")}, images
     return {
+        "headline": top.line(),
         "out": out,
         "state": state,
         "run_id": job_record.get("run_id"),
@@ -82,6 +87,7 @@ def format_status(report: dict) -> str:
     rows = report["rows"]
     model = report.get("model") or {}
     lines = [
+        report["headline"],
         f"{report['out']}: {report['state']}" + _state_note(report),
         f"  run       {report['run_id']} started {report['started_at']}",
         f"  model     {model.get('name', '?')} ({model.get('family', '?')} {model.get('revision', '?')})",
@@ -94,6 +100,6 @@ def format_status(report: dict) -> str:
     summary = report.get("summary")
     if summary:
         lines.append(f"  last run  {summary.get('state')}, exit code {summary.get('exit_code')}, "
-                     f"{summary.get('rows_per_s', 0)} rows/s, {summary.get('wall_s', 0):.1f} s"
+                     f"{headline.rate(summary.get('rows_per_s'), 'rows')}, {headline.duration(summary.get('wall_s'))}"
                      + (f": {summary['message']}" if summary.get("message") else ""))
     return "\n".join(lines)
