@@ -30,7 +30,8 @@ from ray_render.config import (
     load_config_file,
     read_storage_options,
 )
-from ray_render.engine.summary import EXIT_ABORTED, EXIT_CODES, EXIT_INTERNAL
+from ray_render.engine.summary import EXIT_ABORTED, EXIT_CODES, EXIT_INTERNAL, EXIT_OK, EXIT_ROWS
+from ray_render.output.record import RecordDamaged
 from ray_render.storage import FilesystemMissing
 
 PROG = "ray-render"
@@ -112,6 +113,9 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="render committed shards again (default: skip them)")
     output.add_argument("--overwrite", action="store_true", help="clear the output root's job first (only "
                         "ray-render's own files are deleted)")
+    output.add_argument("--retry-failed", dest="retry_failed", action="store_true",
+                        help="render the failed rows of committed shards again, once each, on any actor; the "
+                             "rows that are ok stay as they are (run only: a refresh renders failed rows anyway)")
     output.add_argument("--input-roots", dest="input_roots", nargs="+", metavar="PREFIX",
                         help="where edit rows' input images may come from, besides the manifests' own directories "
                              "(paths or URL prefixes); anything else is refused")
@@ -429,14 +433,41 @@ def build_parser(subcommands=None) -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a redirect, a notebook's, a test's capture), not the
+    one there was when logging was set up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool = False, level: str | None = None) -> None:
     logger = logging.getLogger("ray_render")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.DEBUG if verbose else getattr(logging, (level or "info").upper()))
+
+
+def job_entrypoint(command: str, argv: list[str]) -> int:
+    """`python jobs/render.py ...` and `jobs/refresh.py`: `ray-render COMMAND ...` under an orchestrator (a RayJob,
+    a CronJob, `ray job submit`), which reads any non-zero status as a failure to retry on new GPU clusters. So a job
+    that finished with some failed or invalid rows (EXIT_ROWS; they are in the metadata, a rerun with
+    --retry-failed renders the failed ones again) exits 0 here, unless --strict is given."""
+    strict = "--strict" in argv
+    code = main([command, *(arg for arg in argv if arg != "--strict")])
+    if code == EXIT_ROWS and not strict:
+        print(f"{PROG}: finished with failed or invalid rows (exit {EXIT_ROWS}); exiting 0 for the orchestrator "
+              f"(pass --strict to fail the job instead)", file=sys.stderr)
+        return EXIT_OK
+    return code
 
 
 def main(argv: list[str] | None = None, subcommands=None,
@@ -452,7 +483,7 @@ def main(argv: list[str] | None = None, subcommands=None,
     _setup_logging(args.verbose, args.log_level)
     try:
         return args.handler(args)
-    except (CliError, ConfigError, FilesystemMissing) as exc:
+    except (CliError, ConfigError, FilesystemMissing, RecordDamaged) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ABORTED
     except OSError as exc:  # a job file or output root that cannot be read

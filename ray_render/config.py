@@ -158,6 +158,7 @@ class JobConfig:
     limit: int | None = None  # render only the first N rows of the plan
     resume: bool = True
     overwrite: bool = False
+    retry_failed: bool = False  # render the failed rows of committed shards again, once (engine/repairs.py)
     lease_ttl_s: float = 60.0  # another run may take the output over this long after this run's last heartbeat
     call_timeout_s: float = 3600.0  # no render call may run longer: its actor is killed and the attempt counted
     # Where edit rows' input images may come from, besides the directories of the job's own manifests.

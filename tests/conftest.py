@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_render import storage
-from ray_render.tools.chaos import StorageFaultProxy
+from ray_render.tools.chaos import BROKEN_DEVICE_ENV, StorageFaultProxy
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     """One local Ray for every test that needs one; yields its address (for subprocess drivers and `--address`).
 
     Two GPUs are declared (no real ones: placement tests see distinct `CUDA_VISIBLE_DEVICES`), so a job with
@@ -28,6 +28,8 @@ def ray_cluster():
 
     # Actors report their metrics every second (default 10 s), so the metrics tests read them soon after a job.
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    # ... and inherit this: where PlaceholderOnBrokenDevice claims its broken device (tools/chaos.py).
+    os.environ[BROKEN_DEVICE_ENV] = str(tmp_path_factory.mktemp("chaos") / "broken-device")
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=True)
     try:
         yield ray.get_runtime_context().gcs_address

@@ -40,6 +40,7 @@ class FakeActor:
     index: int
     calls: list[FakeRef] = field(default_factory=list)
     killed: bool = False
+    avoid_nodes: tuple[str, ...] = ()  # the nodes the pool asked it not to be placed on
 
     def __post_init__(self) -> None:
         self.info = _Method(self, "info")
@@ -56,8 +57,8 @@ class FakeRuntime:
         self.actors: list[FakeActor] = []
         self.dead_nodes: set[str] = set()
 
-    def make_actor(self, index: int) -> FakeActor:
-        actor = FakeActor(index)
+    def make_actor(self, index: int, avoid_nodes: tuple[str, ...] = ()) -> FakeActor:
+        actor = FakeActor(index, avoid_nodes=avoid_nodes)
         self.actors.append(actor)
         return actor
 

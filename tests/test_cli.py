@@ -134,7 +134,8 @@ def test_status_follows_a_running_job_to_its_end(ray_cluster, tmp_path, make_man
     assert cli.main(["status", out]) == 0
     text = capsys.readouterr().out
     assert f"{out}: finished" in text
-    assert "6/6 committed" in text and "24/24" in text and "invalid 1" in text and "exit code 1" in text
+    assert "6/6 committed" in text and "24/24" in text and "invalid 1" in text
+    assert f"exit code {exits.EXIT_ROWS}" in text
 
 
 def test_log_level_and_verbose(ray_cluster, tmp_path, make_manifest):

@@ -7,6 +7,7 @@ processes of that head.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -159,3 +160,50 @@ def test_a_resubmission_from_an_edited_working_dir_resumes(head, tmp_path):
     files = record.read_job_record(str(out))["files"]
     assert [entry["name"] for entry in files] == ["jobs/examples/prompts.parquet"]  # as given, not where unpacked
     assert files[0]["content"].startswith("sha256:")
+
+
+def test_ray_job_stop_ends_the_job_interrupted_with_its_actors_stopped(head, tmp_path):
+    """`ray job stop` sends the driver SIGTERM and SIGKILLs it RAY_JOB_STOP_WAIT_TIME_S (3 s) later: the wind-down
+    fits in that, so the summary says interrupted (exit 3) and no render actor outlives the job."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    work = small_working_dir(tmp_path)
+    pq.write_table(pa.table({"id": [f"s{i}" for i in range(8)],
+                             "prompt": [f"slow {i} [placeholder:sleep=2]" for i in range(8)]}),
+                   work / "jobs" / "examples" / "slow.parquet")
+    submission = f"stop-{os.getpid()}-{int(time.time())}"
+    ray = str(BIN / "ray")
+    submit = [ray, "job", "submit", "--address", head["dashboard"], "--working-dir", str(work), "--submission-id",
+              submission, "--no-wait", "--", "python", "jobs/render.py", "jobs/examples/slow.parquet", "--model",
+              "placeholder", "--shard-size", "1", "--no-progress", "--out", str(out)]
+    started = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not any((out / "metadata").glob("*.parquet")):
+        time.sleep(0.2)
+    assert any((out / "metadata").glob("*.parquet")), "no shard committed"
+
+    stop = subprocess.run([ray, "job", "stop", "--address", head["dashboard"], submission], env=head["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stdout[-3000:] + stop.stderr[-3000:]
+    summary = None
+    while time.monotonic() < deadline and (summary is None or summary.get("state") == "running"):
+        summary = record.read_summary(str(out))
+        time.sleep(0.2)
+    assert summary["state"] == "interrupted" and summary["exit_code"] == 3, summary
+    assert "interrupted by SIGTERM" in summary["message"]
+
+    listing = []
+    while time.monotonic() < deadline:
+        result = subprocess.run([ray, "list", "actors", "--address", head["dashboard"], "--filter",
+                                 "class_name=RenderActor", "--filter", "state=ALIVE", "--format", "json"],
+                                env=head["env"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        text = result.stdout[result.stdout.find("["):] if "[" in result.stdout else "[]"  # after any notices
+        listing = json.loads(text)
+        if not listing:
+            break
+        time.sleep(0.5)
+    assert listing == [], listing

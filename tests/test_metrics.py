@@ -4,6 +4,7 @@ the Grafana dashboard in cluster/ that charts them."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import urllib.request
@@ -11,8 +12,10 @@ from pathlib import Path
 
 from ray_render.config import JobConfig
 from ray_render.engine import driver
+from ray_render.tools.chaos import BROKEN_DEVICE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+MODEL = "ray_render.tools.chaos:PlaceholderOnBrokenDevice"
 EXPORTED = ("ray_render_rows_total", "ray_render_errors_total", "ray_render_render_seconds_bucket",
             "ray_render_render_seconds_sum", "ray_render_render_seconds_count")
 
@@ -38,9 +41,16 @@ def scrape(deadline_s: float = 60.0) -> dict[str, list[str]]:
 
 def test_metrics_come_out_under_prometheus_names_in_seconds(ray_cluster, tmp_path, make_manifest):
     rows = [{"id": f"r{i}", "prompt": f"shape {i}" + (" [placeholder:raise]" if i == 3 else "")} for i in range(8)]
-    job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", device="cpu",
+    # The node's endpoint holds every test's series: a model name of this test's own tags the ones to read. It is
+    # the placeholder under another name (its broken device already claimed, so it is nowhere broken).
+    claim = Path(os.environ[BROKEN_DEVICE_ENV])
+    claim.touch()
+    job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model=MODEL, device="cpu",
                     progress=False, retries=0, batch_size=4, shard_size=4, address=ray_cluster)
-    summary = driver.run(job)
+    try:
+        summary = driver.run(job)
+    finally:
+        claim.unlink()
     assert summary.rows == {"ok": 7, "invalid": 0, "failed": 1}
     samples = scrape()
     assert not any(name.startswith("ray_ray_") for name in samples), sorted(samples)
@@ -49,7 +59,8 @@ def test_metrics_come_out_under_prometheus_names_in_seconds(ray_cluster, tmp_pat
     assert any('kind="render"' in line for line in samples["ray_render_errors_total"])
     # Seconds: the buckets start at 5 ms, and the summed model time is far below the run's seconds.
     assert any('le="0.005"' in line for line in samples["ray_render_render_seconds_bucket"])
-    total = sum(float(line.rsplit(" ", 1)[1]) for line in samples["ray_render_render_seconds_sum"])
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in samples["ray_render_render_seconds_sum"]
+                if f'model="{MODEL}"' in line)
     assert 0 < total < 60
 
 

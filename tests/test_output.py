@@ -197,7 +197,7 @@ def test_a_lost_publication_is_rolled_forward(tmp_path, make_manifest):
     gone = the_plan.shards[1].shard_id
     os.remove(layout.metadata_url(root, gone))  # the holder died between the commit and the publication
     committed = {shard_id: {"attempt": info["attempt"]} for shard_id, info in commits.list_commits(root).items()}
-    assert commits.roll_forward(root, committed) == [gone]
+    assert commits.roll_forward(root, committed).published == [gone]
     assert commits.read_shard_metadata(root, gone).equals(tables[gone])
     assert ds.dataset(root + "/metadata").count_rows() == 6
 

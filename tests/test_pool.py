@@ -163,7 +163,7 @@ def test_idle_actor_takes_a_copy_of_a_queued_shard_and_the_first_result_wins(ray
                     actors=2, max_in_flight=2)
     plan = planning.plan(job.manifests, job.shard_size)
     remote = ray.remote(RenderActor).options(num_cpus=0.5, max_restarts=0, max_task_retries=0)
-    pool = RenderPool(lambda index: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
+    pool = RenderPool(lambda index, avoid: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
     try:
         wait_until_ready(pool, 2)
         pending = list(plan.shards)  # the slow shard first: whoever takes it holds a queued shard behind it
@@ -193,7 +193,7 @@ def test_shutdown_lets_cancelled_calls_return_and_names_the_shards_still_running
     plan = planning.plan(job.manifests, job.shard_size)
     stoppable, stuck = plan.shards  # 4 model calls of 0.5 s; one model call of 60 s
     remote = ray.remote(RenderActor).options(num_cpus=0.5, max_restarts=0, max_task_retries=0)
-    pool = RenderPool(lambda index: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
+    pool = RenderPool(lambda index, avoid: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
     wait_until_ready(pool, 2)
     for shard in plan.shards:
         pool.submit(shard, 1)

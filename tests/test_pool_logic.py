@@ -32,10 +32,12 @@ def shard(number: int) -> Shard:
     return Shard(f"s{number}", "m.parquet", number * 10, number * 10 + 10)
 
 
-def result(ref, wall_ms: float = 1000.0) -> ShardResult:
-    piece, attempt, attempt_id, _ = ref.args
+def result(ref, wall_ms: float = 1000.0, failed: int = 0) -> ShardResult:
+    """What an actor returns for the call `ref`: every row ok, or `failed` of them failed."""
+    piece, attempt, attempt_id, *_ = ref.args
+    rendered = {"ok": piece.num_rows - failed, "invalid": 0, "failed": failed}
     return ShardResult(shard_id=piece.shard_id, attempt=attempt, attempt_id=attempt_id, rows=piece.num_rows,
-                       wall_ms=wall_ms)
+                       counts=dict(rendered), rendered=rendered, wall_ms=wall_ms)
 
 
 def started_pool(runtime: FakeRuntime, actors: int = 2, max_in_flight: int = 2) -> RenderPool:
@@ -267,5 +269,59 @@ def test_the_driver_never_waits_for_a_cancelled_copy(clock):
     pool.wait(0)
     # The original still runs (a hung actor): its shard is settled, so there is no work left to wait for.
     assert not pool.has_work()
-    unsettled = pool.shutdown(grace_s=1000.0)  # no grace spent on it: it was cancelled long ago
+    unsettled = pool.shutdown(grace_s=0.0)  # still running after the grace: its files are left to the next run
     assert {shard_id for shard_id, _ in unsettled} == {"s0"} and runtime.actors[0].killed
+
+
+def test_a_repair_goes_to_another_actor_and_is_never_copied(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=1)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    (base,) = runtime.actors[0].pending()
+    runtime.finish(base, result(base, failed=3))
+    (done,) = pool.wait(0)
+    assert done.actor == 0 and done.result.rendered["failed"] == 3
+    assert pool.can_submit() and not pool.can_submit(avoid=0)  # only the actor that failed them has room
+    (other,) = runtime.actors[1].pending()
+    runtime.finish(other, result(other))
+    pool.wait(0)
+    pool.submit(shard(0), 2, base=done.attempt_id, avoid=0)
+    (repair,) = runtime.actors[1].pending()
+    assert repair.args[4] == done.attempt_id  # render_shard(shard, attempt, attempt_id, inherit, base)
+    clock.now += 600.0
+    assert pool.reissue_stragglers() == 0  # however long it runs, a repair runs once
+
+
+def test_an_actor_whose_rows_fail_far_more_than_the_others_is_retired_away_from_its_node(clock):
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 2, 2, runtime=runtime)
+    for number, actor in enumerate(runtime.actors):
+        runtime.start(actor, {"name": "fake", "worker": f"w{number}", "node_id": f"node{number}", "batch_size": 8})
+    pool.wait(0)
+    for number in range(4):
+        pool.submit(shard(number), 1)
+    broken, healthy = runtime.actors
+    good = healthy.pending()[0]
+    runtime.finish(good, result(good))  # 10 rows, all ok
+    assert [type(event) for event in pool.wait(0)] == [ShardDone]
+    bad = broken.pending()[0]
+    runtime.finish(bad, result(bad, failed=10))  # every row failed: 100% against 0% elsewhere
+    events = pool.wait(0)
+    assert isinstance(events[0], ShardDone) and events[0].result.rendered["failed"] == 10  # repaired elsewhere
+    held = [event for event in events[1:]]
+    assert len(held) == 1 and held[0].retired and held[0].actor_lost  # its queued shard comes back uncharged
+    assert broken.killed and pool.actors_retired == 1 and pool.actors_lost == 0
+    assert runtime.actors[-1].avoid_nodes == ("node0",)  # its replacement is placed elsewhere
+
+
+def test_equal_failure_rates_retire_nobody(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=1)
+    for number in range(2):
+        pool.submit(shard(number), 1)
+    for actor in runtime.actors:  # a manifest whose rows fail everywhere: not a device's fault
+        (ref,) = actor.pending()
+        runtime.finish(ref, result(ref, failed=10))
+    assert [type(event) for event in pool.wait(0)] == [ShardDone, ShardDone]
+    assert pool.actors_retired == 0 and not any(actor.killed for actor in runtime.actors)

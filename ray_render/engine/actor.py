@@ -97,11 +97,11 @@ class RenderActor:
         return [(item.row_index, item.id, item.fingerprint, None) if isinstance(item, RowTask)
                 else (item.row_index, item.id, None, item.error) for item in checked]
 
-    def render_shard(self, shard: Shard, attempt: int, attempt_id: str,
-                     inherit: tuple[str, bool] | None = None) -> ShardResult:
+    def render_shard(self, shard: Shard, attempt: int, attempt_id: str, inherit: tuple[str, bool] | None = None,
+                     base: str | None = None) -> ShardResult:
         """Render every row of `shard` as attempt `attempt_id` (files under its own names) and write its metadata;
-        returns the counts. The driver commits it. `inherit`: see ShardRenderer.render_shard."""
-        return self.renderer.render_shard(shard, attempt, attempt_id, inherit)
+        returns the counts. The driver commits it. `inherit`, `base`: see ShardRenderer.render_shard."""
+        return self.renderer.render_shard(shard, attempt, attempt_id, inherit, base)
 
     def _cancelled(self) -> bool:
         if not self._in_ray:

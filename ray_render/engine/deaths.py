@@ -3,7 +3,8 @@ systematic.
 
 A lost attempt is charged to its shard's `--retries` unless it was not the shard's doing:
 
-- it never ran (queued behind another call when its actor died), or its actor died with its node: nobody's fault;
+- it never ran (queued behind another call when its actor died), its actor died with its node, or the pool retired
+  its actor for failing far more rows than the others: nobody's fault;
 - its actor died by itself inside a model call or an input fetch (the attempt's journal names the rows): the rows'
   fault. The next attempt makes them suspects (engine/journal.py), and the death is not charged to the shard.
 
@@ -50,7 +51,7 @@ class DeathLedger:
         shard_id = event.shard.shard_id
         if not event.actor_lost:  # the call raised (a storage error, a bad file): the shard's own failure
             return Verdict(True, (event.attempt_id, False), "the attempt raised")
-        natural = event.started and not event.killed and not event.node_lost
+        natural = event.started and not event.killed and not event.node_lost and not event.retired
         working = natural and bool(journal_entry.get("rendering"))
         if working:
             if journal_entry.get("calls_done", 0) == 0:
@@ -64,7 +65,7 @@ class DeathLedger:
                     f"host's memory), not a row's; fix the cause and rerun the same command to resume")
         if event.killed:
             return Verdict(True, (event.attempt_id, False), "its call ran past its deadline")
-        if not (working or not event.started or event.node_lost):
+        if not (working or not event.started or event.node_lost or event.retired):
             return Verdict(True, (event.attempt_id, False), "its actor died outside a model call")
         self.uncharged[shard_id] = self.uncharged.get(shard_id, 0) + 1
         self.uncharged_total += 1
@@ -75,7 +76,7 @@ class DeathLedger:
                 f"rerun the same command to resume")
         charged = self.uncharged[shard_id] > SHARD_CAP_FACTOR * (self.retries + 2)
         reason = ("it never ran" if not event.started else "its node died" if event.node_lost
-                  else "it died rendering: its rows become suspects")
+                  else "its actor was retired" if event.retired else "it died rendering: its rows become suspects")
         return Verdict(charged, (event.attempt_id, working), reason)
 
     def progress(self) -> None:

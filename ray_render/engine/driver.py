@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from ray_render.config import PIXEL_SETTINGS, JobConfig
-from ray_render.engine import manifests
+from ray_render.engine import manifests, repairs
 from ray_render.engine import plan as planning
 from ray_render.engine.rows import default_row_id
 from ray_render.engine.session import JobAborted, RunSession
@@ -64,20 +64,23 @@ def run(job: JobConfig, select: Callable[[planning.Plan], planning.Plan] | None 
 
         # 2. Take the output's lease, then check the job it holds; --overwrite clears it
         session.acquire_output()
-        previous = record.read_job_record(job.out, so)
         if job.overwrite:
             session.clear_output()
             previous = None
-        elif previous is not None:
+        else:
+            previous = record.read_job_record(job.out, so)
+        if previous is not None:
             _check_same_job(previous, plan, job)
 
-        # 3. Resume: committed shards are done
+        # 3. Resume: committed shards are done; with --retry-failed, those holding failed rows are repaired
         shard_ids = {shard.shard_id for shard in plan.shards}
         done = {shard_id: entry["info"] for shard_id, entry in session.committed.items()
                 if shard_id in shard_ids and job.resume}
-        counts, images, summary.rows_resumed = commit_totals(done.values())
+        retry = {shard_id for shard_id, info in done.items() if job.retry_failed and info["counts"].get("failed")}
+        counts, images, summary.rows_resumed = commit_totals(info for shard_id, info in done.items()
+                                                             if shard_id not in retry)
         summary.add(counts, images)
-        summary.shards_resumed = summary.shards_committed = len(done)
+        summary.shards_resumed = summary.shards_committed = len(done) - len(retry)
         todo = [shard for shard in plan.shards if shard.shard_id not in done]
         if todo:  # rows repeating an id used earlier in the plan will end invalid (reads the id columns only)
             ids_started = time.monotonic()
@@ -90,7 +93,7 @@ def run(job: JobConfig, select: Callable[[planning.Plan], planning.Plan] | None 
                      summary.rows_resumed)
         if previous is not None:
             summary.model = previous.get("model", {})
-        if not todo:
+        if not todo and not retry:
             session.owns_output = previous is not None
             log.info("nothing to do: every shard of the plan is committed")
         else:
@@ -100,8 +103,14 @@ def run(job: JobConfig, select: Callable[[planning.Plan], planning.Plan] | None 
                 _check_same_model(previous, summary.model)
             # 5. Claim the output: finish what a dead holder left, write the job record
             session.claim_output(job_record(job, plan, summary, sources))
-            # 6. Dispatch shards, commit results, retry, watch the error budget
-            session.dispatch(todo)
+            # 6. Dispatch shards (and repairs), commit results, retry, watch the error budget; then every shard of
+            # the plan must be there
+            to_repair = repairs.of_committed(job.out, [shard for shard in plan.shards if shard.shard_id in retry],
+                                             session.committed, so)
+            if to_repair:
+                log.info("--retry-failed: rendering the failed rows of %d committed shard(s) again", len(to_repair))
+            session.dispatch(todo, to_repair)
+            session.check_committed(shard_ids)
     # 7. The session has stopped the actors, written the summary and released the lease: print it
     print(session.summary.format(), flush=True)
     return session.summary

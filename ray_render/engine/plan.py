@@ -277,6 +277,10 @@ def _passthrough_schema(all_facts: list[_FileFacts]) -> pa.Schema:
             seen, first_url = fields_by_name[column.name]
             if seen.type.equals(plain.type):
                 continue
+            if _loses_unsigned(seen.type, plain.type):
+                raise ManifestError(f"manifest {facts.url}: column {column.name!r} has type {plain.type}, but "
+                                    f"{first_url} has {seen.type}: one type for both would not hold every uint64 "
+                                    f"value; give it one type in every file")
             try:
                 merged = pa.unify_schemas([pa.schema([seen]), pa.schema([plain])], promote_options="permissive")
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
@@ -284,6 +288,60 @@ def _passthrough_schema(all_facts: list[_FileFacts]) -> pa.Schema:
                                     f"{first_url} has {seen.type}; give it one type in every file") from None
             fields_by_name[column.name] = (merged.field(0), first_url)
     return pa.schema([seen for seen, _ in fields_by_name.values()])
+
+
+def _loses_unsigned(a: pa.DataType, b: pa.DataType) -> bool:
+    """Whether promoting one of these integer types to the other's would squeeze uint64 into int64."""
+    kinds = {a, b}
+    return pa.uint64() in kinds and any(pa.types.is_signed_integer(kind) for kind in kinds)
+
+
+def _is_ns_temporal(kind: pa.DataType) -> bool:
+    return ((pa.types.is_timestamp(kind) or pa.types.is_duration(kind) or pa.types.is_time64(kind))
+            and kind.unit == "ns")
+
+
+def column_values(column: pa.ChunkedArray | pa.Array) -> list:
+    """A manifest column's cells as Python values from which the metadata writer rebuilds the same Arrow type
+    losslessly: nanosecond timestamps, durations and times as their integer counts (a datetime holds microseconds
+    only, and without pandas pyarrow will not convert them at all)."""
+    if _is_ns_temporal(column.type):
+        return column.cast(pa.int64()).to_pylist()
+    return column.to_pylist()
+
+
+SAMPLE_ROWS = 64  # rows per schema that planning writes back as metadata would
+
+
+def _check_passthrough_values(all_facts: list[_FileFacts], passthrough: pa.Schema,
+                              storage_options: dict | None) -> None:
+    """Write the first rows of each distinct passthrough schema back as the metadata writer would, so that a type
+    the writer cannot keep aborts here, before any GPU time, naming the file and the column, rather than failing
+    every shard after its images were rendered."""
+    seen: set[str] = set()
+    for facts in all_facts:
+        # Text is always written as text (a cell that is not UTF-8 fails its own row: engine/rows.py).
+        names = [name for name in facts.schema.names
+                 if name in passthrough.names and not is_text_type(facts.schema.field(name).type)]
+        key = pa.schema([facts.schema.field(name) for name in names]).to_string(show_field_metadata=False)
+        if not names or key in seen or not facts.row_group_rows:
+            continue
+        seen.add(key)
+        fs, path = storage.open_fs(facts.url, storage_options)
+
+        def read(fs=fs, path=path, names=names) -> pa.Table:
+            with fs.open(path, "rb") as handle:
+                return pq.ParquetFile(handle).read_row_group(0, columns=names).slice(0, SAMPLE_ROWS)
+
+        sample = storage.with_retries(read, what=f"read manifest {facts.url}", storage_options=storage_options)
+        for name in names:
+            target = passthrough.field(name).type
+            try:
+                pa.array(column_values(sample.column(name)), type=target)
+            except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+                raise ManifestError(f"manifest {facts.url}: column {name!r} ({facts.schema.field(name).type}) cannot "
+                                    f"be copied to the metadata as {target}: {type(exc).__name__}: {exc}; cast it "
+                                    f"to a plainer type, or drop it from the manifest") from None
 
 
 def _shard_id(file_index: int, url: str, row_start: int) -> str:
@@ -359,6 +417,7 @@ def plan(specs: list[str], shard_size: int, storage_options: dict | None = None,
     for facts in all_facts:
         _check_schema(facts)
     passthrough = _passthrough_schema(all_facts)
+    _check_passthrough_values(all_facts, passthrough, storage_options)
 
     shards: list[Shard] = []
     warnings: list[str] = []

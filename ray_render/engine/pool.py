@@ -10,6 +10,9 @@ In the spirit of Ray's `ActorPool` (same plain names), plus what it lacks:
   another one (the queued call is cancelled), or takes a copy of one running much longer than usual; the first
   result wins and the other copy is cancelled. Each copy writes under its own attempt id, so neither touches the
   other's files, and the driver commits only the winner;
+- outliers: an actor whose rows fail far more often than the other actors' (a broken device, a bad node) is
+  retired: killed and replaced by one placed on another node (Ray's `label_selector` on `ray.io/node-id`); the
+  calls it held come back uncharged (`ShardFailed.retired`);
 - deadlines: a call running past its deadline (a multiple of the recent time per row times its rows, within a
   floor and --call-timeout; a first call on an actor gets a generous allowance for warm-up and compilation) has
   its actor killed: a wedged kernel or a hung read never holds the job. The driver counts that attempt against the
@@ -43,6 +46,9 @@ DEADLINE_FACTOR = 5.0  # a call may take this many times the recent time per row
 DEADLINE_MIN_S = 60.0  # ... but never less than this (short calls have noisy times) ...
 FIRST_CALL_S = 900.0  # ... and an actor's first call gets this long: caches, kernels, compilation
 ROW_TIMES = 200  # recent calls whose time per row sets the deadlines
+RETIRE_MIN_ROWS = 8  # judge an actor's failure rate once it rendered this many rows, and the others as many
+RETIRE_RATE = 0.5  # an actor whose rows fail at least this often ...
+RETIRE_FACTOR = 4.0  # ... and this many times as often as the other actors' is retired
 
 class PoolError(RuntimeError):
     """The pool cannot go on: no actor can be started (the model does not load, no node has room)."""
@@ -56,6 +62,7 @@ class ShardDone:
     attempt: int
     result: Any
     attempt_id: str = ""
+    actor: int | None = None  # the index of the actor that rendered it
 
 
 @dataclass
@@ -70,6 +77,7 @@ class ShardFailed:
     attempt_id: str = ""
     killed: bool = False  # the pool killed its actor: it ran past its deadline
     node_lost: bool = False  # its actor died with its node (a preemption, a lost machine)
+    retired: bool = False  # the pool retired its actor for failing far more rows than the others
 
 
 @dataclass
@@ -138,6 +146,7 @@ class _Call:
     attempt_id: str  # "<run id>-<n>": the names its files go under, unique per call (a copy gets its own)
     submitted: float  # time.monotonic() at submission
     inherit: tuple | None = None  # (previous attempt id, blame it): what the attempt learns from the last one
+    base: str | None = None  # a repair: the attempt it builds on (engine/repairs.py)
     running_since: float | None = None  # when it became the head of its actor's queue (it runs from then on)
     deadline_s: float | None = None  # how long it may run
     started: bool = True  # set False when its actor died while it was still queued behind another call
@@ -146,7 +155,8 @@ class _Call:
 class RenderPool:
     """Ray actors, each holding one resident model, fed shard descriptors with a bound on queued work.
 
-    `make_actor(index)` returns a new actor handle; the pool calls `info()` on it to learn when it is ready.
+    `make_actor(index, avoid_nodes)` returns a new actor handle, placed on none of the nodes `avoid_nodes` names
+    (where the pool retired actors); the pool calls `info()` on it to learn when it is ready.
     Typical driver loop: `while pending and pool.can_submit(): pool.submit(shard, attempt)`, then
     `pool.reissue_stragglers()` once nothing is pending, then `for event in pool.wait(timeout)`.
     """
@@ -174,8 +184,11 @@ class RenderPool:
         self._next_index = 0
         self._init_failures = 0
         self._shard_wall_s: deque[float] = deque(maxlen=100)  # recent shard wall times, for straggler detection
+        self._rows_by: dict[int, list[int]] = {}  # actor index -> [rows rendered, of which failed], ever
+        self._avoid_nodes: set[str] = set()  # nodes where an actor was retired: new actors go elsewhere
         self.info: dict | None = None  # model info reported by the first actor that became ready
         self.actors_lost = 0  # actors that died and were replaced
+        self.actors_retired = 0  # actors retired for failing far more rows than the others
         self.reissued = 0  # straggler copies handed out
         self.last_ready = time.monotonic()  # last moment at least one actor was ready
         for _ in range(num_actors):
@@ -186,7 +199,7 @@ class RenderPool:
     def _start_actor(self) -> None:
         index = self._next_index
         self._next_index += 1
-        actor = self._make_actor(index)
+        actor = self._make_actor(index, tuple(sorted(self._avoid_nodes)))
         self._actors[index] = actor
         self._starting[actor.info.remote()] = index
 
@@ -220,31 +233,48 @@ class RenderPool:
     def num_ready(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def size(self) -> int:
+        """The number of actors the pool keeps (started, starting or being replaced)."""
+        return self._num_actors
+
+    def has_outstanding(self) -> bool:
+        """Whether anything is in Ray's hands: an actor starting, or a call (cancelled copies included)."""
+        return bool(self._starting or self._future_to_actor)
+
     def ready_actors(self) -> list:
         """Handles of the ready actors, for calls other than render_shard (refresh's `index_shard`)."""
         return [self._actors[index] for index in self._in_flight]
 
     # -- submitting ----------------------------------------------------------------------------------------------
 
-    def can_submit(self) -> bool:
-        """True when some ready actor has fewer than `max_in_flight` shards queued: the one backpressure rule."""
-        return any(len(refs) < self._max_in_flight for refs in self._in_flight.values())
+    def can_submit(self, avoid: int | None = None) -> bool:
+        """True when some ready actor (other than `avoid`) has fewer than `max_in_flight` shards queued: the one
+        backpressure rule."""
+        return any(len(refs) < self._max_in_flight for index, refs in self._in_flight.items() if index != avoid)
 
-    def submit(self, shard: Any, attempt: int, inherit: tuple | None = None) -> None:
-        """Queue `shard` on the ready actor with the least work; call only when `can_submit()`. `inherit`: the
-        previous attempt of the shard and whether its death is blamed on its rows (engine/journal.py)."""
-        index = min(self._in_flight, key=lambda i: len(self._in_flight[i]))
-        if len(self._in_flight[index]) >= self._max_in_flight:
+    def has_other_ready(self, avoid: int | None) -> bool:
+        """Whether a ready actor other than `avoid` exists (one a repair can go to)."""
+        return any(index != avoid for index in self._in_flight)
+
+    def submit(self, shard: Any, attempt: int, inherit: tuple | None = None, *, base: str | None = None,
+               avoid: int | None = None) -> None:
+        """Queue `shard` on the ready actor with the least work (not `avoid`); call only when `can_submit(avoid)`.
+        `inherit`: the previous attempt of the shard and whether its death is blamed on its rows
+        (engine/journal.py); `base`: a repair of that attempt (engine/repairs.py)."""
+        candidates = [index for index in self._in_flight if index != avoid]
+        index = min(candidates, key=lambda i: len(self._in_flight[i]), default=None)
+        if index is None or len(self._in_flight[index]) >= self._max_in_flight:
             raise RuntimeError("submit() called while can_submit() is false")
-        self._submit_to(index, shard, attempt, inherit)
+        self._submit_to(index, shard, attempt, inherit, base)
 
-    def _submit_to(self, index: int, shard: Any, attempt: int, inherit: tuple | None) -> None:
+    def _submit_to(self, index: int, shard: Any, attempt: int, inherit: tuple | None, base: str | None = None) -> None:
         self._calls_made += 1
         attempt_id = f"{self._run_id}-{self._calls_made}"
-        ref = self._actors[index].render_shard.remote(shard, attempt, attempt_id, inherit)
+        ref = self._actors[index].render_shard.remote(shard, attempt, attempt_id, inherit, base)
         self.attempts.append((shard.shard_id, attempt_id))
         self._in_flight[index].append(ref)
-        self._future_to_actor[ref] = _Call(index, shard, attempt, attempt_id, time.monotonic(), inherit)
+        self._future_to_actor[ref] = _Call(index, shard, attempt, attempt_id, time.monotonic(), inherit, base)
         self._shard_futures.setdefault(shard.shard_id, []).append(ref)
         self._start_head(index)
 
@@ -309,8 +339,8 @@ class RenderPool:
                 if ref in self._cancelled:
                     continue
                 call = self._future_to_actor[ref]
-                if len(self._shard_futures.get(call.shard.shard_id, [])) > 1:
-                    continue  # already has a second copy
+                if len(self._shard_futures.get(call.shard.shard_id, [])) > 1 or call.base is not None:
+                    continue  # already has a second copy, or a repair: it must not run twice
                 age = now - (call.running_since or call.submitted)
                 if position > 0:
                     candidates.append((0, -age, ref))
@@ -396,7 +426,8 @@ class RenderPool:
         if outcome.kind == "cancelled":
             return []
         if outcome.kind == "raised":
-            return self._failed_unless_copied(call, outcome.error, actor_lost=False)
+            self._count_rows(call.actor, call.shard.num_rows, call.shard.num_rows)
+            return self._failed_unless_copied(call, outcome.error, actor_lost=False) + self._retire_outliers()
         result = outcome.value
         # First result wins: cancel the other copy. A queued copy is dropped; a running one stops at its next
         # batch boundary (the actor checks for cancellation) and never commits.
@@ -406,7 +437,47 @@ class RenderPool:
         self._shard_wall_s.append(getattr(result, "wall_ms", 0.0) / 1000.0)
         if getattr(result, "rows", 0):
             self._row_s.append(result.wall_ms / 1000.0 / result.rows)
-        return [ShardDone(call.shard, call.attempt, result, call.attempt_id)]
+        rendered = getattr(result, "rendered", None) or {}
+        self._count_rows(call.actor, rendered.get("ok", 0) + rendered.get("failed", 0), rendered.get("failed", 0))
+        return [ShardDone(call.shard, call.attempt, result, call.attempt_id, call.actor)] + self._retire_outliers()
+
+    # -- outliers ------------------------------------------------------------------------------------------------
+
+    def _count_rows(self, index: int, rows: int, failed: int) -> None:
+        counts = self._rows_by.setdefault(index, [0, 0])
+        counts[0] += rows
+        counts[1] += failed
+
+    def _retire_outliers(self) -> list[ShardFailed]:
+        events: list[ShardFailed] = []
+        for index in list(self._in_flight):
+            events += self._retire_if_outlier(index)
+        return events
+
+    def _retire_if_outlier(self, index: int) -> list[ShardFailed]:
+        """Retire actor `index` if its rows fail far more often than every other actor's put together (each side
+        with RETIRE_MIN_ROWS rows at least): its device or node is broken, not its rows. Its replacement avoids its
+        node; the calls it still held come back as ShardFailed(retired=True)."""
+        rows, failed = self._rows_by.get(index, (0, 0))
+        other_rows = sum(counts[0] for other, counts in self._rows_by.items() if other != index)
+        other_failed = sum(counts[1] for other, counts in self._rows_by.items() if other != index)
+        if index not in self._in_flight or rows < RETIRE_MIN_ROWS or other_rows < RETIRE_MIN_ROWS:
+            return []
+        rate, other_rate = failed / rows, other_failed / other_rows
+        if rate < RETIRE_RATE or rate < RETIRE_FACTOR * other_rate:
+            return []
+        node = self._node_of.get(index)
+        message = (f"actor {index} retired: {failed} of its {rows} rows failed, {100 * other_rate:.0f}% of the "
+                   f"other actors' (a broken device or node)")
+        log.warning("%s; replacing it%s", message, f" on another node than {node[:8]}" if node else "")
+        if node:
+            self._avoid_nodes.add(node)
+        self.actors_retired += 1
+        events: list[ShardFailed] = []
+        for held in self._retire(index, head_running=True):
+            events += self._failed_unless_copied(held, message, actor_lost=True, retired=True)
+        self._start_actor()
+        return events
 
     def _on_actor_lost(self, call: _Call, error: str) -> list[ShardDone | ShardFailed]:
         self.actors_lost += 1
@@ -420,13 +491,13 @@ class RenderPool:
         return events
 
     def _failed_unless_copied(self, call: _Call, error: str, actor_lost: bool, killed: bool = False,
-                              node_lost: bool = False) -> list[ShardFailed]:
+                              node_lost: bool = False, retired: bool = False) -> list[ShardFailed]:
         # Another live copy of this shard may still succeed: then this failure does not count.
         live = [ref for ref in self._shard_futures.get(call.shard.shard_id, []) if ref not in self._cancelled]
         if live:
             return []
         return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started, call.attempt_id, killed,
-                            node_lost)]
+                            node_lost, retired)]
 
     def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> set[tuple[str, str]]:
         """Stop every actor (their models go with them); return the (shard id, attempt id)s a killed actor may still
@@ -443,14 +514,11 @@ class RenderPool:
         outstanding = {ref: (call.shard.shard_id, call.attempt_id) for ref, call in self._future_to_actor.items()}
         unsettled = set(outstanding.values())
         try:
-            # A copy cancelled earlier that is still running has had its chance to stop: only the calls cancelled
-            # now get the grace period.
-            fresh = [ref for ref in outstanding if ref not in self._cancelled]
-            for ref in fresh:
-                _quietly(self._runtime.cancel, ref)
-            running = self._runtime.wait_all(fresh, grace_s) if fresh else []
-            unsettled = {outstanding[ref] for ref in running} | {outstanding[ref] for ref in outstanding
-                                                                 if ref in self._cancelled}
+            for ref in outstanding:
+                if ref not in self._cancelled:  # copies that lost a race were cancelled when they lost it
+                    _quietly(self._runtime.cancel, ref)
+            running = self._runtime.wait_all(list(outstanding), grace_s) if outstanding else []
+            unsettled = {outstanding[ref] for ref in running}
         except Exception as exc:  # noqa: BLE001 - every shard in flight stays unsettled
             log.debug("ignored during shutdown: %s", exc)
         finally:  # even on a second Ctrl-C: no actor outlives the driver's decision to stop

@@ -127,6 +127,8 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         summary = session.summary
         if job.limit is not None:
             raise ConfigError("--limit does not apply to refresh: rows past it would count as removed")
+        if job.retry_failed:
+            raise ConfigError("--retry-failed does not apply to refresh: a refresh renders failed rows again anyway")
         # 1. Plan (a text manifest is staged as Parquet first, under the lease); take the output's lease (--overwrite
         # clears it); start the actors (the model says its revision)
         if manifests.needs_staging(job):
@@ -168,6 +170,7 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         session.claim_output(_record(job, plan, summary, facts, sources))
         if todo:
             session.dispatch(todo)
+            session.check_committed({shard.shard_id for shard in todo})
         session.stop_pool()  # from here only this driver writes to the output
 
         # 6. Supersede older rows, mark removed ids, prune, unify schemas

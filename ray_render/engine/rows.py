@@ -43,6 +43,7 @@ from ray_render.engine.plan import (
     ROW_ID_PATTERN,
     ManifestError,
     Shard,
+    column_values,
     is_passthrough,
     is_text_type,
 )
@@ -143,21 +144,22 @@ class InvalidRow:
 
 
 def _table_to_rows(table: pa.Table) -> list[dict]:
+    columns = [_cells(column) for column in table.columns]
+    return [dict(zip(table.column_names, values)) for values in zip(*columns)]
+
+
+def _cells(column: pa.ChunkedArray) -> list:
+    if not is_text_type(column.type):
+        return column_values(column)
     try:
-        return table.to_pylist()
+        return column.to_pylist()
     except UnicodeDecodeError:
         pass
-    # Some string cell is not valid UTF-8. Keep the bytes (as surrogate escapes) so validation can name the row and
-    # column instead of failing the whole shard.
-    columns = []
-    for column in table.columns:
-        if is_text_type(column.type):
-            as_text = column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
-            raw = as_text.cast(pa.large_binary()).to_pylist()
-            columns.append([None if value is None else value.decode("utf-8", "surrogateescape") for value in raw])
-        else:
-            columns.append(column.to_pylist())
-    return [dict(zip(table.column_names, values)) for values in zip(*columns)]
+    # Some cell is not valid UTF-8. Keep the bytes (as surrogate escapes) so validation can name the row and column
+    # instead of failing the whole shard.
+    as_text = column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
+    raw = as_text.cast(pa.large_binary()).to_pylist()
+    return [None if value is None else value.decode("utf-8", "surrogateescape") for value in raw]
 
 
 def read_shard_rows(shard: Shard, storage_options: dict | None = None) -> list[dict]:

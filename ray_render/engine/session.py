@@ -26,42 +26,31 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from ray_render import storage
 from ray_render.config import ConfigError, JobConfig
 from ray_render.engine import journal
-from ray_render.engine.deaths import DeathLedger, SystematicDeaths
+from ray_render.engine.dispatch import NO_ACTOR_TIMEOUT_S, WAIT_S, Dispatcher
 from ray_render.engine.plan import ManifestError, Plan, Shard
-from ray_render.engine.progress import Progress
+from ray_render.engine.repairs import Repair
 from ray_render.engine.signals import StopSignals
-from ray_render.engine.summary import Summary, now_iso
+from ray_render.engine.summary import JobAborted, JobLost, Summary, now_iso
 from ray_render.output import commits, layout, record
 from ray_render.output.lease import Lease, LeaseHeld
-from ray_render.output.log import Fenced, LogState
+from ray_render.output.log import Fenced, LogState, read_state
+from ray_render.output.record import RecordDamaged
 
 if TYPE_CHECKING:  # the pool imports ray, which a run with nothing left to do never loads
     from ray_render.engine.pool import RenderPool
 
 log = logging.getLogger("ray_render")
 
-MIN_ROWS_FOR_BUDGET = 100  # judge --max-failed-fraction only after this many rows finished in this run
-NO_ACTOR_TIMEOUT_S = 1800.0  # give up when no actor has been ready this long (model download, autoscaling)
-WAIT_S = 1.0  # how long one wait for results may block: the loop's tick for progress and checks
 SHUTDOWN_GRACE_S = 10.0  # how long stopping lets cancelled calls return before it kills their actors
 SIGNAL_GRACE_S = 1.0  # ... after SIGTERM or Ctrl-C: the whole wind-down must fit in `ray job stop`'s 3 s
 STORAGE_GONE = ("storage unreachable: {error}; committed shards are kept: rerun the same command to resume once "
                 "the storage is back")
-
-
-class JobAborted(Exception):
-    """The job cannot go on (exit code 2); the message says why and how to fix it."""
-
-
-class JobLost(Exception):
-    """The cluster went away or the run was interrupted (exit code 3); a rerun resumes."""
 
 
 def is_ray_error(exc: BaseException) -> bool:
@@ -111,7 +100,8 @@ class RunSession:
 
     def _record_failure(self, exc: BaseException) -> bool:
         """Turn the exception that ended the run into its outcome; False for the ones to re-raise (SystemExit)."""
-        if isinstance(exc, (ConfigError, ManifestError, JobAborted, LeaseHeld, storage.FilesystemMissing)):
+        if isinstance(exc, (ConfigError, ManifestError, JobAborted, LeaseHeld, RecordDamaged,
+                            storage.FilesystemMissing)):
             self.summary.finish("aborted", str(exc))
         elif isinstance(exc, Fenced):
             self.summary.finish("aborted", f"this run lost its lease on {self.job.out}: {exc}; it stopped without "
@@ -155,7 +145,11 @@ class RunSession:
         self.lease = Lease(self.job.out, self.summary.run_id, so, ttl_s=self.job.lease_ttl_s, command=self.command)
         state = self.lease.acquire()
         self.committed = dict(state.committed)
-        commits.roll_forward(self.job.out, self.committed, so)  # readers of metadata/ from here on see every commit
+        # Readers of metadata/ from here on see every commit; a commit whose files something else deleted is void.
+        for shard_id in commits.roll_forward(self.job.out, self.committed, so).vanished:
+            log.warning("shard %s is committed but its files are gone from %s: rendering it again", shard_id,
+                        self.job.out)
+            del self.committed[shard_id]
         self._log_state = state
         return state
 
@@ -196,81 +190,41 @@ class RunSession:
         record.write_job_record(out, {**job_record, "layout_version": layout.LAYOUT_VERSION}, so)
         self.owns_output = True
 
-    def commit(self, shard: Shard, result) -> None:
-        """Commit a finished attempt (a log entry: from now on it is the shard's), then publish its metadata."""
+    def commit(self, shard: Shard, result, keeps: tuple[str, ...] = ()) -> None:
+        """Commit a finished attempt (a log entry: from now on it is the shard's, with the attempts it `keeps`: a
+        repair's base), then publish its metadata."""
         info = {**asdict(result), "file": shard.file, "row_start": shard.row_start, "row_stop": shard.row_stop}
-        seq = self.lease.append("commit", shard=shard.shard_id, attempt=result.attempt_id, info=info)
+        info.pop("failed_rows", None)  # the metadata has them; a commit entry stays small
+        fields = {"keeps": list(keeps)} if keeps else {}
+        seq = self.lease.append("commit", shard=shard.shard_id, attempt=result.attempt_id, info=info, **fields)
+        entry = {"seq": seq, "shard": shard.shard_id, "attempt": result.attempt_id, "info": info, **fields}
         replaced = self.committed.get(shard.shard_id)
-        if replaced is not None and replaced["attempt"] != result.attempt_id:  # --no-resume rendered it again
-            self._attempts.add((shard.shard_id, replaced["attempt"]))  # no longer committed: removed at the end
-        self.committed[shard.shard_id] = {"seq": seq, "shard": shard.shard_id, "attempt": result.attempt_id,
-                                          "info": info}
+        if replaced is not None:  # --no-resume rendered it again: what it no longer keeps is removed at the end
+            self._attempts |= {(shard.shard_id, attempt) for attempt in commits.committed_attempts(replaced)
+                               - commits.committed_attempts(entry)}
+        self.committed[shard.shard_id] = entry
         commits.publish(self.job.out, shard.shard_id, result.attempt_id, self.job.storage_options)
 
-    def dispatch(self, shards: list[Shard]) -> None:
-        """Keep every actor's queue full, commit results, retry failed shards (engine/deaths.py decides what a lost
-        attempt costs), stop when the error budget is spent."""
-        from ray_render.engine.pool import PoolError, ShardDone
+    def dispatch(self, shards: list[Shard], repairs: list[Repair] = ()) -> None:
+        """Hand out shards with backpressure, commit results, retry lost attempts, repair failed rows on another
+        actor, stop when the error budget is spent (engine/dispatch.py decides, `commit` commits)."""
+        Dispatcher(self, shards, repairs).run()
 
-        job, pool, summary = self.job, self.pool, self.summary
-        pending = deque(shards)
-        attempts: dict[str, int] = {}
-        charged: dict[str, int] = {}  # attempts counted against the shard's --retries
-        inherit: dict[str, tuple[str, bool]] = {}  # what the next attempt of a shard learns from the last one
-        ledger = DeathLedger(job.retries, summary.rows_total)
-        started = time.monotonic()
-        progress = Progress(summary.rows_total, summary.rows_resumed, enabled=job.progress)
-        try:
-            while pending or pool.has_work():
-                while pending and pool.can_submit():
-                    shard = pending.popleft()
-                    attempts[shard.shard_id] = attempts.get(shard.shard_id, 0) + 1
-                    pool.submit(shard, attempts[shard.shard_id], inherit.get(shard.shard_id))
-                if not pending:
-                    pool.reissue_stragglers()
-                try:
-                    events = pool.wait(WAIT_S)
-                except PoolError as exc:
-                    raise JobLost(str(exc)) from None
-                for event in events:
-                    if isinstance(event, ShardDone):
-                        self.commit(event.shard, event.result)
-                        self._count_done(event.result, progress)
-                        ledger.progress()
-                        continue
-                    shard_id = event.shard.shard_id
-                    if not event.actor_lost and event.error.startswith("StorageError"):
-                        commits.committed_shard_ids(job.out, job.storage_options)  # raises if the storage is gone
-                    entry = journal.read(job.out, shard_id, event.attempt_id, job.storage_options) \
-                        if event.actor_lost else {}
-                    verdict = ledger.judge(event, entry)
-                    inherit[shard_id] = verdict.inherit
-                    charged[shard_id] = charged.get(shard_id, 0) + verdict.charged
-                    error = storage.redact(event.error, job.storage_options)
-                    if charged[shard_id] <= job.retries:
-                        summary.shard_retries += 1
-                        log.warning("shard %s attempt %d failed (%s), trying again: %s", shard_id, event.attempt,
-                                    verdict.reason, error)
-                        pending.appendleft(event.shard)
-                    else:
-                        log.error("shard %s failed %d times, giving up on it (a rerun tries again): %s", shard_id,
-                                  event.attempt, error)
-                        summary.shards_lost.append(shard_id)
-                        summary.add({"failed": event.shard.num_rows}, 0)
-                        summary.rows_this_run += event.shard.num_rows
-                        progress.update(event.shard.num_rows, {"failed": event.shard.num_rows})
-                self._check_budget(progress)
-                if self.lease.fenced:
-                    raise Fenced(self.lease.fenced)
-                if pool.num_ready == 0 and time.monotonic() - pool.last_ready > NO_ACTOR_TIMEOUT_S:
-                    raise JobLost(f"no render actor for {NO_ACTOR_TIMEOUT_S:.0f} s: the cluster lost its nodes")
-        except SystematicDeaths as exc:
-            raise JobAborted(str(exc)) from None
-        finally:
-            progress.close()
-            summary.rendering_s = time.monotonic() - started
-            summary.actors_replaced = pool.actors_lost
-            summary.stragglers_reissued = pool.reissued
+    def check_committed(self, shard_ids: set[str]) -> None:
+        """The end of a run that rendered: every shard of the plan is committed (or given up on: its rows counted
+        failed), and published. One that vanished (something else deletes files under the root) is an error,
+        never exit 0; the next run renders it again."""
+        out, so = self.job.out, self.job.storage_options
+        committed = read_state(out, so).committed
+        published = {name[: -len(".parquet")] for name in storage.list_names(storage.join(out, layout.METADATA_DIR),
+                                                                             so)}
+        lost = set(self.summary.shards_lost)
+        missing = sorted(shard_id for shard_id in shard_ids
+                         if shard_id not in lost and (shard_id not in committed or shard_id not in published))
+        if missing:
+            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise JobAborted(f"{len(missing)} shard(s) committed by this run are gone from {out} ({shown}): "
+                             f"something else deletes files there; rerun the same command to render them again")
 
     def stop_pool(self) -> None:
         """Stop the actors now; afterwards nothing writes to the output but this driver. After a stop signal the
@@ -282,43 +236,30 @@ class RunSession:
             self.pool = None
 
     def wind_down(self) -> None:
-        """The end of every run, whatever ended it: stop the actors (and the Ray this run started), then clean the
-        output and write the summary there if this run claimed it."""
+        """The end of every run, whatever ended it: stop the actors, clean the output and write the summary there if
+        this run claimed it, release the lease; then stop the Ray this run started (last: after a stop signal the
+        output's state is final before `ray job stop`'s SIGKILL can come)."""
         self.stop_pool()
-        if self._ray_started_here:
-            import ray
-
-            ray.shutdown()
-            self._ray_started_here = False
         self.summary.wall_s = time.monotonic() - self.started
         self.summary.message = storage.redact(self.summary.message, self.job.storage_options)
-        if self.lease is not None and self.lease.fenced:
-            self._remove_own_attempts()  # the output is another run's; this run's own leftovers it may still remove
-        elif self.owns_output:
-            self._close_output()
-        if self.lease is not None:
-            if self.summary.message.startswith("storage unreachable"):
-                self.lease.abandon()  # a release would only wait out the retries; a rerun on this host takes over
-            else:
-                self._release()
+        try:
+            if self.lease is not None and self.lease.fenced:
+                self._remove_own_attempts()  # the output is another run's; this run's leftovers it may still remove
+            elif self.owns_output:
+                self._close_output()
+            if self.lease is not None:
+                if self.summary.message.startswith("storage unreachable"):
+                    self.lease.abandon()  # a release would only wait out the retries; a rerun on this host takes over
+                else:
+                    self._release()
+        finally:
+            if self._ray_started_here:
+                import ray
+
+                ray.shutdown()
+                self._ray_started_here = False
 
     # -- helpers -------------------------------------------------------------------------------------------------
-
-    def _count_done(self, result, progress: Progress) -> None:
-        summary = self.summary
-        summary.add(result.counts, result.images)
-        summary.shards_committed += 1
-        summary.rows_this_run += result.rows
-        summary.images_this_run += result.images
-        summary.render_s += result.render_ms / 1000.0
-        progress.update(result.rows, result.counts)
-
-    def _check_budget(self, progress: Progress) -> None:
-        finished = sum(progress.counts.values())
-        failed = progress.counts["failed"]
-        if finished >= MIN_ROWS_FOR_BUDGET and failed > self.job.max_failed_fraction * finished:
-            raise JobAborted(f"{failed} of {finished} rows failed in this run, more than --max-failed-fraction "
-                             f"{self.job.max_failed_fraction:g}; see the 'error' column of {self.job.out}/metadata")
 
     def _close_output(self) -> None:
         """Remove orphans of unfinished attempts (the actors are stopped now); write the summary, the record's
@@ -335,8 +276,9 @@ class RunSession:
             job_record["summary"] = summary.to_dict()
             record.write_job_record(job.out, job_record, so)
             # A run that rendered nothing leaves the output as it found it: its report stands (a rerun stays cheap).
-            wants_report = job.report and (summary.rows_this_run
-                                           or not storage.exists(storage.join(job.out, layout.REPORT_HTML), so))
+            # After a stop signal there is no time for one: `ray job stop` kills the driver 3 s after its SIGTERM.
+            wants_report = job.report and not self.signals.received and (
+                summary.rows_this_run or not storage.exists(storage.join(job.out, layout.REPORT_HTML), so))
         except Exception as exc:  # noqa: BLE001 - the printed summary still tells the outcome
             log.error("could not write the summary to %s: %s", job.out, storage.redact(str(exc), so))
             return
@@ -354,8 +296,10 @@ class RunSession:
                         storage.redact(str(exc), self.job.storage_options))
 
     def _uncommitted(self, attempts: set[tuple[str, str]]) -> set[tuple[str, str]]:
-        """The (shard, attempt)s that are not their shard's committed attempt."""
-        return {pair for pair in attempts if self.committed.get(pair[0], {}).get("attempt") != pair[1]}
+        """The (shard, attempt)s that are not among their shard's committed attempts."""
+        committed = self.committed
+        return {(shard_id, attempt) for shard_id, attempt in attempts
+                if shard_id not in committed or attempt not in commits.committed_attempts(committed[shard_id])}
 
     def _release(self) -> None:
         """Give the lease back, naming the attempts a killed actor may still write: the next holder removes them."""
@@ -406,12 +350,17 @@ def _start_pool(job: JobConfig, plan: Plan, run_id: str) -> RenderPool:
     options = {"num_cpus": job.cpus_per_actor, "num_gpus": job.gpus_per_actor if use_gpus else 0,
                # The driver sees every failure and decides: no restarts behind its back, no silent re-runs.
                "max_restarts": 0, "max_task_retries": 0}
-    remote_actor = ray.remote(RenderActor).options(**options)
+    actor_class = ray.remote(RenderActor)
     log.info("starting %d render actor(s) (%s, model %s)", num_actors,
              f"{options['num_gpus']:g} GPU each" if use_gpus else f"{job.cpus_per_actor:g} CPU each", job.model)
     roots = input_roots(job, plan)
-    return RenderPool(lambda index: remote_actor.remote(job, index, plan.passthrough_schema, roots), num_actors,
-                      job.max_in_flight, run_id=run_id, call_timeout_s=job.call_timeout_s)
+
+    def make_actor(index: int, avoid_nodes: tuple[str, ...]):
+        # Ray's label selector: placed on none of the nodes where the pool retired an actor (engine/pool.py).
+        where = {"label_selector": {"ray.io/node-id": f"!in({','.join(avoid_nodes)})"}} if avoid_nodes else {}
+        return actor_class.options(**options, **where).remote(job, index, plan.passthrough_schema, roots)
+
+    return RenderPool(make_actor, num_actors, job.max_in_flight, run_id=run_id, call_timeout_s=job.call_timeout_s)
 
 
 def input_roots(job: JobConfig, plan: Plan) -> list[str]:

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from ray_render import storage
 from ray_render.config import JobConfig
-from ray_render.engine import quality
+from ray_render.engine import quality, repairs
 from ray_render.engine.inputs import InputFetcher, InputRefused
 from ray_render.engine.journal import ShardJournal
 from ray_render.engine.plan import Shard
@@ -60,9 +60,13 @@ class ShardResult:
     shard_id: str
     attempt: int  # the driver's count of this shard's attempts
     attempt_id: str  # the names this attempt wrote under (unique per call, copies included)
-    rows: int  # input rows in the shard
-    counts: dict = field(default_factory=empty_counts)  # input rows by final status
-    images: int = 0  # images written
+    rows: int  # input rows in the shard's metadata as this attempt wrote it (a repair's: the whole shard's)
+    counts: dict = field(default_factory=empty_counts)  # those rows by final status
+    images: int = 0  # images in that metadata
+    rendered: dict = field(default_factory=empty_counts)  # the rows this attempt rendered, by status
+    rendered_images: int = 0  # images this attempt wrote
+    failed_rows: list = field(default_factory=list)  # source rows that ended failed: what a repair renders again
+    base: str = ""  # a repair: the attempt it built on (engine/repairs.py)
     render_ms: float = 0.0  # model time
     wall_ms: float = 0.0
     worker: str = ""
@@ -98,6 +102,10 @@ class ShardWork:
     items: list[_Item] = field(default_factory=list)
     row_errors: dict[int, str] = field(default_factory=dict)  # position -> why the row fails without rendering
     edits: list[int] = field(default_factory=list)  # positions of edit rows: fetched and checked a batch at a time
+    poisoned: set[int] = field(default_factory=set)  # rows given up on for killing actors: never repaired
+    base_id: str = ""  # a repair: the attempt it builds on (engine/repairs.py) ...
+    base: pa.Table | None = None  # ... its metadata
+    only: dict | None = None  # ... and source row -> the image indices to render again (None: all of them)
     journal: ShardJournal | None = None
     pending: deque = field(default_factory=deque)  # image stores not yet waited for
     render_ms: float = 0.0
@@ -147,11 +155,13 @@ class ShardRenderer:
         self._metrics = metrics
         self._cancelled = cancelled
 
-    def render_shard(self, shard: Shard, attempt: int, attempt_id: str,
-                     inherit: tuple[str, bool] | None = None) -> ShardResult:
+    def render_shard(self, shard: Shard, attempt: int, attempt_id: str, inherit: tuple[str, bool] | None = None,
+                     base: str | None = None) -> ShardResult:
         """Render every row of `shard` as attempt `attempt_id` and write its metadata; returns the counts.
-        `inherit`: the previous attempt of the shard and whether its death is blamed on its rows (journal.py)."""
-        work = self.prepare(shard, attempt_id, inherit=inherit)
+        `inherit`: the previous attempt of the shard and whether its death is blamed on its rows (journal.py).
+        `base`: this is a repair of that attempt: only its failed images are rendered, and the metadata written is
+        the base's with those rows replaced (engine/repairs.py)."""
+        work = self.prepare(shard, attempt_id, inherit=inherit, base=base)
         self.render_batches(work)
         meta, counts, stored = self.build_rows(work)
         return self.finish(work, meta, counts, stored, attempt)
@@ -159,7 +169,7 @@ class ShardRenderer:
     # -- 1. prepare ----------------------------------------------------------------------------------------------
 
     def prepare(self, shard: Shard, attempt_id: str, rows: list[dict] | None = None,
-                inherit: tuple[str, bool] | None = None) -> ShardWork:
+                inherit: tuple[str, bool] | None = None, base: str | None = None) -> ShardWork:
         """Read (unless `rows` are given) and validate the shard's rows; turn valid rows into checked requests.
         Edit rows are only checked against the model's edit rules here: their input images are fetched, and their
         requests checked, a batch at a time while rendering (render_batches)."""
@@ -168,6 +178,9 @@ class ShardRenderer:
         work = ShardWork(shard, attempt_id,
                          validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job))
         del rows
+        if base is not None:
+            work.base_id, work.base = base, commits.read_attempt_metadata(self.root, shard.shard_id, base, self.so)
+            work.only = repairs.failed_images(work.base)
         if self._use_journal:  # a row that killed earlier attempts' actors is not rendered again
             work.journal = ShardJournal(self.root, shard.shard_id, attempt_id, self.job.retries, self.so, inherit)
         tag = input_image_tag(self.model)
@@ -177,6 +190,7 @@ class ShardRenderer:
             poison = work.journal.given_up(task.id) if work.journal else None
             if poison:
                 work.row_errors[position] = poison
+                work.poisoned.add(task.row_index)
                 continue
             try:
                 if task.input_image:
@@ -187,7 +201,7 @@ class ShardRenderer:
             except RowError as exc:
                 work.checked[position] = _invalid(task, "", str(exc))
                 continue
-            work.items += [_Item(position, k, request) for k, request in enumerate(requests)]
+            work.items += _wanted(work, position, requests)
         return work
 
     def _fetch_and_check(self, work: ShardWork, positions: list[int]) -> list[_Item]:
@@ -211,7 +225,7 @@ class ShardRenderer:
             except RowError as exc:
                 work.checked[position] = _invalid(task, "", str(exc))
                 continue
-            items += [_Item(position, k, request) for k, request in enumerate(requests)]
+            items += _wanted(work, position, requests)
         return items
 
     # -- 2. render batches ---------------------------------------------------------------------------------------
@@ -384,12 +398,20 @@ class ShardRenderer:
     # -- 4. finish ------------------------------------------------------------------------------------------------
 
     def finish(self, work: ShardWork, meta: list[dict], counts: dict, stored: int, attempt: int) -> ShardResult:
-        """Write the attempt's metadata under its own name; return what the driver needs to commit it."""
+        """Write the attempt's metadata under its own name (a repair's: merged into its base's); return what the
+        driver needs to commit it."""
         shard = work.shard
-        commits.write_attempt_metadata(self.root, shard.shard_id, work.attempt_id, metadata_table(meta, self.schema),
-                                       self.so)
-        result = ShardResult(shard_id=shard.shard_id, attempt=attempt, attempt_id=work.attempt_id,
-                             rows=len(work.checked), counts=counts, images=stored, render_ms=work.render_ms,
+        table = metadata_table(meta, self.schema)
+        failed = [row for row in repairs.failed_rows(table) if row not in work.poisoned]  # another death each
+        totals, images, rows = counts, stored, len(work.checked)
+        if work.base is not None:
+            table = repairs.merge(work.base, table, work.only)
+            totals, images, rows = repairs.row_counts(table)
+        commits.write_attempt_metadata(self.root, shard.shard_id, work.attempt_id, table, self.so)
+        result = ShardResult(shard_id=shard.shard_id, attempt=attempt, attempt_id=work.attempt_id, rows=rows,
+                             counts=totals, images=images, rendered=counts, rendered_images=stored,
+                             failed_rows=list(failed), base=work.base_id,
+                             render_ms=work.render_ms,
                              wall_ms=(time.monotonic() - work.started) * 1000.0, worker=self.worker,
                              model=asdict(self.model.info), batch_size=self.batch_size,
                              started_at=work.started_at, finished_at=time.time())
@@ -405,6 +427,12 @@ class ShardRenderer:
     def _count_error(self, kind: str) -> None:
         if self._metrics is not None:
             self._metrics.error(kind)
+
+
+def _wanted(work: ShardWork, position: int, requests: list[RenderRequest]) -> list[_Item]:
+    """The items to render of a row's requests: all of them, or in a repair only the images that failed."""
+    only = None if work.only is None else work.only.get(work.checked[position].row_index)
+    return [_Item(position, k, request) for k, request in enumerate(requests) if only is None or k in only]
 
 
 def _invalid(task: RowTask, column: str, message: str) -> InvalidRow:

@@ -20,6 +20,7 @@ import io
 import logging
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,6 +65,12 @@ def write_shard_metadata(root: str, shard_id: str, table: pa.Table, storage_opti
     return url
 
 
+def read_attempt_metadata(root: str, shard_id: str, attempt_id: str, storage_options: dict | None = None) -> pa.Table:
+    """An attempt's metadata as its actor wrote it (a repair builds on it: engine/repairs.py)."""
+    data = storage.read_bytes(layout.attempt_metadata_url(root, shard_id, attempt_id), storage_options)
+    return pq.read_table(io.BytesIO(data))
+
+
 def read_shard_metadata(root: str, shard_id: str, storage_options: dict | None = None,
                         columns: list[str] | None = None) -> pa.Table:
     data = storage.read_bytes(layout.metadata_url(root, shard_id), storage_options)
@@ -79,10 +86,17 @@ def read_shard_schema(root: str, shard_id: str, storage_options: dict | None = N
 # Reading what is committed
 
 
+def committed_attempts(entry: dict) -> set[str]:
+    """The attempts a commit entry makes the shard's: the committed one, and those whose images its metadata still
+    names (`keeps`: the attempts a repair of failed rows built on, engine/repairs.py)."""
+    return {entry["attempt"], *entry.get("keeps", ())}
+
+
 def list_commits(root: str, storage_options: dict | None = None) -> dict[str, dict]:
     """Committed shard id -> what its commit says (the ShardResult fields, `attempt`, file and row range)."""
     state = read_state(root, storage_options)
-    return {shard_id: {**entry.get("info", {}), "attempt": entry["attempt"], "seq": entry["seq"]}
+    return {shard_id: {**entry.get("info", {}), "attempt": entry["attempt"], "keeps": entry.get("keeps", []),
+                       "seq": entry["seq"]}
             for shard_id, entry in state.committed.items()}
 
 
@@ -106,17 +120,35 @@ def commit_totals(commit_infos) -> tuple[dict, int, int]:
 # Recovery and clean-up (the lease holder only)
 
 
-def roll_forward(root: str, committed: dict[str, dict], storage_options: dict | None = None) -> list[str]:
-    """Publish the committed attempts whose metadata a dead holder did not publish; returns their shard ids."""
+@dataclass
+class RollForward:
+    published: list[str]  # committed shards whose metadata was published now (a holder died before it could)
+    vanished: list[str]  # committed shards whose attempt's metadata is gone too: their commit is void
+
+
+def roll_forward(root: str, committed: dict[str, dict], storage_options: dict | None = None) -> RollForward:
+    """Publish the committed attempts whose metadata a dead holder did not publish. A committed shard with neither
+    its published metadata nor its attempt's (something else deleted them) is `vanished`: the caller renders it
+    again."""
     published = {name[: -len(".parquet")] for name in storage.list_names(storage.join(root, layout.METADATA_DIR),
                                                                          storage_options)
                  if name.endswith(".parquet")}
     missing = sorted(shard_id for shard_id in committed if shard_id not in published)
+
+    def publish_one(shard_id: str) -> bool:
+        try:
+            publish(root, shard_id, committed[shard_id]["attempt"], storage_options)
+            return True
+        except FileNotFoundError:
+            return False
+
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-        list(pool.map(lambda s: publish(root, s, committed[s]["attempt"], storage_options), missing))
-    if missing:
-        log.info("published the metadata of %d committed shard(s) an earlier run left unpublished", len(missing))
-    return missing
+        done = list(pool.map(publish_one, missing))
+    outcome = RollForward([s for s, ok in zip(missing, done) if ok], [s for s, ok in zip(missing, done) if not ok])
+    if outcome.published:
+        log.info("published the metadata of %d committed shard(s) an earlier run left unpublished",
+                 len(outcome.published))
+    return outcome
 
 
 def remove_attempts(root: str, attempts: Iterable[tuple[str, str]], storage_options: dict | None = None) -> int:
@@ -157,7 +189,7 @@ def uncommitted_attempts(root: str, committed: dict[str, dict], storage_options:
             for pairs in pool.map(attempts_of, shards):
                 found |= pairs
     return {(shard_id, attempt_id) for shard_id, attempt_id in found
-            if committed.get(shard_id, {}).get("attempt") != attempt_id}
+            if shard_id not in committed or attempt_id not in committed_attempts(committed[shard_id])}
 
 
 def remove_unpublished(root: str, committed: dict[str, dict], storage_options: dict | None = None) -> list[str]:

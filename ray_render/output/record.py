@@ -21,11 +21,25 @@ def _write_json(root: str, name: str, record: dict, storage_options: dict | None
     return url
 
 
+class RecordDamaged(Exception):
+    """A record file that is not a JSON object (a truncated write by something else, an edit gone wrong)."""
+
+
 def _read_json(root: str, name: str, storage_options: dict | None) -> dict | None:
+    url = storage.join(root, name)
     try:
-        return json.loads(storage.read_bytes(storage.join(root, name), storage_options))
+        data = storage.read_bytes(url, storage_options)
     except FileNotFoundError:
         return None
+    try:
+        record = json.loads(data)
+    except ValueError as exc:  # json's errors and a bad encoding alike
+        raise RecordDamaged(f"{url} is damaged ({len(data)} bytes, not JSON: {exc}): restore it, or pass "
+                            f"--overwrite to render the output again, or choose another --out") from None
+    if not isinstance(record, dict):
+        raise RecordDamaged(f"{url} is damaged (a JSON {type(record).__name__}, not an object): restore it, or "
+                            f"pass --overwrite to render the output again, or choose another --out")
+    return record
 
 
 def write_job_record(root: str, record: dict, storage_options: dict | None = None) -> str:

@@ -10,8 +10,11 @@ Injectors (real mechanisms, nothing mocked):
   store, or after it was applied: the client cannot tell whether a PUT happened), delays others, and can go down
   for good (`down = True`) and come back.
 - `TinyOutOfMemoryAbove4`: the embedded tiny model that raises ModelOutOfMemory for model calls of more than 4
-  requests; load it with `--model ray_render.tools.chaos:TinyOutOfMemoryAbove4`. A poison row that kills its actor every
-  time is the placeholder model's `[placeholder:crash]` prompt directive.
+  requests; load it with `--model ray_render.tools.chaos:TinyOutOfMemoryAbove4`.
+- `PlaceholderOnBrokenDevice`: the placeholder model whose every call raises in one actor (a broken GPU) and
+  nowhere else.
+
+A poison row that kills its actor every time is the placeholder model's `[placeholder:crash]` prompt directive.
 
 Drills (`actor_chaos`, `driver_chaos`, `storage_chaos`, `poison_row`, `out_of_memory`) each run one job under one
 kind of fault, check its output with `check_output` and return a `Figures` row. tools/soak.py repeats them (and the
@@ -276,6 +279,41 @@ class TinyOutOfMemoryAbove4:
         return self.inner.render(requests)
 
 
+BROKEN_DEVICE_ENV = "RAY_RENDER_BROKEN_DEVICE"  # a file name: the first actor to create it has the broken device
+
+
+class PlaceholderOnBrokenDevice:
+    """The placeholder model, except in the one actor that creates the file named by $RAY_RENDER_BROKEN_DEVICE
+    first: there every model call raises at once, as on a GPU with a driver fault, while the other actors render
+    normally. `--model ray_render.tools.chaos:PlaceholderOnBrokenDevice`; for drills only."""
+
+    def __init__(self, **load_options) -> None:
+        from ray_render.models.placeholder import PlaceholderModel
+
+        self.inner = PlaceholderModel()
+        self.info = ModelInfo(**{**self.inner.info.__dict__,
+                                 "name": "ray_render.tools.chaos:PlaceholderOnBrokenDevice"})
+        self.broken = _claim(os.environ.get(BROKEN_DEVICE_ENV))
+
+    def __getattr__(self, name: str):  # everything else is the placeholder's
+        return getattr(self.inner, name)
+
+    def render(self, requests):
+        if self.broken:
+            raise RuntimeError("injected: CUDA error: an illegal memory access was encountered (a broken device)")
+        return self.inner.render(requests)
+
+
+def _claim(path: str | None) -> bool:
+    if not path:
+        return False
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checking an output root
 
@@ -372,8 +410,9 @@ class Figures:
 
 
 def write_manifest(path: str, rows: list[dict], storage_options: dict | None = None) -> str:
+    names = list(dict.fromkeys(key for row in rows for key in row))  # from_pylist reads the first row's keys only
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    pq.write_table(pa.Table.from_pylist([{name: row.get(name) for name in names} for row in rows]), buffer)
     storage.write_bytes(path, buffer.getvalue(), storage_options)
     return path
 
@@ -382,7 +421,7 @@ def _prompt_rows(n: int, suffix: str = "") -> list[dict]:
     return [{"id": f"r{i:05d}", "prompt": f"a photo of object number {i}{suffix}"} for i in range(n)]
 
 
-def _lost(check: OutputCheck) -> int:
+def lost_rows(check: OutputCheck) -> int:
     return check.lost + check.undecodable
 
 
@@ -410,7 +449,7 @@ def actor_chaos(workdir: str, *, rows: int = 2000, min_kills: int = 10, seed: in
     if len(killer.kills) < min_kills:
         raise RuntimeError(f"actor chaos: only {len(killer.kills)} kills before the job ended; lower the interval")
     return Figures("actor chaos (SIGKILL render actors)", f"{len(killer.kills)} actor kills", rows,
-                   check.by_status.get("ok", 0), check.duplicates, _lost(check), wall,
+                   check.by_status.get("ok", 0), check.duplicates, lost_rows(check), wall,
                    {"summary": summary.to_dict(), "check": check.__dict__, "kills": len(killer.kills)})
 
 
@@ -467,7 +506,7 @@ def driver_chaos(workdir: str, address: str, *, kills: int = 5, seed: int = 0, s
     result.update(summary=summary, check=check.__dict__, in_flight_bound=actors * max_in_flight,
                   redone_max=max(k["in_flight"] for k in result["kills"]))
     return Figures("driver chaos (SIGKILL the driver, rerun)", f"{kills} driver kills", len(rows),
-                   check.by_status.get("ok", 0), check.duplicates, _lost(check), wall, result)
+                   check.by_status.get("ok", 0), check.duplicates, lost_rows(check), wall, result)
 
 
 def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 300, error_rate: float = 0.10,
@@ -530,7 +569,7 @@ def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 30
     return Figures("storage faults (10% 500/503, resets, delays)",
                    f"{injected} failed + {faults['delayed']} delayed of {faults['requests']} requests; 1 outage",
                    rows, check.by_status.get("ok", 0), check.duplicates + outage_check.duplicates,
-                   _lost(check) + _lost(outage_check), wall, details)
+                   lost_rows(check) + lost_rows(outage_check), wall, details)
 
 
 def poison_row(workdir: str, *, rows: int = 200, seed: int = 0, retries: int = 2) -> Figures:
@@ -549,7 +588,7 @@ def poison_row(workdir: str, *, rows: int = 200, seed: int = 0, retries: int = 2
     wall = time.monotonic() - started
     check = check_output(out, [row["id"] for row in manifest_rows])
     return Figures("poison row (kills its actor every time)", f"{summary.actors_replaced} actor deaths", rows,
-                   check.by_status.get("ok", 0), check.duplicates, _lost(check), wall,
+                   check.by_status.get("ok", 0), check.duplicates, lost_rows(check), wall,
                    {"summary": summary.to_dict(), "check": check.__dict__, "poison_id": manifest_rows[poison]["id"]})
 
 
@@ -570,6 +609,6 @@ def out_of_memory(workdir: str, *, rows: int = 48, batch_size: int = 16, steps: 
     markers = commits.list_commits(out)
     return Figures("out of memory at batch > 4 (tiny model)", f"batch {batch_size} -> "
                    f"{min(info['batch_size'] for info in markers.values())}", rows, check.by_status.get("ok", 0),
-                   check.duplicates, _lost(check), wall,
+                   check.duplicates, lost_rows(check), wall,
                    {"summary": summary.to_dict(), "check": check.__dict__,
                     "batch_sizes": sorted(info["batch_size"] for info in markers.values())})

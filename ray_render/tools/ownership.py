@@ -28,7 +28,7 @@ from ray_render.config import STORAGE_OPTIONS_ENV
 from ray_render.models.base import ModelInfo
 from ray_render.output import commits, layout
 from ray_render.output.log import read_state
-from ray_render.tools.chaos import Figures, _lost, _prompt_rows, check_output, write_manifest
+from ray_render.tools.chaos import Figures, _prompt_rows, check_output, lost_rows, write_manifest
 
 DRIVER_TIMEOUT_S = 180.0
 
@@ -68,7 +68,7 @@ def _figures(name: str, faults: str, out: str, rows: list[dict], storage_options
              details: dict) -> Figures:
     check = check_output(out, [row["id"] for row in rows], storage_options)
     details.update(check=check.__dict__)
-    return Figures(name, faults, len(rows), check.by_status.get("ok", 0), check.duplicates, _lost(check), wall,
+    return Figures(name, faults, len(rows), check.by_status.get("ok", 0), check.duplicates, lost_rows(check), wall,
                    details)
 
 
@@ -99,7 +99,8 @@ def double_submit(workdir: str, address: str, *, rows: int = 48, row_sleep: floa
                "first_holder": holder, "names_holder": bool(holder) and holder in second.stdout + second.stderr,
                "committed_when_refused": committed_when_refused, "rerun_exit": rerun.returncode,
                "rerun_output": (rerun.stdout + rerun.stderr)[-3000:]}
-    return _figures("double submit (a second driver on a held output)",
+    where = "S3" if out.startswith("s3://") else "local disk"
+    return _figures(f"double submit (a second driver on a held output, {where})",
                     "second run refused, first SIGKILLed, rerun takes over", out, manifest_rows, storage_options,
                     time.monotonic() - started, details)
 

@@ -1,5 +1,6 @@
-"""The soak runner: every fault drill (tools/chaos.py) and ownership drill (tools/ownership.py) in rounds, with a
-local Ray and an S3-compatible server of its own, until the time is up; the reliability table as Markdown.
+"""The soak runner: every fault drill (tools/chaos.py), ownership drill (tools/ownership.py) and drill of how runs
+end (tools/endings.py) in rounds, with a local Ray and an S3-compatible server of its own, until the time is up; the
+reliability table as Markdown.
 
     ray-render soak --minutes 0      one round of every drill (what the README's table shows)
     python -m ray_render.tools.soak  the same
@@ -11,14 +12,16 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ray_render import storage
-from ray_render.tools import ownership
+from ray_render.tools import endings, ownership
 from ray_render.tools.chaos import (
+    BROKEN_DEVICE_ENV,
     Figures,
     actor_chaos,
     driver_chaos,
@@ -68,6 +71,9 @@ def soak(minutes: float, *, seed: int = 0, workdir: str | None = None, actor_row
     options = {k: v for k, v in upstream.items() if k != "bucket"}
     fs, _ = storage.open_fs("s3://", options)
     fs.mkdir(upstream["bucket"])
+    # The actors inherit it: where chaos.PlaceholderOnBrokenDevice claims its broken device.
+    os.environ[BROKEN_DEVICE_ENV] = os.path.join(tempfile.mkdtemp(prefix="ray-render-soak-", dir=workdir),
+                                                 "broken-device")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     try:
@@ -86,7 +92,13 @@ def soak(minutes: float, *, seed: int = 0, workdir: str | None = None, actor_row
                               storage_options=options)),
                           ("refresh over a run", lambda: ownership.refresh_during_run(scratch, address)),
                           ("takeover", lambda: ownership.takeover_and_fence(scratch, address)),
-                          ("copies", lambda: ownership.jittered_copies(scratch))]
+                          ("copies", lambda: ownership.jittered_copies(scratch)),
+                          ("sigterm", lambda: endings.stop_signal(scratch, signal.SIGTERM)),
+                          ("sigint", lambda: endings.stop_signal(scratch, signal.SIGINT, rerun=False)),
+                          ("hung", lambda: endings.hung_actor(scratch)),
+                          ("systematic", lambda: endings.systematic_crash(scratch)),
+                          ("broken device", lambda: endings.broken_device(scratch)),
+                          ("retry failed", lambda: endings.retry_failed(scratch))]
                 for name, drill in drills:
                     figure = drill()
                     results.setdefault(name, []).append(figure)
@@ -107,8 +119,10 @@ def add_soak_parser(subparsers) -> None:
                                    description="Run the fault-injection drills (actor kills, driver kills, "
                                                "storage faults and an outage, a poison row, out-of-memory) and the "
                                                "ownership drills (two drivers on one output, a refresh over a run, "
-                                               "a lease taken over and fenced, copies that render other bytes) in "
-                                               "rounds until --minutes have passed; print the figures as Markdown. "
+                                               "a lease taken over and fenced, copies that render other bytes) and "
+                                               "the drills of how runs end (stop signals, a frozen actor, systematic "
+                                               "crashes, a broken device, --retry-failed) in rounds until "
+                                               "--minutes have passed; print the figures as Markdown. "
                                                "Starts its own local Ray and S3-compatible server on 127.0.0.1.")
     _soak_options(parser)
     parser.set_defaults(handler=cmd_soak)
