@@ -133,8 +133,9 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--actors", type=int, metavar="N", help="render actors (default: one per GPU, or 1 on CPU)")
     run.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", help=f"requests per model call "
                      f"(default: {d.batch_size})")
-    run.add_argument("--shard-size", dest="shard_size", type=int, metavar="ROWS", help=f"manifest rows per shard "
-                     f"(default: {d.shard_size})")
+    run.add_argument("--shard-size", dest="shard_size", type=int, metavar="ROWS",
+                     help="manifest rows per shard (default: sized to the job: each shard at most 1/64 of the rows "
+                          "after it, between 16 and 1000 rows, so shards shrink towards the end)")
     run.add_argument("--max-in-flight", dest="max_in_flight", type=int, metavar="N", help=f"shards queued per actor "
                      f"(default: {d.max_in_flight})")
     run.add_argument("--call-timeout", dest="call_timeout_s", type=float, metavar="SECONDS",

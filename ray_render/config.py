@@ -141,7 +141,7 @@ class JobConfig:
     quality: int = field(default=95, metadata=PIXELS)  # jpeg / webp quality
     actors: int | None = None  # default: one per GPU, or 1 on CPU
     batch_size: int = 8  # requests per model call
-    shard_size: int = 1000  # manifest rows per shard
+    shard_size: int | None = None  # manifest rows per shard; None: sized to the job (plan.auto_shard_size)
     max_in_flight: int = 2  # shards queued per actor (backpressure)
     retries: int = 3  # attempts per row and per shard beyond the first
     max_failed_fraction: float = 0.1  # abort once more than this fraction of finished rows failed
@@ -195,7 +195,8 @@ class JobConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")
-        positive = {"batch_size": self.batch_size, "shard_size": self.shard_size, "max_in_flight": self.max_in_flight}
+        positive = {"batch_size": self.batch_size, "max_in_flight": self.max_in_flight,
+                    **({"shard_size": self.shard_size} if self.shard_size is not None else {})}
         if self.actors is not None:
             positive["actors"] = self.actors
         if self.limit is not None:

@@ -79,6 +79,7 @@ class Dispatcher:
             summary.rendering_s = time.monotonic() - started
             summary.actors_replaced = pool.actors_lost
             summary.actors_retired = pool.actors_retired
+            summary.actors_peak = max(summary.actors_peak, pool.peak_ready)
             summary.stragglers_reissued = pool.reissued
 
     # -- submit --------------------------------------------------------------------------------------------------
@@ -173,6 +174,9 @@ class Dispatcher:
         entry = journal.read(job.out, shard_id, event.attempt_id, job.storage_options) if event.actor_lost else {}
         verdict = self.ledger.judge(event, entry)
         self.inherit[shard_id] = verdict.inherit
+        summary.node_losses += event.node_lost
+        if verdict.inherit[1]:
+            summary.rows_suspected += len(entry.get("rendering", []))
         self.charged[shard_id] = self.charged.get(shard_id, 0) + verdict.charged
         error = storage.redact(event.error, job.storage_options)
         if self.charged[shard_id] <= job.retries:

@@ -41,7 +41,7 @@ class Forecast:
     files: list[str]
     rows: int
     shards: int
-    shard_size: int
+    shard_size: int  # the largest shard's rows
     images: int
     image_tokens: int
     invalid_rows: int
@@ -72,8 +72,9 @@ def forecast(job: JobConfig, prices: dict[str, float] | None = None) -> Forecast
         files, sources = manifests.stage_manifests(dataclasses.replace(job, out=scratch))
         plan = planning.plan(files, job.shard_size, job.storage_options, job.limit)
         result = Forecast(files=[sources[f]["url"] if f in sources else f for f in plan.files], rows=plan.total_rows,
-                          shards=len(plan.shards), shard_size=job.shard_size, images=0, image_tokens=0,
-                          invalid_rows=0, model=model, staged=len(sources), warnings=list(plan.warnings))
+                          shards=len(plan.shards), shard_size=max(shard.num_rows for shard in plan.shards),
+                          images=0, image_tokens=0, invalid_rows=0, model=model, staged=len(sources),
+                          warnings=list(plan.warnings))
         for _, _, params, _ in row_settings(plan, job, model):
             if params is None:
                 result.invalid_rows += 1

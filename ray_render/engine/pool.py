@@ -189,6 +189,7 @@ class RenderPool:
         self.info: dict | None = None  # model info reported by the first actor that became ready
         self.actors_lost = 0  # actors that died and were replaced
         self.actors_retired = 0  # actors retired for failing far more rows than the others
+        self.peak_ready = 0  # the most actors ready at once
         self.reissued = 0  # straggler copies handed out
         self.last_ready = time.monotonic()  # last moment at least one actor was ready
         for _ in range(num_actors):
@@ -402,6 +403,7 @@ class RenderPool:
         self.info = self.info or info
         self._init_failures = 0
         self._in_flight[index] = []
+        self.peak_ready = max(self.peak_ready, len(self._in_flight))
         self._node_of[index] = info.get("node_id") if isinstance(info, dict) else None
         log.info("render actor %d ready on %s", index, info.get("worker", "?"))
 

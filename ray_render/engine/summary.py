@@ -76,6 +76,9 @@ class Summary:
     actors_replaced: int = 0  # actors that died and were replaced
     actors_retired: int = 0  # actors retired (and replaced) for failing far more rows than the others
     rows_repaired: int = 0  # failed rows that a repair on another actor rendered ok (engine/repairs.py)
+    rows_suspected: int = 0  # rows made suspects (rendered alone next time) because an actor died rendering them
+    node_losses: int = 0  # attempts lost with their node (a preemption): nobody's fault, no suspects
+    actors_peak: int = 0  # the most render actors ready at once
     stragglers_reissued: int = 0  # copies of slow or queued shards given to idle actors
     rows_this_run: int = 0  # rows finished by this run
     images_this_run: int = 0
