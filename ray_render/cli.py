@@ -130,7 +130,12 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("cluster and scheduling")
     run.add_argument("--address", metavar="ADDR",
                      help="Ray address (default: RAY_ADDRESS, else a local Ray for this run)")
-    run.add_argument("--actors", type=int, metavar="N", help="render actors (default: one per GPU, or 1 on CPU)")
+    run.add_argument("--actors", type=int, metavar="N",
+                     help="a fixed pool of N render actors (default on GPUs: an elastic pool of up to --max-actors, "
+                          "each used as soon as it is ready and released when no work is left; on CPU: 1)")
+    run.add_argument("--max-actors", dest="max_actors", type=int, metavar="N",
+                     help="the most GPU actors the elastic pool asks for (an autoscaler adds nodes for them; default: "
+                          "one per shard left)")
     run.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", help=f"requests per model call "
                      f"(default: {d.batch_size})")
     run.add_argument("--shard-size", dest="shard_size", type=int, metavar="ROWS",

@@ -139,7 +139,8 @@ class JobConfig:
     presets: dict = field(default_factory=dict, metadata=ROW_PIXELS)  # the job's own presets: name -> {param: value}
     format: str = field(default="png", metadata=PIXELS)
     quality: int = field(default=95, metadata=PIXELS)  # jpeg / webp quality
-    actors: int | None = None  # default: one per GPU, or 1 on CPU
+    actors: int | None = None  # a fixed pool of this many; default: elastic GPU actors (max_actors), or 1 on CPU
+    max_actors: int | None = None  # the elastic pool's bound; default: one per shard left
     batch_size: int = 8  # requests per model call
     shard_size: int | None = None  # manifest rows per shard; None: sized to the job (plan.auto_shard_size)
     max_in_flight: int = 2  # shards queued per actor (backpressure)
@@ -199,6 +200,8 @@ class JobConfig:
                     **({"shard_size": self.shard_size} if self.shard_size is not None else {})}
         if self.actors is not None:
             positive["actors"] = self.actors
+        if self.max_actors is not None:
+            positive["max_actors"] = self.max_actors
         if self.limit is not None:
             positive["limit"] = self.limit
         for name, value in positive.items():

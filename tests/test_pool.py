@@ -114,10 +114,13 @@ def slow_rows(n: int, seconds: float, start: int = 0) -> list[dict]:
             for i in range(start, start + n)]
 
 
-def test_one_actor_per_declared_gpu(ray_cluster, tmp_path, make_manifest):
-    job = JobConfig(manifests=[make_manifest()], out=str(tmp_path / "out"), model="placeholder")  # device auto
+def test_gpu_actors_one_per_shard_left_each_on_its_own_declared_gpu(ray_cluster, tmp_path, make_manifest):
+    job = JobConfig(manifests=[make_manifest(n=40)], out=str(tmp_path / "out"), model="placeholder")  # device auto
     session = RunSession(job)
-    pool = session.start_pool(planning.plan(job.manifests, job.shard_size))
+    plan = planning.plan(job.manifests, job.shard_size)
+    assert len(plan.shards) == 2  # 16 and 24 rows
+    pool = session.start_pool(plan)
+    assert pool.size == 2  # the elastic pool asks for no more actors than there are shards
     try:
         wait_until_ready(pool, 2)
         workers = [info["worker"] for info in ray.get([actor.info.remote() for actor in pool.ready_actors()])]

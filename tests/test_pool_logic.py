@@ -325,3 +325,39 @@ def test_equal_failure_rates_retire_nobody(clock):
         runtime.finish(ref, result(ref, failed=10))
     assert [type(event) for event in pool.wait(0)] == [ShardDone, ShardDone]
     assert pool.actors_retired == 0 and not any(actor.killed for actor in runtime.actors)
+
+
+def test_the_elastic_pool_uses_actors_as_they_come_and_releases_them_when_no_work_is_left(clock):
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 3, 1, runtime=runtime)
+    first, second, third = runtime.actors
+    runtime.start(first)
+    pool.wait(0)
+    pool.submit(shard(0), 1)  # the first ready actor works while the others are still starting
+    assert not pool.can_submit()
+    runtime.start(second)
+    pool.wait(0)
+    pool.submit(shard(1), 1)
+    # Nothing left to hand out: the actor still starting goes at once (its node need not come) ...
+    assert pool.release_idle(idle_s=30.0) == 1 and third.killed and pool.size == 2
+    (ref,) = first.pending()
+    runtime.finish(ref, result(ref))
+    pool.wait(0)
+    assert pool.release_idle(idle_s=30.0) == 0  # ... an idle one only after a while: a straggler may need it
+    clock.now += 31.0
+    assert pool.release_idle(idle_s=30.0) == 1 and first.killed and not second.killed
+    assert pool.actors_released == 2 and pool.peak_ready == 2
+    assert [count for _, count in pool.ready_timeline] == [1, 2, 1]
+
+
+def test_an_actor_whose_model_differs_from_the_jobs_is_refused(clock):
+    from ray_render.models.base import same_model
+
+    runtime = FakeRuntime()
+    expected = {"family": "nextstep", "revision": "abc", "dtype": "bfloat16", "device": "cuda:0"}
+    pool = RenderPool(runtime.make_actor, 2, 1, runtime=runtime, expected_model=expected, same_model=same_model)
+    good, other = runtime.actors
+    runtime.start(good, {**expected, "device": "cuda:1", "worker": "w0"})  # another GPU of the same kind: fine
+    runtime.start(other, {**expected, "dtype": "float32", "worker": "w1"})  # another dtype: other pixels
+    pool.wait(0)
+    assert pool.num_ready == 1 and other.killed and pool.actors_refused == 1

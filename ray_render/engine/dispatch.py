@@ -80,6 +80,8 @@ class Dispatcher:
             summary.actors_replaced = pool.actors_lost
             summary.actors_retired = pool.actors_retired
             summary.actors_peak = max(summary.actors_peak, pool.peak_ready)
+            summary.actors_released = pool.actors_released
+            summary.actors_timeline = pool.ready_timeline
             summary.stragglers_reissued = pool.reissued
 
     # -- submit --------------------------------------------------------------------------------------------------
@@ -103,6 +105,7 @@ class Dispatcher:
                 self.waiting.append((repair, since))
         if not self.pending and not self.waiting:
             pool.reissue_stragglers()
+            pool.release_idle()  # what is left has an actor: the others' nodes can go
 
     def _next_attempt(self, shard_id: str) -> int:
         self.attempts[shard_id] = self.attempts.get(shard_id, 0) + 1

@@ -19,6 +19,7 @@ from ray_render.engine import plan as planning
 from ray_render.engine.rows import default_row_id
 from ray_render.engine.session import JobAborted, RunSession
 from ray_render.engine.summary import Summary
+from ray_render.models.base import same_model
 from ray_render.output import layout, record
 from ray_render.output.commits import commit_totals
 
@@ -98,7 +99,7 @@ def run(job: JobConfig, select: Callable[[planning.Plan], planning.Plan] | None 
             log.info("nothing to do: every shard of the plan is committed")
         else:
             # 4. Start one actor per GPU (or --actors CPU actors); the model they load must be the output's
-            session.start_pool(plan)
+            session.start_pool(plan, len(todo) + len(retry), (previous or {}).get("model") or None)
             if previous is not None:
                 _check_same_model(previous, summary.model)
             # 5. Claim the output: finish what a dead holder left, write the job record
@@ -141,8 +142,3 @@ def _check_same_model(previous: dict, model: dict) -> None:
                          f"{model.get('revision')} on {model.get('device')} {model.get('dtype')}; images would not "
                          f"match: pass --overwrite to start again, or choose another --out")
 
-
-def same_model(old: dict, new: dict) -> bool:
-    """Whether two models render the same pixels for the same request: family, revision, dtype, device type."""
-    same_device = str(old.get("device", "")).split(":")[0] == str(new.get("device", "")).split(":")[0]
-    return same_device and all(old.get(key) == new.get(key) for key in ("family", "revision", "dtype"))

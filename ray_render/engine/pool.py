@@ -10,6 +10,10 @@ In the spirit of Ray's `ActorPool` (same plain names), plus what it lacks:
   another one (the queued call is cancelled), or takes a copy of one running much longer than usual; the first
   result wins and the other copy is cancelled. Each copy writes under its own attempt id, so neither touches the
   other's files, and the driver commits only the winner;
+- elastic: the pool asks for its actors up front (pending ones make an autoscaler add nodes), uses each the moment
+  it is ready, refuses one whose model would render other pixels (family, revision, dtype, device type against the
+  job's), and once no work is left to hand out releases the actors still starting and those idle for a while, so
+  an autoscaler can remove their nodes (`release_idle`);
 - outliers: an actor whose rows fail far more often than the other actors' (a broken device, a bad node) is
   retired: killed and replaced by one placed on another node (Ray's `label_selector` on `ray.io/node-id`); the
   calls it held come back uncharged (`ShardFailed.retired`);
@@ -49,6 +53,7 @@ ROW_TIMES = 200  # recent calls whose time per row sets the deadlines
 RETIRE_MIN_ROWS = 8  # judge an actor's failure rate once it rendered this many rows, and the others as many
 RETIRE_RATE = 0.5  # an actor whose rows fail at least this often ...
 RETIRE_FACTOR = 4.0  # ... and this many times as often as the other actors' is retired
+RELEASE_IDLE_S = 30.0  # with no work left to hand out, an actor idle this long is released (a straggler may need it)
 
 class PoolError(RuntimeError):
     """The pool cannot go on: no actor can be started (the model does not load, no node has room)."""
@@ -161,10 +166,13 @@ class RenderPool:
     `pool.reissue_stragglers()` once nothing is pending, then `for event in pool.wait(timeout)`.
     """
 
-    def __init__(self, make_actor: Callable[[int], Any], num_actors: int, max_in_flight: int,
+    def __init__(self, make_actor: Callable[[int, tuple], Any], num_actors: int, max_in_flight: int,
                  runtime: RayRuntime | None = None, run_id: str = "000000000000",
-                 call_timeout_s: float = 3600.0) -> None:
+                 call_timeout_s: float = 3600.0, expected_model: dict | None = None,
+                 same_model: Callable[[dict, dict], bool] | None = None) -> None:
         self._runtime = runtime or RayRuntime()
+        self._expected_model = expected_model  # the model an actor must load (the job record's), else the first's
+        self._same_model = same_model
         self._call_timeout_s = call_timeout_s
         self._row_s: deque[float] = deque(maxlen=ROW_TIMES)  # recent seconds per row of finished calls
         self._calls_done_by: dict[int, int] = {}  # actor index -> calls it finished
@@ -190,6 +198,11 @@ class RenderPool:
         self.actors_lost = 0  # actors that died and were replaced
         self.actors_retired = 0  # actors retired for failing far more rows than the others
         self.peak_ready = 0  # the most actors ready at once
+        self.actors_released = 0  # actors stopped because no work was left for them
+        self.actors_refused = 0  # actors whose model would render other pixels than the job's
+        self._started_at = time.monotonic()
+        self.ready_timeline: list[tuple[float, int]] = []  # (seconds since the pool started, actors ready) changes
+        self._idle_since: dict[int, float] = {}  # ready actor index -> when its queue last became empty
         self.reissued = 0  # straggler copies handed out
         self.last_ready = time.monotonic()  # last moment at least one actor was ready
         for _ in range(num_actors):
@@ -210,6 +223,7 @@ class RenderPool:
         actor = self._actors.pop(index, None)
         if actor is not None:
             self._runtime.kill(actor)
+        self._idle_since.pop(index, None)
         calls = []
         for position, ref in enumerate(self._in_flight.pop(index, [])):
             call = self._future_to_actor.pop(ref)
@@ -218,6 +232,7 @@ class RenderPool:
             if ref not in self._cancelled:
                 calls.append(call)
             self._cancelled.discard(ref)
+        self._note_ready()
         return calls
 
     def _forget(self, ref: Any, call: _Call) -> None:
@@ -275,6 +290,7 @@ class RenderPool:
         ref = self._actors[index].render_shard.remote(shard, attempt, attempt_id, inherit, base)
         self.attempts.append((shard.shard_id, attempt_id))
         self._in_flight[index].append(ref)
+        self._idle_since.pop(index, None)
         self._future_to_actor[ref] = _Call(index, shard, attempt, attempt_id, time.monotonic(), inherit, base)
         self._shard_futures.setdefault(shard.shard_id, []).append(ref)
         self._start_head(index)
@@ -400,17 +416,74 @@ class RenderPool:
             self._start_actor()
             return
         info = outcome.value
+        refusal = self._refusal(info)
+        if refusal:
+            self.actors_refused += 1
+            self._runtime.kill(self._actors.pop(index))
+            log.error("render actor %d refused: %s", index, refusal)
+            if self.info is None and self.actors_refused >= self._num_actors:
+                raise PoolError(refusal)
+            return
         self.info = self.info or info
         self._init_failures = 0
         self._in_flight[index] = []
-        self.peak_ready = max(self.peak_ready, len(self._in_flight))
+        self._idle_since[index] = time.monotonic()
+        self._note_ready()
         self._node_of[index] = info.get("node_id") if isinstance(info, dict) else None
         log.info("render actor %d ready on %s", index, info.get("worker", "?"))
+
+    def _refusal(self, info: Any) -> str:
+        """Why an actor that just started must not render for this job ("" if it may): its model would render other
+        pixels than the job record's, or than the first actor's (another GPU type, another dtype)."""
+        reference = self._expected_model or self.info
+        if self._same_model is None or reference is None or not isinstance(info, dict) or \
+                self._same_model(reference, info):
+            return ""
+        return (f"{info.get('worker', '?')} loads {info.get('family')} {info.get('revision')} on "
+                f"{info.get('device')} {info.get('dtype')}, the job renders with {reference.get('family')} "
+                f"{reference.get('revision')} on {reference.get('device')} {reference.get('dtype')}: its images "
+                f"would not match (a node of another kind?)")
+
+    def _note_ready(self) -> None:
+        self.peak_ready = max(self.peak_ready, len(self._in_flight))
+        moment = round(time.monotonic() - self._started_at, 1)
+        if not self.ready_timeline or self.ready_timeline[-1][1] != len(self._in_flight):
+            self.ready_timeline.append((moment, len(self._in_flight)))
+
+    def release_idle(self, idle_s: float = RELEASE_IDLE_S) -> int:
+        """No work is left to hand out: stop the actors still starting (their nodes need not come) and the ready
+        ones idle for `idle_s`, so an autoscaler can remove their nodes. Returns how many were released.
+
+        Not while a shard waits in an actor's queue behind another: a starting actor, or one that is idle, takes it
+        over (reissue_stragglers)."""
+        if any(len(refs) > 1 for refs in self._in_flight.values()):
+            return 0
+        now = time.monotonic()
+        doomed = [index for index in self._starting.values()]
+        doomed += [index for index, refs in self._in_flight.items()
+                   if not refs and now - self._idle_since.get(index, now) >= idle_s]
+        for ref, index in list(self._starting.items()):
+            if index in doomed:
+                del self._starting[ref]
+        for index in doomed:
+            actor = self._actors.pop(index, None)
+            if actor is not None:
+                _quietly(self._runtime.kill, actor)
+            self._in_flight.pop(index, None)
+            self._idle_since.pop(index, None)
+        if doomed:
+            self.actors_released += len(doomed)
+            self._num_actors = max(1, self._num_actors - len(doomed))
+            log.info("released %d render actor(s): no work is left for them", len(doomed))
+            self._note_ready()
+        return len(doomed)
 
     def _on_finished(self, ref: Any) -> list[ShardDone | ShardFailed]:
         call = self._future_to_actor.pop(ref)
         call.started = self._in_flight[call.actor][0] == ref  # an actor runs its calls in submission order
         self._in_flight[call.actor].remove(ref)
+        if not self._in_flight[call.actor]:
+            self._idle_since[call.actor] = time.monotonic()
         self._forget(ref, call)
         self._calls_done_by[call.actor] = self._calls_done_by.get(call.actor, 0) + 1
         try:

@@ -22,6 +22,7 @@ commits them, so an attempt that loses a race or outlives its run never becomes 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -160,11 +161,14 @@ class RunSession:
         self.committed = {}
         commits.clear_output(self.job.out, self.job.storage_options)
 
-    def start_pool(self, plan: Plan) -> RenderPool:
-        """Connect to Ray, start the render actors and wait until one is ready (its model loaded)."""
+    def start_pool(self, plan: Plan, shards: int | None = None, expected_model: dict | None = None) -> RenderPool:
+        """Connect to Ray, start the render actors and wait until one is ready (its model loaded). `shards`: how
+        many shards are left (the elastic pool asks for no more actors); `expected_model`: the model the output was
+        rendered with (its job record's), which every actor must match."""
         self._ray_started_here = _connect(self.job)
         self.signals.reinstall()  # ray.init replaced our SIGTERM handler with its own
-        self.pool = _start_pool(self.job, plan, self.summary.run_id)
+        shards = len(plan.shards) if shards is None else shards
+        self.pool = _start_pool(self.job, plan, self.summary.run_id, max(1, shards), expected_model)
         _wait_until_ready(self.pool)
         self.summary.startup_s = time.monotonic() - self.started
         self.summary.model = {key: value for key, value in self.pool.info.items()
@@ -327,30 +331,32 @@ def _connect(job: JobConfig) -> bool:
     return True
 
 
-def _start_pool(job: JobConfig, plan: Plan, run_id: str) -> RenderPool:
-    """A RenderPool sized to the cluster: one actor per GPU (num_gpus each) when the device resolves to cuda,
-    else `--actors` CPU actors (default 1) with `cpus_per_actor` each."""
+def _start_pool(job: JobConfig, plan: Plan, run_id: str, shards: int, expected_model: dict | None) -> RenderPool:
+    """The render actors: on GPUs (when the device resolves to cuda) an elastic pool of up to --max-actors (default:
+    one per shard left), each asking for `gpus_per_actor` GPUs so that an autoscaler adds nodes for the ones that
+    wait; --actors N makes it N; on CPU, --actors (default 1) with `cpus_per_actor` each. The device decided here is
+    the one every actor loads its model on."""
     import ray
 
     from ray_render.engine.actor import RenderActor
     from ray_render.engine.pool import RenderPool
+    from ray_render.models.base import same_model
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     use_gpus = job.device == "cuda" or (job.device == "auto" and cluster_gpus > 0)
+    device = "cuda" if use_gpus else "cpu" if job.device == "auto" else job.device
     if use_gpus:
-        if cluster_gpus == 0 and job.actors is None:
-            raise JobAborted("--device cuda, but the Ray cluster has no GPUs; use --device cpu, or pass --actors N "
-                             "to wait for GPU nodes an autoscaler will add")
-        num_actors = job.actors or max(1, int(cluster_gpus // job.gpus_per_actor))
-        if job.actors and job.actors * job.gpus_per_actor > cluster_gpus:
-            log.warning("%d actors need %g GPUs, the cluster has %g now: the others wait for room", job.actors,
-                        job.actors * job.gpus_per_actor, cluster_gpus)
+        num_actors = job.actors or min(job.max_actors or shards, shards)
+        if num_actors * job.gpus_per_actor > cluster_gpus:
+            log.info("%d GPU actor(s) asked for, the cluster has %g GPU(s) now: the others wait for room (an "
+                     "autoscaler adds nodes for them)", num_actors, cluster_gpus)
     else:
         num_actors = job.actors or 1
     options = {"num_cpus": job.cpus_per_actor, "num_gpus": job.gpus_per_actor if use_gpus else 0,
                # The driver sees every failure and decides: no restarts behind its back, no silent re-runs.
                "max_restarts": 0, "max_task_retries": 0}
     actor_class = ray.remote(RenderActor)
+    actor_job = dataclasses.replace(job, device=device)  # never "auto" in an actor: no GPU Ray did not reserve
     log.info("starting %d render actor(s) (%s, model %s)", num_actors,
              f"{options['num_gpus']:g} GPU each" if use_gpus else f"{job.cpus_per_actor:g} CPU each", job.model)
     roots = input_roots(job, plan)
@@ -358,9 +364,10 @@ def _start_pool(job: JobConfig, plan: Plan, run_id: str) -> RenderPool:
     def make_actor(index: int, avoid_nodes: tuple[str, ...]):
         # Ray's label selector: placed on none of the nodes where the pool retired an actor (engine/pool.py).
         where = {"label_selector": {"ray.io/node-id": f"!in({','.join(avoid_nodes)})"}} if avoid_nodes else {}
-        return actor_class.options(**options, **where).remote(job, index, plan.passthrough_schema, roots)
+        return actor_class.options(**options, **where).remote(actor_job, index, plan.passthrough_schema, roots)
 
-    return RenderPool(make_actor, num_actors, job.max_in_flight, run_id=run_id, call_timeout_s=job.call_timeout_s)
+    return RenderPool(make_actor, num_actors, job.max_in_flight, run_id=run_id, call_timeout_s=job.call_timeout_s,
+                      expected_model=expected_model, same_model=same_model)
 
 
 def input_roots(job: JobConfig, plan: Plan) -> list[str]:

@@ -79,6 +79,8 @@ class Summary:
     rows_suspected: int = 0  # rows made suspects (rendered alone next time) because an actor died rendering them
     node_losses: int = 0  # attempts lost with their node (a preemption): nobody's fault, no suspects
     actors_peak: int = 0  # the most render actors ready at once
+    actors_released: int = 0  # actors the elastic pool stopped because no work was left for them
+    actors_timeline: list = field(default_factory=list)  # [seconds since the pool started, actors ready] changes
     stragglers_reissued: int = 0  # copies of slow or queued shards given to idle actors
     rows_this_run: int = 0  # rows finished by this run
     images_this_run: int = 0

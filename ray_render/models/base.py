@@ -149,6 +149,13 @@ class ImageModel(Protocol):
 EDIT_TAG = "<image>"  # the edit marker NextStep's prompts use; the placeholder model checks it the same way
 
 
+def same_model(old: dict, new: dict) -> bool:
+    """Whether two models (ModelInfo as dicts) render the same pixels for the same request: family, revision,
+    dtype, device type."""
+    same_device = str(old.get("device", "")).split(":")[0] == str(new.get("device", "")).split(":")[0]
+    return same_device and all(old.get(key) == new.get(key) for key in ("family", "revision", "dtype"))
+
+
 def input_image_tag(model: ImageModel) -> str | None:
     """The marker of an edit prompt on this model, or None when it takes no input image."""
     return getattr(model, "input_image_tag", None)
