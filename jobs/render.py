@@ -5,7 +5,8 @@
 
 Inside a job Ray sets RAY_ADDRESS, so the driver joins that cluster (the default of --address) instead of starting
 its own. The process exits with `ray-render run`'s status (see `ray-render run --help`), so a failed job shows as
-FAILED.
+FAILED, except that a job that finished with some failed or invalid rows exits 0 (they are in the metadata; one bad
+row in a million must not send an orchestrator to new GPU clusters); pass --strict to make that fail too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ray_render import cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(["run", *(sys.argv[1:] if argv is None else argv)])
+    return cli.job_entrypoint("run", sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

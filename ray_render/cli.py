@@ -29,8 +29,11 @@ from ray_render.config import (
     JobConfig,
     job_from_options,
     load_config_file,
+    read_storage_options,
 )
-from ray_render.engine.summary import EXIT_ABORTED, EXIT_CODES, EXIT_INTERNAL
+from ray_render.engine.summary import EXIT_ABORTED, EXIT_CODES, EXIT_INTERNAL, EXIT_OK, EXIT_ROWS
+from ray_render.output.record import RecordDamaged
+from ray_render.storage import FilesystemMissing
 
 PROG = "ray-render"
 
@@ -51,7 +54,12 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     """Every option of a render job (shared by `run` and jobs/render.py); unset options stay out of the namespace."""
     d = _defaults()
     parser.add_argument("manifests", nargs="*", metavar="MANIFEST",
-                        help="Parquet files, directories, globs or fsspec URLs (s3://, gs://, ...)")
+                        help="Parquet, CSV (.csv, .csv.gz) or JSON Lines (.jsonl, .ndjson, .jsonl.gz) files, "
+                             "directories, globs or fsspec URLs (s3://, gs://, hf://datasets/...)")
+    parser.add_argument("--prompt-column", dest="prompt_column", metavar="NAME",
+                        help="the manifest's column holding the prompt, when it is not `prompt` (caption, text, ...)")
+    parser.add_argument("--id-column", dest="id_column", metavar="NAME",
+                        help="the manifest's column holding the row id, when it is not `id` (key, uid, ...)")
     parser.add_argument("--out", metavar="URI", help="output root: a local path or fsspec URL")
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML job file with the same options "
                         "(dashes or underscores); command-line flags override it")
@@ -101,22 +109,48 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     scores.add_argument("--quality-retries", dest="quality_retries", type=int, metavar="N",
                         help=f"re-renders per image at most under --min-quality; the best attempt is kept "
                              f"(default: {d.quality_retries})")
-    output.add_argument("--storage-options", dest="storage_options", metavar="JSON",
-                        help="fsspec options as a JSON object (credentials, endpoint_url); never logged")
+    output.add_argument("--storage-options", dest="storage_options", metavar="JSON|@FILE",
+                        help="fsspec options as a JSON object, or @FILE holding one (default: the "
+                             "RAY_RENDER_STORAGE_OPTIONS environment variable); never logged or recorded. Keep "
+                             "credentials off the command line: use @FILE or the variable")
     output.add_argument("--no-resume", dest="resume", action="store_false",
                         help="render committed shards again (default: skip them)")
-    output.add_argument("--overwrite", action="store_true", help="clear the output root's job first")
+    output.add_argument("--overwrite", action="store_true", help="clear the output root's job first (only "
+                        "ray-render's own files are deleted)")
+    output.add_argument("--retry-failed", dest="retry_failed", action="store_true",
+                        help="render the failed rows of committed shards again, once each, on any actor; the "
+                             "rows that are ok stay as they are (run only: a refresh renders failed rows anyway)")
+    output.add_argument("--input-roots", dest="input_roots", nargs="+", metavar="PREFIX",
+                        help="where edit rows' input images may come from, besides the manifests' own directories "
+                             "(paths or URL prefixes); anything else is refused")
+    output.add_argument("--max-input-bytes", dest="max_input_bytes", type=int, metavar="N",
+                        help=f"an input image larger than this fails its row (default: {d.max_input_bytes})")
+    output.add_argument("--input-timeout", dest="input_timeout_s", type=float, metavar="SECONDS",
+                        help=f"an input image read slower than this fails its row (default: {d.input_timeout_s:g})")
+    output.add_argument("--lease-ttl", dest="lease_ttl_s", type=float, metavar="SECONDS",
+                        help=f"another run may take the output over this long after this run's last heartbeat "
+                             f"(default: {d.lease_ttl_s:g})")
 
     run = parser.add_argument_group("cluster and scheduling")
     run.add_argument("--address", metavar="ADDR",
                      help="Ray address (default: RAY_ADDRESS, else a local Ray for this run)")
-    run.add_argument("--actors", type=int, metavar="N", help="render actors (default: one per GPU, or 1 on CPU)")
+    run.add_argument("--actors", type=int, metavar="N",
+                     help="a fixed pool of N render actors (default on GPUs: an elastic pool of up to --max-actors, "
+                          "each used as soon as it is ready and released when no work is left; on CPU: 1)")
+    run.add_argument("--max-actors", dest="max_actors", type=int, metavar="N",
+                     help="the most GPU actors the elastic pool asks for (an autoscaler adds nodes for them; default: "
+                          "one per shard left)")
     run.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", help=f"requests per model call "
                      f"(default: {d.batch_size})")
-    run.add_argument("--shard-size", dest="shard_size", type=int, metavar="ROWS", help=f"manifest rows per shard "
-                     f"(default: {d.shard_size})")
+    run.add_argument("--shard-size", dest="shard_size", type=int, metavar="ROWS",
+                     help="manifest rows per shard (default: sized to the job: each shard at most 1/64 of the rows "
+                          "after it, between 16 and 1000 rows, so shards shrink towards the end)")
     run.add_argument("--max-in-flight", dest="max_in_flight", type=int, metavar="N", help=f"shards queued per actor "
                      f"(default: {d.max_in_flight})")
+    run.add_argument("--call-timeout", dest="call_timeout_s", type=float, metavar="SECONDS",
+                     help=f"the most one render call may take (each also has a deadline of 5x the recent time per "
+                          f"row, at least 60 s; 900 s for an actor's first call); past it the actor is killed "
+                          f"(default: {d.call_timeout_s:g})")
     run.add_argument("--retries", type=int, metavar="N",
                      help=f"extra attempts per row and per shard (default: {d.retries})")
     run.add_argument("--max-failed-fraction", dest="max_failed_fraction", type=float, metavar="F",
@@ -133,7 +167,7 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 def job_from_args(args: argparse.Namespace) -> JobConfig:
     """The job file's options, overridden by the flags given on the command line."""
     given = {key: value for key, value in vars(args).items()
-             if key not in ("command", "handler", "config", "verbose")}
+             if key not in ("command", "handler", "config", "verbose", "log_level")}
     options = _read_job_file(args.config) if getattr(args, "config", None) else {}
     if not given.get("manifests"):
         given.pop("manifests", None)
@@ -171,13 +205,71 @@ def cmd_run(args: argparse.Namespace) -> int:
     return driver.run(job_from_args(args)).exit_code
 
 
+# -- plan / preview ------------------------------------------------------------------------------------------------
+
+
+def add_plan_parser(subparsers) -> None:
+    parser = subparsers.add_parser("plan", help="rows, shards, images, image tokens and a cost estimate, before a run",
+                                   argument_default=argparse.SUPPRESS,
+                                   description="What `ray-render run` with the same options would render, and an "
+                                               "estimate per GPU type (seconds per image, GPU-hours, cost) from a "
+                                               "calibration table that says where each figure comes from. Starts "
+                                               "no Ray, reads no weights; --out is optional (nothing is written).")
+    add_job_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--price", action="append", metavar="GPU=USD_PER_HOUR",
+                        help="price of an hour of a device (repeatable), e.g. --price H100=2.49: adds the cost")
+    parser.set_defaults(handler=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ray_render.engine import forecast
+    from ray_render.engine.plan import ManifestError
+
+    values = vars(args)
+    as_json = bool(values.pop("json", False))
+    try:
+        prices = forecast.parse_prices(values.pop("price", None) or [])
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    values.setdefault("out", "-")  # a run's output root; the plan writes nothing anywhere
+    try:
+        result = forecast.forecast(job_from_args(args), prices)
+    except (ManifestError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(result.to_dict(), indent=2) if as_json else forecast.format_forecast(result))
+    return 0
+
+
+def add_preview_parser(subparsers) -> None:
+    parser = subparsers.add_parser("preview", help="render a stratified sample of the manifest, with its report",
+                                   argument_default=argparse.SUPPRESS, epilog=EXIT_CODES_HELP,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description="Render N rows sampled across the whole manifest (stratified by "
+                                               "size and preset) with the job's settings into --out, with the "
+                                               "contact sheet and report; the metadata's source_row says which "
+                                               "rows (see ray_render/engine/preview.py).")
+    add_job_options(parser)
+    parser.add_argument("--sample", type=int, required=True, metavar="N", help="rows to render")
+    parser.set_defaults(handler=cmd_preview)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from ray_render.engine import preview
+
+    sample = vars(args).pop("sample")
+    if sample < 1:
+        raise CliError(f"--sample must be a whole number >= 1, got {sample}")
+    return preview.run(job_from_args(args), sample).exit_code
+
+
 # -- status --------------------------------------------------------------------------------------------------------
 
 
 def add_status_parser(subparsers) -> None:
     parser = subparsers.add_parser("status", help="progress of a running or finished job, from its output root",
                                    description="Report a job's progress from its output root alone "
-                                               "(job record, commit markers, summary). Exit 2 if OUT holds no job.")
+                                               "(job record, commit log, lease, summary). Exit 2 if OUT holds no job.")
     parser.add_argument("out", metavar="OUT", help="the job's output root (local path or fsspec URL)")
     parser.add_argument("--storage-options", dest="storage_options", metavar="JSON", default=None,
                         help="fsspec options as a JSON object")
@@ -195,16 +287,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_storage_options(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CliError(f"--storage-options must be a JSON object: {exc}") from None
-    if not isinstance(options, dict):
-        raise CliError("--storage-options must be a JSON object")
-    return options
+def parse_storage_options(text: str | None, what: str = "--storage-options") -> dict:
+    """See config.read_storage_options: JSON, @FILE, or the RAY_RENDER_STORAGE_OPTIONS environment variable."""
+    return read_storage_options(text, what)
 
 
 # -- expand / export / report (dataset synthesis) --------------------------------------------------------------------
@@ -263,7 +348,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ray_render.output import export
 
     so = parse_storage_options(args.storage_options)
-    dest_so = parse_storage_options(args.dest_storage_options) if args.dest_storage_options else None
+    dest_so = parse_storage_options(args.dest_storage_options, "--dest-storage-options") if args.dest_storage_options \
+        else None
     try:
         result = export.export(args.out, args.kind, args.dest, so, args.samples_per_shard,
                                dest_storage_options=dest_so, min_quality=args.min_quality)
@@ -324,35 +410,74 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 # -- main ----------------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_run_parser, add_status_parser, add_refresh_parser, add_expand_parser, add_export_parser,
-               add_report_parser]
+SUBCOMMANDS = [add_run_parser, add_plan_parser, add_preview_parser, add_status_parser, add_refresh_parser,
+               add_expand_parser, add_export_parser, add_report_parser]
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_logging_options(parser: argparse.ArgumentParser, default) -> None:
+    try:
+        parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                            help="debug logging, and tracebacks of errors (same as --log-level debug)")
+    except argparse.ArgumentError:  # a subcommand with a -v of its own
+        pass
+    parser.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS, default=default,
+                        help="how much ray-render logs to stderr (default: info)")
 
 
 def build_parser(subcommands=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Render Parquet prompt manifests with NextStep-1 "
-                                     "on a Ray cluster.", epilog=EXIT_CODES_HELP,
+    from ray_render import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Render prompt manifests (Parquet, CSV, JSON Lines) "
+                                     "with NextStep-1 on a Ray cluster.", epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_logging_options(parser, None)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_parser in SUBCOMMANDS if subcommands is None else subcommands:
         add_parser(subparsers)
-    for subparser in subparsers.choices.values():  # -v after the subcommand too
-        try:
-            subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                                   help="debug logging, and tracebacks of errors")
-        except argparse.ArgumentError:  # a subcommand with a -v of its own
-            pass
+    for subparser in subparsers.choices.values():  # -v and --log-level after the subcommand too
+        _add_logging_options(subparser, argparse.SUPPRESS)
     return parser
 
 
-def _setup_logging(verbose: bool = False) -> None:
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a redirect, a notebook's, a test's capture), not the
+    one there was when logging was set up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging(verbose: bool = False, level: str | None = None) -> None:
     logger = logging.getLogger("ray_render")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else getattr(logging, (level or "info").upper()))
+
+
+def job_entrypoint(command: str, argv: list[str]) -> int:
+    """`python jobs/render.py ...` and `jobs/refresh.py`: `ray-render COMMAND ...` under an orchestrator (a RayJob,
+    a CronJob, `ray job submit`), which reads any non-zero status as a failure to retry on new GPU clusters. So a job
+    that finished with some failed or invalid rows (EXIT_ROWS; they are in the metadata, a rerun with
+    --retry-failed renders the failed ones again) exits 0 here, unless --strict is given."""
+    strict = "--strict" in argv
+    code = main([command, *(arg for arg in argv if arg != "--strict")])
+    if code == EXIT_ROWS and not strict:
+        print(f"{PROG}: finished with failed or invalid rows (exit {EXIT_ROWS}); exiting 0 for the orchestrator "
+              f"(pass --strict to fail the job instead)", file=sys.stderr)
+        return EXIT_OK
+    return code
 
 
 def main(argv: list[str] | None = None, subcommands=None,
@@ -364,10 +489,11 @@ def main(argv: list[str] | None = None, subcommands=None,
         _setup_logging()
         return forwarded[argv[0]](argv[1:])
     args = build_parser(subcommands).parse_args(argv)
-    _setup_logging(args.verbose)
+    args.verbose = bool(args.verbose) or args.log_level == "debug"
+    _setup_logging(args.verbose, args.log_level)
     try:
         return args.handler(args)
-    except (CliError, ConfigError) as exc:
+    except (CliError, ConfigError, FilesystemMissing, RecordDamaged) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ABORTED
     except OSError as exc:  # a job file or output root that cannot be read

@@ -126,6 +126,10 @@ class JobConfig:
 
     manifests: list[str]
     out: str
+    # The manifest's own names for the prompt and id columns (a dataset's `caption`, `key`, ...); staged manifests
+    # carry them renamed (engine/manifests.py)
+    prompt_column: str | None = None
+    id_column: str | None = None
     # "tiny" (embedded), "placeholder", a snapshot dir, a hub repo id, or an fsspec URL
     model: str = field(default="tiny", metadata=PIXELS)
     vae: str | None = field(default=None, metadata=PIXELS)  # overrides the VAE path in the model's config.json
@@ -136,9 +140,10 @@ class JobConfig:
     presets: dict = field(default_factory=dict, metadata=ROW_PIXELS)  # the job's own presets: name -> {param: value}
     format: str = field(default="png", metadata=PIXELS)
     quality: int = field(default=95, metadata=PIXELS)  # jpeg / webp quality
-    actors: int | None = None  # default: one per GPU, or 1 on CPU
+    actors: int | None = None  # a fixed pool of this many; default: elastic GPU actors (max_actors), or 1 on CPU
+    max_actors: int | None = None  # the elastic pool's bound; default: one per shard left
     batch_size: int = 8  # requests per model call
-    shard_size: int = 1000  # manifest rows per shard
+    shard_size: int | None = None  # manifest rows per shard; None: sized to the job (plan.auto_shard_size)
     max_in_flight: int = 2  # shards queued per actor (backpressure)
     retries: int = 3  # attempts per row and per shard beyond the first
     max_failed_fraction: float = 0.1  # abort once more than this fraction of finished rows failed
@@ -158,6 +163,13 @@ class JobConfig:
     limit: int | None = None  # render only the first N rows of the plan
     resume: bool = True
     overwrite: bool = False
+    retry_failed: bool = False  # render the failed rows of committed shards again, once (engine/repairs.py)
+    lease_ttl_s: float = 60.0  # another run may take the output over this long after this run's last heartbeat
+    call_timeout_s: float = 3600.0  # no render call may run longer: its actor is killed and the attempt counted
+    # Where edit rows' input images may come from, besides the directories of the job's own manifests.
+    input_roots: list = field(default_factory=list)
+    max_input_bytes: int = 64 << 20  # an input image larger than this fails its row
+    input_timeout_s: float = 60.0  # an input image read that takes longer fails its row
     progress: bool = True
     cpus_per_actor: float = 0.5  # small on purpose: leave CPU for Ray's own tasks on small machines
     gpus_per_actor: float = 1.0  # used when device resolves to cuda
@@ -176,15 +188,24 @@ class JobConfig:
             raise ConfigError("no manifest given: pass one or more Parquet files, directories, globs or URLs")
         if not self.out:
             raise ConfigError("no output given: pass --out PATH_OR_URL")
+        mapped = {"prompt_column": self.prompt_column, "id_column": self.id_column}
+        for name, column in mapped.items():
+            if column is not None and (not isinstance(column, str) or not column.strip()):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a column name, got {column!r}")
+        if self.prompt_column is not None and self.prompt_column == self.id_column:
+            raise ConfigError(f"--prompt-column and --id-column name the same column {self.prompt_column!r}")
         choices = {"format": IMAGE_FORMATS, "device": DEVICES, "dtype": DTYPES, "noise": NOISE_MODES,
                    "rope_precision": ROPE_PRECISIONS, "edit_input": EDIT_INPUTS, "compile": COMPILE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")
-        positive = {"batch_size": self.batch_size, "shard_size": self.shard_size, "max_in_flight": self.max_in_flight}
+        positive = {"batch_size": self.batch_size, "max_in_flight": self.max_in_flight,
+                    **({"shard_size": self.shard_size} if self.shard_size is not None else {})}
         if self.actors is not None:
             positive["actors"] = self.actors
+        if self.max_actors is not None:
+            positive["max_actors"] = self.max_actors
         if self.limit is not None:
             positive["limit"] = self.limit
         for name, value in positive.items():
@@ -192,6 +213,23 @@ class JobConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ConfigError(f"--retries must be a whole number >= 0, got {self.retries!r}")
+        if isinstance(self.lease_ttl_s, bool) or not isinstance(self.lease_ttl_s, (int, float)) \
+                or not 1.0 <= self.lease_ttl_s <= 86400.0:
+            raise ConfigError(f"--lease-ttl must be from 1 to 86400 seconds, got {self.lease_ttl_s!r}")
+        if isinstance(self.call_timeout_s, bool) or not isinstance(self.call_timeout_s, (int, float)) \
+                or not 1.0 <= self.call_timeout_s <= 7 * 86400:
+            raise ConfigError(f"--call-timeout must be from 1 second to a week, got {self.call_timeout_s!r}")
+        if isinstance(self.input_roots, str):
+            self.input_roots = [self.input_roots]
+        if not all(isinstance(root, str) and root for root in self.input_roots):
+            raise ConfigError(f"--input-roots must be paths or URL prefixes, got {self.input_roots!r}")
+        if isinstance(self.max_input_bytes, bool) or not isinstance(self.max_input_bytes, int) \
+                or self.max_input_bytes < 1:
+            raise ConfigError(f"--max-input-bytes must be a whole number >= 1, got {self.max_input_bytes!r}")
+        if isinstance(self.input_timeout_s, bool) or not isinstance(self.input_timeout_s, (int, float)) \
+                or not 0 < self.input_timeout_s <= 3600:
+            raise ConfigError(f"--input-timeout must be more than 0 and at most 3600 seconds, got "
+                              f"{self.input_timeout_s!r}")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError(f"--max-failed-fraction must be from 0 to 1, got {self.max_failed_fraction}")
         if not 1 <= self.quality <= 100:
@@ -258,6 +296,42 @@ def resolve_params(model_defaults: dict, presets: dict[str, Preset], job_preset:
     return resolved
 
 
+STORAGE_OPTIONS_ENV = "RAY_RENDER_STORAGE_OPTIONS"  # JSON, or @FILE: credentials that stay off command lines
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def read_storage_options(value: object, what: str = "--storage-options") -> dict:
+    """fsspec options from a mapping, a JSON text, `@FILE` (a JSON file), or, when none is given, from the
+    RAY_RENDER_STORAGE_OPTIONS environment variable (JSON or @FILE). Inline JSON naming a credential logs a warning:
+    a command line is visible to `ps`, `ray job list` and `ray job logs`."""
+    source = what
+    if value is None or value == "":
+        value, source = os.environ.get(STORAGE_OPTIONS_ENV) or "{}", STORAGE_OPTIONS_ENV
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a JSON object, @FILE or a mapping, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read {text[1:]}: {exc.strerror or exc}") from None
+    elif source == what and any(word in text.lower() for word in _SECRET_WORDS):
+        import logging
+
+        logging.getLogger("ray_render").warning(
+            "%s holds credentials on the command line, where `ps`, `ray job list` and `ray job logs` show them: "
+            "put them in a file and pass %s @FILE, or set %s", what, what, STORAGE_OPTIONS_ENV)
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source} must be a JSON object: {exc}") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"{source} must be a JSON object")
+    return options
+
+
 def load_config_file(path: str) -> dict:
     """Read a YAML or TOML job file into option names (dashes become underscores)."""
     text = Path(path).read_text()
@@ -271,12 +345,17 @@ def load_config_file(path: str) -> dict:
         data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job file must be a mapping of option names to values")
-    known = {f.name for f in fields(JobConfig)} | set(RENDER_PARAMS)
     options = {key.replace("-", "_"): value for key, value in data.items()}
+    check_option_names(options, path)
+    return options
+
+
+def check_option_names(options: dict, where: str) -> None:
+    """ConfigError naming the unknown ones, unless every name is a JobConfig field or a render parameter."""
+    known = {f.name for f in fields(JobConfig)} | set(RENDER_PARAMS)
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return options
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 def job_from_options(options: dict) -> JobConfig:
@@ -290,13 +369,7 @@ def job_from_options(options: dict) -> JobConfig:
             options.pop(name, None)
     if isinstance(options.get("manifests"), str):
         options["manifests"] = [options["manifests"]]
-    if isinstance(options.get("storage_options"), str):
-        try:
-            options["storage_options"] = json.loads(options["storage_options"])
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--storage-options must be a JSON object: {exc}") from None
-    if not isinstance(options.get("storage_options", {}), dict):
-        raise ConfigError("--storage-options must be a JSON object")
+    options["storage_options"] = read_storage_options(options.get("storage_options"))
     address = options.get("address") or os.environ.get("RAY_ADDRESS") or None
     options["address"] = address
     return JobConfig(params=params, **options)

@@ -45,9 +45,16 @@ RETRY_ATTEMPTS = 6
 RETRY_BASE_DELAY = 0.2  # seconds; doubles per attempt, with jitter: 0.1-0.2, 0.2-0.4, ... about 6 s in all
 
 
+class FilesystemMissing(ImportError):
+    """A URL whose fsspec implementation is not installed (gs:// without gcsfs, ...): the message names the extra."""
+
+
 class StorageError(OSError):
     """A storage operation still failed after its retries; the message names the URL, never the credentials."""
 
+
+# The package extra that brings the fsspec implementation of a protocol (pyproject.toml).
+EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure", "adl": "azure"}
 
 _fs_cache: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
 _fs_cache_lock = threading.Lock()
@@ -68,7 +75,13 @@ def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstr
     with _fs_cache_lock:
         fs = _fs_cache.get(key)
     if fs is None:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except ImportError as exc:
+            extra = EXTRAS.get(protocol)
+            if extra is None:
+                raise
+            raise FilesystemMissing(f"{url}: {exc}; install it with: pip install 'ray-render[{extra}]'") from None
         with _fs_cache_lock:
             _fs_cache.setdefault(key, fs)
         return fs, path
@@ -188,6 +201,107 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> N
     with_retries(write, what=f"write {url}", storage_options=storage_options)
 
 
+def create_bytes(url: str, data: bytes, storage_options: dict | None = None) -> bool:
+    """Create `url` with `data` only if nothing is there yet, atomically; returns False when it already exists.
+
+    Local files: a temp file hard-linked into place (link() fails if the name exists, and a reader never sees half a
+    file). Object stores: one conditional PUT (S3 `If-None-Match: *`, through fsspec's `mode="create"`). A create
+    whose answer was lost and is retried finds its own object: equal content counts as created.
+    """
+    fs, path = open_fs(url, storage_options)
+
+    def create() -> bool:
+        try:
+            if is_local(fs):
+                _create_local(path, data)
+            else:
+                fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    created = with_retries(create, what=f"create {url}", storage_options=storage_options)
+    if not created:
+        try:
+            return read_bytes(url, storage_options) == data
+        except FileNotFoundError:  # deleted in between: the caller decides again
+            return False
+    return True
+
+
+def _create_local(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)  # FileExistsError if another writer got there first
+    finally:
+        os.unlink(tmp)
+
+
+def copy(source: str, target: str, storage_options: dict | None = None) -> None:
+    """Copy one object to another name on the same storage: a server-side copy on object stores, an atomic local
+    write (temp file + rename) on local disk."""
+    fs, source_path = open_fs(source, storage_options)
+    _, target_path = open_fs(target, storage_options)
+
+    def run() -> None:
+        if is_local(fs):
+            with open(source_path, "rb") as handle:
+                _write_local(target_path, handle.read())
+        else:
+            fs.copy(source_path, target_path)
+
+    with_retries(run, what=f"copy {source} to {target}", storage_options=storage_options)
+
+
+def identity(url: str, storage_options: dict | None = None) -> dict:
+    """What tells this object's content apart cheaply: its size and, where the store has one, its ETag (S3), md5
+    or crc32c (GCS); empty for local files, whose callers hash the content."""
+    fs, path = open_fs(url, storage_options)
+
+    def info() -> dict:
+        fs.invalidate_cache(path)
+        return fs.info(path)
+
+    found = with_retries(info, what=f"stat {url}", storage_options=storage_options)
+    result = {"size": found.get("size")}
+    if not is_local(fs):
+        for key in ("ETag", "etag", "md5Hash", "crc32c", "checksum"):
+            if found.get(key):
+                result["etag"] = str(found[key]).strip('"')
+                break
+    return result
+def upload_file(local_path: str, url: str, storage_options: dict | None = None) -> None:
+    """Copy a local file to `url` so that readers see nothing or all of it: a rename on local storage, one
+    (multipart) upload on an object store. For files too big to hold in memory for `write_bytes`."""
+    fs, path = open_fs(url, storage_options)
+
+    def upload() -> None:
+        if is_local(fs):
+            directory = os.path.dirname(path) or "."
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                with open(local_path, "rb") as source, open(tmp, "wb") as target:
+                    while chunk := source.read(1 << 22):
+                        target.write(chunk)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        else:
+            fs.put_file(local_path, path)
+
+    with_retries(upload, what=f"write {url}", storage_options=storage_options)
+
+
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     """The whole content of `url`; FileNotFoundError if it does not exist."""
     fs, path = open_fs(url, storage_options)
@@ -235,10 +349,14 @@ def delete(url: str, storage_options: dict | None = None) -> None:
 
 
 def delete_tree(url: str, storage_options: dict | None = None) -> None:
-    """Delete a "directory" and everything below it; a missing one is not an error."""
+    """Delete a "directory" and everything below it; a missing one is not an error. On local disk a symbolic link is
+    removed as a link, never followed: nothing outside the tree is touched."""
     fs, path = open_fs(url, storage_options)
 
     def remove() -> None:
+        if is_local(fs):
+            _delete_local_tree(path)
+            return
         fs.invalidate_cache(path)
         try:
             fs.rm(path, recursive=True)
@@ -247,6 +365,37 @@ def delete_tree(url: str, storage_options: dict | None = None) -> None:
         fs.invalidate_cache(path)
 
     with_retries(remove, what=f"delete {url}", storage_options=storage_options)
+
+
+def _delete_local_tree(path: str) -> None:
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+        return
+    if not os.path.isdir(path):
+        return
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                _delete_local_tree(entry.path)
+            else:
+                os.unlink(entry.path)
+    os.rmdir(path)
+
+
+def remove_empty_dir(url: str, storage_options: dict | None = None) -> None:
+    """Remove a local directory if it is empty (object stores have no empty directories)."""
+    fs, path = open_fs(url, storage_options)
+    if is_local(fs):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty, or not there
+            pass
+
+
+def is_link(url: str, storage_options: dict | None = None) -> bool:
+    """True for a local symbolic link (object stores have none)."""
+    fs, path = open_fs(url, storage_options)
+    return is_local(fs) and os.path.islink(path)
 
 
 def redact(text: str, storage_options: dict | None) -> str:

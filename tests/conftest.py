@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_render import storage
-from ray_render.tools.chaos import StorageFaultProxy
+from ray_render.tools.chaos import BROKEN_DEVICE_ENV, StorageFaultProxy
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     """One local Ray for every test that needs one; yields its address (for subprocess drivers and `--address`).
 
     Two GPUs are declared (no real ones: placement tests see distinct `CUDA_VISIBLE_DEVICES`), so a job with
@@ -26,6 +26,10 @@ def ray_cluster():
     reach this process, as they reach a driver in production (the credential checks read them)."""
     import ray
 
+    # Actors report their metrics every second (default 10 s), so the metrics tests read them soon after a job.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    # ... and inherit this: where PlaceholderOnBrokenDevice claims its broken device (tools/chaos.py).
+    os.environ[BROKEN_DEVICE_ENV] = str(tmp_path_factory.mktemp("chaos") / "broken-device")
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=True)
     try:
         yield ray.get_runtime_context().gcs_address
@@ -143,6 +147,14 @@ def flaky_s3(s3, _fault_proxy):
                "config_kwargs": {"retries": {"total_max_attempts": 1}}}
     yield FlakyS3(endpoint_url=endpoint, bucket=s3.bucket, storage_options=options, proxy=_fault_proxy)
     _fault_proxy.failures = 0
+
+
+def image_files(out) -> list[str]:
+    """Every stored image's file name under a local output root (images/<shard>/<attempt>/<name>)."""
+    found = []
+    for _, _, names in os.walk(os.path.join(str(out), "images")):
+        found += [name for name in names if not name.startswith(".")]
+    return sorted(found)
 
 
 def prompt_rows(n: int, start: int = 0, **columns) -> list[dict]:

@@ -40,6 +40,7 @@ class FakeActor:
     index: int
     calls: list[FakeRef] = field(default_factory=list)
     killed: bool = False
+    avoid_nodes: tuple[str, ...] = ()  # the nodes the pool asked it not to be placed on
 
     def __post_init__(self) -> None:
         self.info = _Method(self, "info")
@@ -54,9 +55,10 @@ class FakeRuntime:
 
     def __init__(self) -> None:
         self.actors: list[FakeActor] = []
+        self.dead_nodes: set[str] = set()
 
-    def make_actor(self, index: int) -> FakeActor:
-        actor = FakeActor(index)
+    def make_actor(self, index: int, avoid_nodes: tuple[str, ...] = ()) -> FakeActor:
+        actor = FakeActor(index, avoid_nodes=avoid_nodes)
         self.actors.append(actor)
         return actor
 
@@ -94,6 +96,9 @@ class FakeRuntime:
 
     def cancel(self, ref: FakeRef) -> None:
         ref.cancel_requested = True
+
+    def node_alive(self, node_id: str | None) -> bool:
+        return node_id not in self.dead_nodes
 
     def kill(self, actor: FakeActor) -> None:
         actor.killed = True

@@ -11,8 +11,10 @@ import pyarrow as pa
 from ray_render.engine import quality
 from ray_render.engine.rows import InvalidRow, RowTask
 from ray_render.output import commits, images, schema
+from ray_render.output.lease import Lease
 
 PASSTHROUGH = pa.schema([pa.field("category", pa.string())])
+RUN_ID = "0123456789ab"  # the run that "rendered" a built root
 CREATED_AT = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)  # fixed, so two builds give equal metadata
 
 
@@ -40,16 +42,20 @@ def build_output_root(root: str, *, shards: int = 2, rows_per_shard: int = 3, nu
                       fmt: str = "png", scores: bool = False, uncommitted_shards: int = 0,
                       storage_options: dict | None = None) -> BuiltRoot:
     """Write `shards` committed shards (each row: `num_images` ok images; the shard's last row also gets one
-    failed and one invalid row) plus `uncommitted_shards` shards whose metadata and images exist without a marker.
+    failed and one invalid row) plus `uncommitted_shards` shard attempts whose images and metadata exist but were
+    never committed. Commits go through the real protocol: a lease on the root, a commit entry, publication.
     With `scores`, the metadata carries the quality columns, computed from the pixels."""
     meta_schema = schema.metadata_schema(PASSTHROUGH)
     if scores:
         extra = [pa.field(name, pa.type_for_alias(kind)) for name, kind in schema.QUALITY_COLUMNS.items()]
         meta_schema = pa.schema(list(meta_schema) + extra)
     built = BuiltRoot(root=root)
+    lease = Lease(root, RUN_ID, storage_options)
+    lease.acquire()
     number = 0
     for shard in range(shards + uncommitted_shards):
         shard_id = f"s{shard:03d}"
+        attempt_id = f"{RUN_ID}-{shard + 1}"
         rows = []
         for r in range(rows_per_shard):
             row_id = f"row.{shard}.{r}" if r == 0 else f"row-{shard}-{r}"  # one id with dots, as ids may have
@@ -62,7 +68,7 @@ def build_output_root(root: str, *, shards: int = 2, rows_per_shard: int = 3, nu
                 array = picture(number)
                 number += 1
                 data = images.encode_image(array, fmt)
-                url = images.write_image(root, shard_id, row_id, k, fmt, data, storage_options)
+                url = images.write_image(root, shard_id, attempt_id, row_id, k, fmt, data, storage_options)
                 row = task.ok_row(k, image_uri=url, sha256=images.sha256_hex(data), width=32, height=32,
                                     fmt=fmt, model="tiny", model_revision="rev1", render_ms=1.0, attempts=1,
                                     worker="w0", created_at=CREATED_AT)
@@ -79,8 +85,11 @@ def build_output_root(root: str, *, shards: int = 2, rows_per_shard: int = 3, nu
         rows.append(InvalidRow(row_index=rows_per_shard + 1, id=f"inv-{shard}", column="width",
                                error="width must be a multiple of 16, got 30", passthrough={"category": "plants"},
                                source_file="manifest.parquet", prompt="bad size").metadata_row(created_at=CREATED_AT))
-        commits.write_shard_metadata(root, shard_id, schema.metadata_table(rows, meta_schema), storage_options)
+        commits.write_attempt_metadata(root, shard_id, attempt_id, schema.metadata_table(rows, meta_schema),
+                                       storage_options)
         if shard < shards:
-            commits.commit_shard(root, shard_id, {"rows": len(rows)}, storage_options)
+            lease.append("commit", shard=shard_id, attempt=attempt_id, info={"rows": len(rows)})
+            commits.publish(root, shard_id, attempt_id, storage_options)
             built.committed.append(shard_id)
+    lease.release(leftovers=[])
     return built

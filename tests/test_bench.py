@@ -4,11 +4,16 @@ quote, in its own JSON file and in summary.json. Timings are not asserted: speed
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from ray_render.__main__ import main as program
 from ray_render.tools import bench
+
+REPO = Path(__file__).resolve().parents[1]
 
 CONTENDER_FIELDS = {"rows", "images", "wall_s", "rows_per_s", "peak_rss_mib", "process_s", "rows_ok"}
 
@@ -17,8 +22,11 @@ CONTENDER_FIELDS = {"rows", "images", "wall_s", "rows_per_s", "peak_rss_mib", "p
 def quick_run(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("bench-out"), tmp_path_factory.mktemp("work")
     (work / "model-loop-1-out").mkdir()  # a leftover of an earlier bench in the same work directory
-    code = program(["bench", "--quick", "--out", str(out), "--work-dir", str(work)])
-    return code, out, work
+    # Its own process: the bench starts and stops local Rays of its own, which must not meet the session's.
+    result = subprocess.run([sys.executable, "-m", "ray_render", "bench", "--quick", "--out", str(out), "--work-dir",
+                             str(work)], capture_output=True, text=True, timeout=900, cwd=REPO)
+    print(result.stdout[-4000:], result.stderr[-4000:])
+    return result.returncode, out, work
 
 
 def test_quick_run_writes_every_cpu_suite_and_a_summary(quick_run):

@@ -45,7 +45,7 @@ def test_driver_killed_5_times_then_output_is_complete_and_exactly_once(ray_clus
     assert kills[-1]["committed"] < 100  # the job was still running at the last kill
     # Redone work after each kill: only shards in flight (started, not committed); committed ones are never redone.
     assert figures.details["redone_max"] <= figures.details["in_flight_bound"], kills
-    assert figures.details["committed_markers_rewritten"] == 0
+    assert figures.details["committed_shards_recommitted"] == 0
     summary = figures.details["summary"]
     assert summary["shards_resumed"] >= kills[-1]["committed"]
     assert summary["rows_this_run"] + summary["rows_resumed"] == 400

@@ -134,4 +134,27 @@ def test_status_follows_a_running_job_to_its_end(ray_cluster, tmp_path, make_man
     assert cli.main(["status", out]) == 0
     text = capsys.readouterr().out
     assert f"{out}: finished" in text
-    assert "6/6 committed" in text and "24/24" in text and "invalid 1" in text and "exit code 1" in text
+    assert "6/6 committed" in text and "24/24" in text and "invalid 1" in text
+    assert f"exit code {exits.EXIT_ROWS}" in text
+
+
+def test_log_level_and_verbose(ray_cluster, tmp_path, make_manifest):
+    manifest = make_manifest(n=2)
+    base = [sys.executable, "-m", "ray_render", "run", manifest, "--model", "placeholder", "--device", "cpu",
+            "--address", ray_cluster, "--no-progress"]
+    quiet = subprocess.run([*base, "--out", str(tmp_path / "a"), "--log-level", "warning"], capture_output=True,
+                           text=True, timeout=300, cwd=REPO)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "starting 1 render actor" not in quiet.stderr and "ray-render: finished" in quiet.stdout
+    chatty = subprocess.run([*base, "--out", str(tmp_path / "b"), "-v"], capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert chatty.returncode == 0 and "starting 1 render actor" in chatty.stderr
+    assert cli.build_parser().parse_args(["--log-level", "error", "status", "x"]).log_level == "error"
+
+
+def test_a_url_whose_filesystem_is_an_extra_says_which_extra(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ray_render", "run", "gs://bucket/prompts.csv", "--out",
+                             str(tmp_path / "out"), "--model", "placeholder"], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert result.returncode == exits.EXIT_ABORTED
+    assert "pip install 'ray-render[gcs]'" in result.stdout + result.stderr

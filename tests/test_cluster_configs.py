@@ -8,6 +8,9 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import jsonschema
@@ -229,7 +232,7 @@ def test_kubernetes_cron_job_creates_the_same_ray_job_with_least_privilege():
     known(job_spec, JOB_SPEC, "CronJob jobTemplate")
     pod = job_spec["template"]["spec"]
     [container] = check_pod_template(job_spec["template"], "CronJob pod")
-    assert re.fullmatch(r"registry\.k8s\.io/kubectl:v\d+\.\d+\.\d+", container["image"])  # pinned, not latest
+    assert re.fullmatch(r"alpine/k8s:\d+\.\d+\.\d+", container["image"])  # kubectl with a shell, pinned
     assert pod["restartPolicy"] in ("OnFailure", "Never")
 
     # The pod's account may create RayJobs, and nothing else.
@@ -243,18 +246,60 @@ def test_kubernetes_cron_job_creates_the_same_ray_job_with_least_privilege():
     assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"] and "create" in rule["verbs"]
     assert not {"delete", "*", "update", "patch"} & set(rule["verbs"])
 
-    # It creates the RayJob held in the mounted ConfigMap: rayjob.yaml under a generated name.
+    # It creates the RayJob held in the mounted ConfigMap (rayjob.yaml), named after the slot's Job: a retried
+    # create of one slot finds it there and makes no second one.
     [volume] = pod["volumes"]
     assert volume["configMap"]["name"] == documents["ConfigMap"]["metadata"]["name"]
     [mount] = container["volumeMounts"]
     [key] = documents["ConfigMap"]["data"]
-    assert container["command"] == ["kubectl", "create", "-f", f"{mount['mountPath']}/{key}"]
+    [slot] = container["env"]
+    assert slot["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    assert container["command"] == ["sh", "-c"] and f"{mount['mountPath']}/{key}" in container["args"][0]
     ray_job = yaml.safe_load(documents["ConfigMap"]["data"][key])
     reference = only("rayjob.yaml")
-    assert ray_job["metadata"]["generateName"].endswith("-") and "name" not in ray_job["metadata"]
+    assert ray_job["metadata"]["name"] == "__SLOT__" and "generateName" not in ray_job["metadata"]
     check_ray_job_spec(ray_job["spec"], "cronjob.yaml RayJob", script="jobs/refresh.py")
     assert ray_job["spec"] == as_refresh(reference["spec"]), "cronjob.yaml's RayJob drifted from rayjob.yaml"
     assert (ray_job["apiVersion"], ray_job["kind"]) == ("ray.io/v1", "RayJob")
+
+
+def test_cron_job_script_creates_one_ray_job_per_slot(tmp_path):
+    """The CronJob pod's script, run with a stand-in for kubectl that keeps created objects by name (the API
+    server's AlreadyExists): the first try of a slot creates its RayJob, a retry of the slot creates nothing."""
+    documents = {document["kind"]: document for document in load("cronjob.yaml")}
+    container = documents["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    [key] = documents["ConfigMap"]["data"]
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / key).write_text(documents["ConfigMap"]["data"][key])
+    created = tmp_path / "created"
+    created.mkdir()
+    kubectl = tmp_path / "bin" / "kubectl"
+    kubectl.parent.mkdir()
+    kubectl.write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env python3
+        import sys, yaml
+        assert sys.argv[1:3] == ["create", "-f"], sys.argv
+        name = yaml.safe_load(open(sys.argv[3]))["metadata"]["name"]
+        target = "{created}/" + name
+        try:
+            open(target, "x").write(open(sys.argv[3]).read())
+        except FileExistsError:
+            sys.exit(f'Error from server (AlreadyExists): rayjobs.ray.io "{{name}}" already exists')
+        print(f"rayjob.ray.io/{{name}} created")
+        """))
+    kubectl.chmod(0o755)
+    script = container["args"][0].replace("/tmp/", f"{tmp_path}/").replace("/manifests/", f"{manifests}/")
+    env = {**os.environ, "PATH": f"{kubectl.parent}:{sys.executable.rsplit('/', 1)[0]}:{os.environ['PATH']}",
+           "SLOT": "ray-render-refresh-29420100"}
+    for _ in range(2):  # the slot's first try, then a retry of the same slot
+        done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    assert os.listdir(created) == ["ray-render-refresh-29420100"]
+    assert yaml.safe_load((created / "ray-render-refresh-29420100").read_text())["kind"] == "RayJob"
+    env["SLOT"] = "ray-render-refresh-29421540"  # the next night's slot: a new RayJob
+    assert subprocess.run(["sh", "-c", script], env=env, capture_output=True, timeout=60).returncode == 0
+    assert len(os.listdir(created)) == 2
 
 
 def test_image_is_built_on_the_ray_version_the_manifests_declare():

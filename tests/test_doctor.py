@@ -46,8 +46,10 @@ def test_output_root_and_model_are_checked_and_credentials_never_printed(s3, cap
     assert "ok    output" in text and "write, list, read back and delete work" in text and "all checks passed" in text
     assert "ok    model" in text and "NextStep-1" in text
     # A bucket that does not exist: exit 1, the report names the output root and what failed.
-    code, bad = run_doctor(capsys, "--json", "--out", "s3://no-such-bucket-here/out", "--storage-options", options)
-    report = json.loads(bad)
+    code = program(["doctor", "--json", "--out", "s3://no-such-bucket-here/out", "--storage-options", options])
+    captured = capsys.readouterr()  # stdout: the report; stderr: the warning about credentials on a command line
+    report, bad = json.loads(captured.out), captured.out + captured.err
+    assert "--storage-options holds credentials on the command line" in captured.err
     assert code == 1 and report["ok"] is False
     output = by_name(report)["output"]
     assert output["status"] == "fail" and "s3://no-such-bucket-here/out: cannot write" in output["detail"]

@@ -50,7 +50,17 @@ BAD_ROWS = [
     ("unknown cfg schedule", {"cfg_schedule": "cubic"}, "cfg_schedule", "constant, linear"),
     ("zero timesteps shift", {"timesteps_shift": 0.0}, "timesteps_shift", "greater than 0"),
     ("negative seed", {"seed": -1}, "seed", "from 0 to"),
-    ("missing input image", {"input_image": "/nonexistent/ray-render/input.png"}, "input_image", "no such file"),
+    # Edit inputs ({inputs} is the manifest's own directory, an allowed input root): fetched only for an edit
+    # prompt, only from allowed places, only regular files.
+    ("input image without <image>", {"input_image": "{inputs}/input.png"}, "input_image", "exactly one <image>"),
+    ("missing input image", {"prompt": "<image> paint it", "input_image": "{inputs}/missing.png"}, "input_image",
+     "no such file"),
+    ("input image outside the roots", {"prompt": "<image> paint it", "input_image": "/etc/hostname"},
+     "input_image", "outside the allowed input roots"),
+    ("cloud metadata URL", {"prompt": "<image> paint it", "input_image": "http://169.254.169.254/latest/meta-data"},
+     "input_image", "outside the allowed input roots"),
+    ("input image that is a FIFO", {"prompt": "<image> paint it", "input_image": "{inputs}/pipe"}, "input_image",
+     "not a regular file"),
 ]
 
 
@@ -67,8 +77,13 @@ def _job(manifest, out, **options) -> JobConfig:
 
 
 def test_bad_rows_are_invalid_with_a_message_and_the_good_rows_render(ray_cluster, tmp_path):
+    inputs = tmp_path / "manifests"
+    inputs.mkdir()
+    os.mkfifo(inputs / "pipe")  # a read of it would block forever: it must never be opened
     rows = [_good(0)]
     for index, (_, cells, _, _) in enumerate(BAD_ROWS):
+        cells = {key: value.replace("{inputs}", str(inputs)) if isinstance(value, str) else value
+                 for key, value in cells.items()}
         rows.append({**_good(1000 + index), **cells})
         rows.append(_good(index + 1))
     # An undecodable prompt: bytes that are not UTF-8 inside a string column.
@@ -81,8 +96,7 @@ def test_bad_rows_are_invalid_with_a_message_and_the_good_rows_render(ray_cluste
     table = pa.concat_tables([table, tail.select(["id", "prompt"]).cast(pa.schema([table.schema.field("id"),
                                                                                      table.schema.field("prompt")]))],
                              promote_options="default")
-    manifest = tmp_path / "manifests" / "hostile.parquet"
-    manifest.parent.mkdir()
+    manifest = inputs / "hostile.parquet"
     pq.write_table(table, manifest)
     out = tmp_path / "job" / "out"
     before = _snapshot(tmp_path)

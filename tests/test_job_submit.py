@@ -7,6 +7,7 @@ processes of that head.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -119,14 +120,16 @@ def test_ray_job_submit_renders_the_example_job(head, tmp_path):
     assert summary["exit_code"] == 0 and summary["shards_committed"] == 4
     assert all("/gpu" in row["worker"] for row in table)  # the head's declared GPUs: GPU actors
 
-    # The actors' counters reach the node's metrics endpoint, which the dashboard's Prometheus scrapes.
+    # The actors' counters reach the node's metrics endpoint, which the dashboard's Prometheus scrapes, under their
+    # Prometheus names (README: Metrics).
     deadline = time.monotonic() + 30
     text = ""
-    while time.monotonic() < deadline and 'status="ok"' not in text:
+    while time.monotonic() < deadline and not ('status="ok"' in text and "ray_render_render_seconds_bucket" in text):
         with urllib.request.urlopen(head["metrics"], timeout=10) as response:
-            text = "\n".join(line for line in response.read().decode().splitlines() if "ray_render_rows" in line)
+            text = "\n".join(line for line in response.read().decode().splitlines() if "render_" in line)
         time.sleep(1)
-    assert 'status="ok"' in text, text[-2000:]
+    assert re.search(r'^ray_render_rows_total\{.*status="ok"', text, re.M), text[-2000:]
+    assert "ray_render_render_seconds_bucket" in text and "ray_ray_render" not in text
 
 
 def test_a_failing_job_shows_as_failed(head, tmp_path):
@@ -137,3 +140,70 @@ def test_a_failing_job_shows_as_failed(head, tmp_path):
     result = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "no-such.parquet" in result.stdout + result.stderr
+
+
+def test_a_resubmission_from_an_edited_working_dir_resumes(head, tmp_path):
+    """`ray job submit --working-dir` unpacks the directory under a new path for every edit of it: the plan names
+    the manifests by their paths relative to it and by their content, so the resubmitted job resumes."""
+    out = tmp_path / "out"
+    work = small_working_dir(tmp_path)
+    submit = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(work), "--",
+              "python", "jobs/render.py", "--config", "jobs/examples/render.yaml", "--model", "placeholder",
+              "--out", str(out)]
+    first = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (work / "NOTES.txt").write_text("an edit of the working dir: a new unpack path for the next submission")
+    again = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = record.read_summary(str(out))
+    assert summary["shards_resumed"] == summary["shards_total"] == 4 and summary["rows_this_run"] == 0
+    files = record.read_job_record(str(out))["files"]
+    assert [entry["name"] for entry in files] == ["jobs/examples/prompts.parquet"]  # as given, not where unpacked
+    assert files[0]["content"].startswith("sha256:")
+
+
+def test_ray_job_stop_ends_the_job_interrupted_with_its_actors_stopped(head, tmp_path):
+    """`ray job stop` sends the driver SIGTERM and SIGKILLs it RAY_JOB_STOP_WAIT_TIME_S (3 s) later: the wind-down
+    fits in that, so the summary says interrupted (exit 3) and no render actor outlives the job."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    work = small_working_dir(tmp_path)
+    pq.write_table(pa.table({"id": [f"s{i}" for i in range(8)],
+                             "prompt": [f"slow {i} [placeholder:sleep=2]" for i in range(8)]}),
+                   work / "jobs" / "examples" / "slow.parquet")
+    submission = f"stop-{os.getpid()}-{int(time.time())}"
+    ray = str(BIN / "ray")
+    submit = [ray, "job", "submit", "--address", head["dashboard"], "--working-dir", str(work), "--submission-id",
+              submission, "--no-wait", "--", "python", "jobs/render.py", "jobs/examples/slow.parquet", "--model",
+              "placeholder", "--shard-size", "1", "--no-progress", "--out", str(out)]
+    started = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not any((out / "metadata").glob("*.parquet")):
+        time.sleep(0.2)
+    assert any((out / "metadata").glob("*.parquet")), "no shard committed"
+
+    stop = subprocess.run([ray, "job", "stop", "--address", head["dashboard"], submission], env=head["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stdout[-3000:] + stop.stderr[-3000:]
+    summary = None
+    while time.monotonic() < deadline and (summary is None or summary.get("state") == "running"):
+        summary = record.read_summary(str(out))
+        time.sleep(0.2)
+    assert summary["state"] == "interrupted" and summary["exit_code"] == 3, summary
+    assert "interrupted by SIGTERM" in summary["message"]
+
+    listing = []
+    while time.monotonic() < deadline:
+        result = subprocess.run([ray, "list", "actors", "--address", head["dashboard"], "--filter",
+                                 "class_name=RenderActor", "--filter", "state=ALIVE", "--format", "json"],
+                                env=head["env"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        text = result.stdout[result.stdout.find("["):] if "[" in result.stdout else "[]"  # after any notices
+        listing = json.loads(text)
+        if not listing:
+            break
+        time.sleep(0.5)
+    assert listing == [], listing

@@ -14,7 +14,14 @@ from conftest import prompt_rows
 
 from ray_render import storage
 from ray_render.config import RENDER_PARAMS, JobConfig
-from ray_render.engine.plan import ROW_ID_PATTERN, ManifestError, Shard, list_manifest_files, plan
+from ray_render.engine.plan import (
+    ROW_ID_PATTERN,
+    ManifestError,
+    Shard,
+    auto_shard_size,
+    list_manifest_files,
+    plan,
+)
 from ray_render.engine.rows import MAX_PROMPT_CHARS, InvalidRow, RowTask, read_shard_rows, validate_rows
 
 MODEL_DEFAULTS = {"width": 64, "height": 64, "num_sampling_steps": 50, "cfg": 7.5, "use_norm": True}
@@ -138,6 +145,26 @@ def test_a_million_rows_plan_into_a_thousand_shards(tmp_path):
     assert result.shards[-1].row_stop == count
     assert result.passthrough_columns == ["n"]
     assert [row["n"] for row in read_shard_rows(result.shards[321])] == list(range(321_000, 322_000))
+
+
+def test_default_shards_shrink_towards_the_end_and_a_million_rows_keep_files_of_a_thousand(tmp_path, make_manifest):
+    files = [make_manifest(n=6000, row_group_size=16), make_manifest(n=4000, row_group_size=16)]
+    result = plan(files, shard_size=None)
+    sizes = [shard.num_rows for shard in result.shards]
+    assert sum(sizes) == 10_000 and sizes[0] == 157 and sizes[-1] == 16 and min(sizes) >= 16
+    for file in files:  # contiguous, never across files, shrinking (but a file's last shard, cut at its end)
+        shards = [shard for shard in result.shards if shard.file == file]
+        assert [shard.row_start for shard in shards] == [0] + [shard.row_stop for shard in shards[:-1]]
+        assert shards[-1].row_stop == (6000 if file == files[0] else 4000)
+        middle = [shard.num_rows for shard in shards[:-1]]
+        assert middle == sorted(middle, reverse=True)
+    assert plan(files, shard_size=None).fingerprint == result.fingerprint  # the same job plans the same shards
+
+    total, remaining, million = 1_000_000, 1_000_000, []
+    while remaining:
+        million.append(auto_shard_size(remaining, total))
+        remaining -= million[-1]
+    assert sum(size == 1000 for size in million) >= 900 and min(million) >= 244 and len(million) < 1100
 
 
 def test_rows_across_row_group_boundaries_read_in_order(make_manifest):

@@ -10,6 +10,7 @@ import time
 import pyarrow.dataset as ds
 import pytest
 import ray
+from conftest import image_files
 from PIL import Image
 
 from ray_render.config import JobConfig
@@ -30,7 +31,12 @@ def metadata(out: str):
 def render_all(job: JobConfig):
     plan = planning.plan(job.manifests, job.shard_size, job.storage_options)
     actor = RenderActor(job, 0, plan.passthrough_schema)
-    return actor, [actor.render_shard(shard) for shard in plan.shards]
+    results = []
+    for number, shard in enumerate(plan.shards, 1):  # as the driver does: an attempt, then its commit
+        result = actor.render_shard(shard, 1, f"000000000000-{number}")
+        commits.publish(job.out, shard.shard_id, result.attempt_id)
+        results.append(result)
+    return actor, results
 
 
 # -- the actor in this process -------------------------------------------------------------------------------------
@@ -49,7 +55,7 @@ def test_actor_isolates_a_raising_row_and_fails_it_after_retries(tmp_path, make_
     assert failed["status"] == "failed" and "placeholder:raise" in failed["error"]
     # Bisection 8 -> 4 -> 2 -> 1 puts it in 4 calls, then 2 retries alone.
     assert failed["attempts"] == 4 + 2
-    assert not os.path.exists(layout.image_url(job.out, result.shard_id, "r5", 0, "png"))
+    assert not os.path.exists(layout.image_url(job.out, result.shard_id, result.attempt_id, "r5", 0, "png"))
     for row_id in ("r0", "r4", "r6", "r7"):
         assert by_id[row_id]["status"] == "ok" and os.path.exists(by_id[row_id]["image_uri"])
 
@@ -84,13 +90,13 @@ def test_actor_batches_no_more_than_the_model_plans(tmp_path, make_manifest):
     plan = planning.plan(job.manifests, job.shard_size, job.storage_options)
     actor = RenderActor(job, 0, plan.passthrough_schema)
     actor.renderer.model = planned = PlannedPlaceholder()
-    (result,) = [actor.render_shard(shard) for shard in plan.shards]
+    (result,) = [actor.render_shard(shard, 1, f"000000000000-{n}") for n, shard in enumerate(plan.shards, 1)]
     assert result.counts["ok"] == 8
     assert planned.calls == [3, 3, 2]  # the planner's 3, not the job's 8
     job.batch_size = 2
     small = RenderActor(job, 0, plan.passthrough_schema)
     small.renderer.model = capped = PlannedPlaceholder()
-    small.render_shard(plan.shards[0])
+    small.render_shard(plan.shards[0], 1, "000000000000-9")
     assert capped.calls == [2, 2, 2, 2]  # --batch-size stays a cap below the planner's
 
 
@@ -106,7 +112,7 @@ def test_actor_writes_every_row_once_with_its_settings(tmp_path, make_manifest):
         {"id": "wide", "prompt": "a green triangle", "width": 128, "height": 32},
     ]
     job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", format="webp",
-                    quality=80)
+                    quality=80, input_roots=[str(tmp_path / "inputs")])
     _, (result,) = render_all(job)
     assert result.counts == {"ok": 3, "invalid": 3, "failed": 0}
     assert result.images == 5
@@ -140,10 +146,13 @@ def slow_rows(n: int, seconds: float, start: int = 0) -> list[dict]:
             for i in range(start, start + n)]
 
 
-def test_one_actor_per_declared_gpu(ray_cluster, tmp_path, make_manifest):
-    job = JobConfig(manifests=[make_manifest()], out=str(tmp_path / "out"), model="placeholder")  # device auto
+def test_gpu_actors_one_per_shard_left_each_on_its_own_declared_gpu(ray_cluster, tmp_path, make_manifest):
+    job = JobConfig(manifests=[make_manifest(n=40)], out=str(tmp_path / "out"), model="placeholder")  # device auto
     session = RunSession(job)
-    pool = session.start_pool(planning.plan(job.manifests, job.shard_size))
+    plan = planning.plan(job.manifests, job.shard_size)
+    assert len(plan.shards) == 2  # 16 and 24 rows
+    pool = session.start_pool(plan)
+    assert pool.size == 2  # the elastic pool asks for no more actors than there are shards
     try:
         wait_until_ready(pool, 2)
         workers = [info["worker"] for info in ray.get([actor.info.remote() for actor in pool.ready_actors()])]
@@ -180,8 +189,7 @@ def test_an_actor_killed_mid_shard_is_replaced_and_every_row_lands_once(ray_clus
     assert summary.actors_replaced >= 1 and summary.shard_retries >= 1
     ids = [row["id"] for row in metadata(job.out)]
     assert sorted(ids) == sorted(f"r{i}" for i in range(24))  # every row exactly once
-    images = [name for shard in os.listdir(f"{job.out}/images") for name in os.listdir(f"{job.out}/images/{shard}")]
-    assert len(images) == 24
+    assert len(image_files(job.out)) == 24  # the killed attempt's images are gone with it
 
 
 def test_idle_actor_takes_a_copy_of_a_queued_shard_and_the_first_result_wins(ray_cluster, tmp_path, make_manifest):
@@ -190,7 +198,7 @@ def test_idle_actor_takes_a_copy_of_a_queued_shard_and_the_first_result_wins(ray
                     actors=2, max_in_flight=2)
     plan = planning.plan(job.manifests, job.shard_size)
     remote = ray.remote(RenderActor).options(num_cpus=0.5, max_restarts=0, max_task_retries=0)
-    pool = RenderPool(lambda index: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
+    pool = RenderPool(lambda index, avoid: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
     try:
         wait_until_ready(pool, 2)
         pending = list(plan.shards)  # the slow shard first: whoever takes it holds a queued shard behind it
@@ -201,7 +209,10 @@ def test_idle_actor_takes_a_copy_of_a_queued_shard_and_the_first_result_wins(ray
                 pool.submit(pending.pop(0), 1)
             if not pending:
                 pool.reissue_stragglers()
-            done += [event for event in pool.wait(0.2) if isinstance(event, ShardDone)]
+            for event in pool.wait(0.2):
+                if isinstance(event, ShardDone):  # as the driver does: the first result is committed
+                    commits.publish(job.out, event.shard.shard_id, event.attempt_id)
+                    done.append(event)
     finally:
         pool.shutdown()
     assert pool.reissued >= 1
@@ -217,20 +228,22 @@ def test_shutdown_lets_cancelled_calls_return_and_names_the_shards_still_running
     plan = planning.plan(job.manifests, job.shard_size)
     stoppable, stuck = plan.shards  # 4 model calls of 0.5 s; one model call of 60 s
     remote = ray.remote(RenderActor).options(num_cpus=0.5, max_restarts=0, max_task_retries=0)
-    pool = RenderPool(lambda index: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
+    pool = RenderPool(lambda index, avoid: remote.remote(job, index, plan.passthrough_schema), 2, job.max_in_flight)
     wait_until_ready(pool, 2)
     for shard in plan.shards:
         pool.submit(shard, 1)
     deadline = time.monotonic() + 60
-    while not all(os.path.exists(layout.journal_url(job.out, shard.shard_id)) for shard in plan.shards):
+    while not all(os.path.exists(layout.journal_url(job.out, *pair)) for pair in pool.attempts):
         assert time.monotonic() < deadline, "the calls never reached the model"
         time.sleep(0.05)  # each call writes its shard's journal right before its first model call
     started = time.monotonic()
     unsettled = pool.shutdown(grace_s=3.0)
-    assert unsettled == {stuck.shard_id}  # the stoppable call returned at its next batch boundary
+    assert {shard_id for shard_id, _ in unsettled} == {stuck.shard_id}  # the stoppable call returned in time
     assert time.monotonic() - started < 10
-    assert commits.committed_shard_ids(job.out) == set()  # a cancelled call never commits
-    assert not journal.died_rendering(job.out, stoppable.shard_id)  # it stopped cleanly: the next attempt blames no row
+    (stopped,) = [pair for pair in pool.attempts if pair[0] == stoppable.shard_id]
+    # A cancelled call stops before it finishes its attempt: no metadata for the driver to commit.
+    assert not os.path.exists(layout.attempt_metadata_url(job.out, *stopped))
+    assert journal.read(job.out, *stopped)["rendering"] == []  # it stopped cleanly: no row is blamed
 
 
 def test_a_model_that_does_not_load_aborts_the_job(ray_cluster, tmp_path, make_manifest):

@@ -32,9 +32,12 @@ def shard(number: int) -> Shard:
     return Shard(f"s{number}", "m.parquet", number * 10, number * 10 + 10)
 
 
-def result(ref, wall_ms: float = 1000.0) -> ShardResult:
-    piece, attempt = ref.args
-    return ShardResult(shard_id=piece.shard_id, attempt=attempt, rows=piece.num_rows, wall_ms=wall_ms)
+def result(ref, wall_ms: float = 1000.0, failed: int = 0) -> ShardResult:
+    """What an actor returns for the call `ref`: every row ok, or `failed` of them failed."""
+    piece, attempt, attempt_id, *_ = ref.args
+    rendered = {"ok": piece.num_rows - failed, "invalid": 0, "failed": failed}
+    return ShardResult(shard_id=piece.shard_id, attempt=attempt, attempt_id=attempt_id, rows=piece.num_rows,
+                       counts=dict(rendered), rendered=rendered, wall_ms=wall_ms)
 
 
 def started_pool(runtime: FakeRuntime, actors: int = 2, max_in_flight: int = 2) -> RenderPool:
@@ -143,6 +146,7 @@ def test_a_slow_first_attempt_gets_a_copy_and_the_loser_is_cancelled(clock):
     assert pool.reissue_stragglers() == 1
     (copy,) = fast_actor.pending()
     assert copy.args[0].shard_id == "s0"
+    assert copy.args[2] != slow_actor.pending()[0].args[2]  # a copy writes under its own attempt id
     runtime.finish(copy, result(copy))
     (event,) = pool.wait(0)
     assert isinstance(event, ShardDone) and event.shard.shard_id == "s0"
@@ -191,7 +195,169 @@ def test_shutdown_cancels_everything_kills_every_actor_and_names_the_unsettled_s
     stopping = runtime.actors[1].pending()[0]  # this one returns within the grace period
     runtime.finish(stopping, raised="ShardCancelled: shard s1 cancelled")
     unsettled = pool.shutdown(grace_s=0.0)
-    assert unsettled == {"s0", "s2"}  # still running when the grace ran out: their files are left alone
+    assert {shard_id for shard_id, _ in unsettled} == {"s0", "s2"}  # still running when the grace ran out
     assert all(ref.cancel_requested for actor in runtime.actors for ref in actor.calls if ref.method == "render_shard")
     assert all(actor.killed for actor in runtime.actors)
     assert not pool.has_work()
+
+
+def test_a_call_past_its_deadline_has_its_actor_killed_and_comes_back_counted(clock):
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 1, 2, runtime=runtime, call_timeout_s=3600.0)
+    runtime.start(runtime.actors[0])
+    pool.wait(0)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    first = runtime.actors[0].pending()[0]
+    clock.now += 30.0
+    runtime.finish(first, result(first, wall_ms=1000.0))  # 10 rows in 1 s: 0.1 s a row
+    assert [type(event) for event in pool.wait(0)] == [ShardDone]
+    clock.now += pool_module.DEADLINE_MIN_S - 1  # 5 x 0.1 s x 10 rows = 5 s, but never less than the floor
+    assert pool.wait(0) == []
+    clock.now += 2.0
+    (event,) = pool.wait(0)
+    assert isinstance(event, ShardFailed) and event.killed and event.started and event.shard.shard_id == "s1"
+    assert "past its deadline of 60 s" in event.error
+    assert runtime.actors[0].killed and len(runtime.actors) == 2  # replaced
+
+
+def test_an_actors_first_call_gets_the_warm_up_allowance_within_the_call_timeout(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=1)
+    pool.submit(shard(0), 1)
+    clock.now += pool_module.FIRST_CALL_S - 1
+    assert pool.wait(0) == []  # compiling, loading caches: not hung yet
+    clock.now += 2
+    (event,) = pool.wait(0)
+    assert event.killed
+    short = RenderPool(runtime.make_actor, 1, 1, runtime=runtime, call_timeout_s=5.0)
+    runtime.start(runtime.actors[-1])
+    short.wait(0)
+    short.submit(shard(1), 1)
+    clock.now += 6
+    (event,) = short.wait(0)
+    assert event.killed and "deadline of 5 s" in event.error  # --call-timeout caps every deadline
+
+
+def test_an_actor_that_died_with_its_node_is_not_the_rows_fault(clock):
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 2, 1, runtime=runtime)
+    for number, actor in enumerate(runtime.actors):
+        runtime.start(actor, {"name": "fake", "worker": f"w{number}", "node_id": f"node{number}", "batch_size": 8})
+    pool.wait(0)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    runtime.dead_nodes.add("node0")
+    runtime.lose_actor(runtime.actors[0], "the actor died because its node died")
+    runtime.lose_actor(runtime.actors[1], "the actor process crashed")
+    events = {event.shard.shard_id: event for event in pool.wait(0)}
+    assert events["s0"].node_lost and not events["s1"].node_lost
+
+
+def test_the_driver_never_waits_for_a_cancelled_copy(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=1)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    (fast,) = runtime.actors[1].pending()
+    runtime.finish(fast, result(fast))
+    pool.wait(0)
+    clock.now += 60.0
+    pool.reissue_stragglers()
+    (copy,) = runtime.actors[1].pending()
+    runtime.finish(copy, result(copy))
+    pool.wait(0)
+    # The original still runs (a hung actor): its shard is settled, so there is no work left to wait for.
+    assert not pool.has_work()
+    unsettled = pool.shutdown(grace_s=0.0)  # still running after the grace: its files are left to the next run
+    assert {shard_id for shard_id, _ in unsettled} == {"s0"} and runtime.actors[0].killed
+
+
+def test_a_repair_goes_to_another_actor_and_is_never_copied(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=1)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    (base,) = runtime.actors[0].pending()
+    runtime.finish(base, result(base, failed=3))
+    (done,) = pool.wait(0)
+    assert done.actor == 0 and done.result.rendered["failed"] == 3
+    assert pool.can_submit() and not pool.can_submit(avoid=0)  # only the actor that failed them has room
+    (other,) = runtime.actors[1].pending()
+    runtime.finish(other, result(other))
+    pool.wait(0)
+    pool.submit(shard(0), 2, base=done.attempt_id, avoid=0)
+    (repair,) = runtime.actors[1].pending()
+    assert repair.args[4] == done.attempt_id  # render_shard(shard, attempt, attempt_id, inherit, base)
+    clock.now += 600.0
+    assert pool.reissue_stragglers() == 0  # however long it runs, a repair runs once
+
+
+def test_an_actor_whose_rows_fail_far_more_than_the_others_is_retired_away_from_its_node(clock):
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 2, 2, runtime=runtime)
+    for number, actor in enumerate(runtime.actors):
+        runtime.start(actor, {"name": "fake", "worker": f"w{number}", "node_id": f"node{number}", "batch_size": 8})
+    pool.wait(0)
+    for number in range(4):
+        pool.submit(shard(number), 1)
+    broken, healthy = runtime.actors
+    good = healthy.pending()[0]
+    runtime.finish(good, result(good))  # 10 rows, all ok
+    assert [type(event) for event in pool.wait(0)] == [ShardDone]
+    bad = broken.pending()[0]
+    runtime.finish(bad, result(bad, failed=10))  # every row failed: 100% against 0% elsewhere
+    events = pool.wait(0)
+    assert isinstance(events[0], ShardDone) and events[0].result.rendered["failed"] == 10  # repaired elsewhere
+    held = [event for event in events[1:]]
+    assert len(held) == 1 and held[0].retired and held[0].actor_lost  # its queued shard comes back uncharged
+    assert broken.killed and pool.actors_retired == 1 and pool.actors_lost == 0
+    assert runtime.actors[-1].avoid_nodes == ("node0",)  # its replacement is placed elsewhere
+
+
+def test_equal_failure_rates_retire_nobody(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=2, max_in_flight=1)
+    for number in range(2):
+        pool.submit(shard(number), 1)
+    for actor in runtime.actors:  # a manifest whose rows fail everywhere: not a device's fault
+        (ref,) = actor.pending()
+        runtime.finish(ref, result(ref, failed=10))
+    assert [type(event) for event in pool.wait(0)] == [ShardDone, ShardDone]
+    assert pool.actors_retired == 0 and not any(actor.killed for actor in runtime.actors)
+
+
+def test_the_elastic_pool_uses_actors_as_they_come_and_releases_them_when_no_work_is_left(clock):
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 3, 1, runtime=runtime)
+    first, second, third = runtime.actors
+    runtime.start(first)
+    pool.wait(0)
+    pool.submit(shard(0), 1)  # the first ready actor works while the others are still starting
+    assert not pool.can_submit()
+    runtime.start(second)
+    pool.wait(0)
+    pool.submit(shard(1), 1)
+    # Nothing left to hand out: the actor still starting goes at once (its node need not come) ...
+    assert pool.release_idle(idle_s=30.0) == 1 and third.killed and pool.size == 2
+    (ref,) = first.pending()
+    runtime.finish(ref, result(ref))
+    pool.wait(0)
+    assert pool.release_idle(idle_s=30.0) == 0  # ... an idle one only after a while: a straggler may need it
+    clock.now += 31.0
+    assert pool.release_idle(idle_s=30.0) == 1 and first.killed and not second.killed
+    assert pool.actors_released == 2 and pool.peak_ready == 2
+    assert [count for _, count in pool.ready_timeline] == [1, 2, 1]
+
+
+def test_an_actor_whose_model_differs_from_the_jobs_is_refused(clock):
+    from ray_render.models.base import same_model
+
+    runtime = FakeRuntime()
+    expected = {"family": "nextstep", "revision": "abc", "dtype": "bfloat16", "device": "cuda:0"}
+    pool = RenderPool(runtime.make_actor, 2, 1, runtime=runtime, expected_model=expected, same_model=same_model)
+    good, other = runtime.actors
+    runtime.start(good, {**expected, "device": "cuda:1", "worker": "w0"})  # another GPU of the same kind: fine
+    runtime.start(other, {**expected, "dtype": "float32", "worker": "w1"})  # another dtype: other pixels
+    pool.wait(0)
+    assert pool.num_ready == 1 and other.killed and pool.actors_refused == 1

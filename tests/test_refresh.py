@@ -38,7 +38,7 @@ def metadata_files(out: str) -> dict[str, bytes]:
 
 
 def rendered_by_generation(out: str, generation: int) -> int:
-    """Images the generation's shards rendered, from their commit markers (what the actors report)."""
+    """Images the generation's shards rendered, from their commits (what the actors report)."""
     prefix = refresh.generation_shard_id(generation, "")
     return sum(info["images"] for shard_id, info in commits.list_commits(out).items() if shard_id.startswith(prefix))
 
@@ -64,9 +64,9 @@ def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path,
     assert rendered_by_generation(out, 1) == 8
     after = image_files(out)
     new_images = {path for path in after if path.startswith("g0001-")}
-    assert sorted(path.split("/")[1] for path in new_images) == sorted(
+    assert sorted(path.split("/")[-1] for path in new_images) == sorted(
         f"{row_id}_0.png" for row_id in ("r10", "r500", "r900", "r1000", "r1001", "r1002", "r1003", "r1004"))
-    changed_old = {path for path in before if path.split("/")[1] in ("r10_0.png", "r500_0.png", "r900_0.png")}
+    changed_old = {path for path in before if path.split("/")[-1] in ("r10_0.png", "r500_0.png", "r900_0.png")}
     # Unchanged and removed rows' images are untouched; the changed rows' old images are gone.
     assert {path: after[path] for path in before if path not in changed_old} == \
         {path: mtime for path, mtime in before.items() if path not in changed_old}
@@ -88,7 +88,7 @@ def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path,
     assert job_record["refresh"] == {"generation": 1, "new": 5, "changed": 3, "unchanged": 995, "removed": 2,
                                  "pruned": 0, "state": "done"}
 
-    # `ray-render status` counts the current rows, not the superseded ones the old commit markers still hold
+    # `ray-render status` counts the current rows, not the superseded ones the old commits still hold
     report = status.job_status(out)
     assert (report["state"], report["rows_done"], report["rows_total"]) == ("finished", 1003, 1003)
     assert report["rows"] == {"ok": 1003, "invalid": 0, "failed": 0, "removed": 2}
@@ -112,7 +112,7 @@ def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path,
         assert pruned[row_id]["status"] == "removed" and pruned[row_id]["image_uri"] is None
         assert not Path(by_id[row_id]["image_uri"]).exists()
     assert image_files(out) == {path: mtime for path, mtime in after.items()
-                                if path.split("/")[1] not in ("r20_0.png", "r700_0.png")}
+                                if path.split("/")[-1] not in ("r20_0.png", "r700_0.png")}
     assert record.read_job_record(out)["refresh"] == {"generation": 1, "new": 0, "changed": 0, "unchanged": 1003,
                                                       "removed": 0, "pruned": 2, "state": "done"}
 
@@ -140,7 +140,8 @@ def test_a_refresh_interrupted_before_superseding_finishes_on_the_next_run(ray_c
     table = metadata(out)
     assert Counter(row["id"] for row in table).most_common(1)[0][1] == 1
     by_id = {row["id"]: row for row in table}
-    assert by_id["r3"]["prompt"] == "changed" and by_id["r3"]["image_uri"].split("/")[-2].startswith("g0001-")
+    assert by_id["r3"]["prompt"] == "changed" and by_id["r3"]["image_uri"].split("/")[-3].startswith("g0001-")
     assert by_id["r39"]["status"] == "removed"
-    assert sorted(os.listdir(Path(out) / "images" / "00000-m-0000000000")) == [f"r{i}_0.png" for i in
-                                                                            (0, 1, 2, 4, 5, 6, 7, 8, 9)]
+    (attempt,) = os.listdir(Path(out) / "images" / "00000-m-0000000000")
+    assert sorted(os.listdir(Path(out) / "images" / "00000-m-0000000000" / attempt)) == [
+        f"r{i}_0.png" for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)]

@@ -11,7 +11,7 @@ from output_factory import build_output_root, picture
 from PIL import Image
 
 from ray_render import storage
-from ray_render.output import layout, record, report
+from ray_render.output import headline, layout, record, report, timeline
 
 
 def cells(sheet: Image.Image, count: int, columns: int, thumb: int):
@@ -73,8 +73,8 @@ def test_report_reads_only_the_sampled_shards(tmp_path):
 def test_missing_or_broken_images_become_grey_cells(tmp_path):
     built = build_output_root(str(tmp_path / "out"), shards=1, rows_per_shard=1, num_images=2)
     first, second = built.ok
-    os.remove(os.path.join(built.root, layout.image_key("s000", first["id"], 0, "png")))
-    with open(os.path.join(built.root, layout.image_key("s000", second["id"], 1, "png")), "wb") as handle:
+    os.remove(layout.row_image_url(built.root, "s000", first))
+    with open(layout.row_image_url(built.root, "s000", second), "wb") as handle:
         handle.write(b"not an image")
     result = report.write_report(built.root, samples=2, columns=2, thumb=40)
     sheet = Image.open(result.contact_sheet).convert("RGB")
@@ -103,3 +103,54 @@ def test_report_on_object_storage(s3):
     assert options["secret"] not in page and options["key"] not in page
     sheet = Image.open(io.BytesIO(storage.read_bytes(result.contact_sheet, options)))
     assert sheet.format == "PNG" and result.samples == 4
+
+
+def test_numbers_are_formatted_for_people():
+    assert [headline.duration(s) for s in (0.42, 16.681661306000024, 192, 7500, 200000)] == [
+        "0.4 s", "16.7 s", "3 min 12 s", "2 h 05 min", "2 d 7 h"]
+    assert [headline.rate(r) for r in (32.345, 0.5, 0.0005)] == ["32.3 images/s", "30 images/min", "1.8 images/h"]
+    assert [headline.significant(v) for v in (7.5, 16.68166, 0.030341, 12345.6)] == ["7.5", "16.7", "0.0303",
+                                                                                     "12,346"]
+    assert headline.count(1234567) == "1,234,567"
+
+
+def test_gpu_hours_count_the_gpus_the_actors_held():
+    summary = {"state": "finished", "rows_total": 10, "rows": {"ok": 10, "invalid": 0, "failed": 0}, "images": 10,
+               "wall_s": 3700.0, "plan_s": 100.0, "rows_this_run": 10, "started_at": "2026-01-01T00:00:00+00:00",
+               "model": {"device": "cuda:0"}}
+    infos = {f"s{i}": {"worker": f"host/n/actor{i % 2}/gpu{i % 2}", "finished_at": 1767225700.0} for i in range(4)}
+    top = headline.headline(summary, {"settings": {"gpus_per_actor": 1.0}}, infos)
+    assert top.gpu_hours == 2.0 and top.tone == "ok"  # two GPU actors for an hour (3,700 s less 100 s planning)
+    cpu = headline.headline({**summary, "model": {"device": "cpu"}}, {}, infos)
+    assert cpu.gpu_hours is None and "none (CPU run)" in cpu.line()
+
+
+def test_failures_are_grouped_by_what_went_wrong_not_by_row():
+    rows = [{"status": "invalid", "id": f"r{i}", "error": f"manifest a.csv row {i}, line {i + 2} (id 'r{i}'): column "
+             f"'width' must be a multiple of 16 from 16 to 4096, got {100 + i}"} for i in range(4)]
+    rows += [{"status": "failed", "id": "x", "error": "RuntimeError: x#0: [placeholder:raise] asked it to fail"},
+             {"status": "failed", "id": "y", "error": "RuntimeError: y#1: [placeholder:raise] asked it to fail"},
+             {"status": "invalid", "id": "z", "error": "manifest a.csv row 9 (id 'z'): is not valid JSON (line 1)"}]
+    groups = report.group_problems(rows)
+    assert [(g["status"], g["count"], g["kind"]) for g in groups] == [
+        ("invalid", 4, "column 'width' must be a multiple of 16 from 16 to 4096, got ..."),
+        ("failed", 2, "RuntimeError: [placeholder:raise] asked it to fail"),
+        ("invalid", 1, "is not valid JSON (line 1)")]
+    assert [row["id"] for row in groups[0]["examples"]] == ["r0", "r1", "r2"]
+
+
+def test_the_timeline_draws_the_last_run_one_lane_per_actor():
+    infos = {"old": {"worker": "h/n/actor0", "started_at": 100.0, "finished_at": 110.0, "rows": 4},
+             "a": {"worker": "h/n/actor0", "started_at": 1000.0, "finished_at": 1010.0, "rows": 4,
+                   "counts": {"ok": 4}},
+             "b": {"worker": "h/n/actor1", "started_at": 1000.0, "finished_at": 1005.0, "rows": 4,
+                   "counts": {"ok": 3, "failed": 1}},
+             "c": {"worker": "h/n/actor0", "started_at": 1015.0, "finished_at": 1020.0, "rows": 4,
+                   "counts": {"ok": 3, "invalid": 1}},
+             "untimed": {"rows": 4}}
+    drawn = timeline.bars(infos, since=900.0)
+    assert [(bar.shard_id, bar.status) for bar in drawn] == [("a", "ok"), ("b", "failed"), ("c", "invalid")]
+    picture = timeline.svg(drawn)
+    assert picture.count('class="shard"') == 3 and picture.count('class="lane"') == 2
+    assert "n/actor0 (75% busy)" in picture and "n/actor1 (25% busy)" in picture  # 15 s and 5 s of 20
+    assert timeline.svg([]) == "" and len(timeline.bars(infos, since=5000.0)) == 4  # nothing newer: all of them

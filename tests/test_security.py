@@ -112,9 +112,14 @@ def test_a_pickled_checkpoint_with_code_is_refused_and_never_runs(tmp_path, monk
                                   "s3://bucket/k", "~"])
 def test_unsafe_names_cannot_become_output_keys(name):
     with pytest.raises(ValueError):
-        layout.image_key("00000-m-0000000000", name, 0, "png")
+        layout.image_key("00000-m-0000000000", "0123456789ab-1", name, 0, "png")
     with pytest.raises(ValueError):
-        layout.image_key(name, "row", 0, "png")
+        layout.image_key(name, "0123456789ab-1", "row", 0, "png")
+    with pytest.raises(ValueError):
+        layout.image_key("00000-m-0000000000", name, "row", 0, "png")
+    with pytest.raises(ValueError):
+        layout.row_image_url("/out", "00000-m-0000000000", {"id": "r", "image_uri": f"/x/images/00000-m-0000000000/"
+                                                                                     f"{name}/r_0.png"})
 
 
 def test_hostile_file_names_and_ids_stay_under_the_output_root(ray_cluster, tmp_path, make_manifest):

@@ -65,6 +65,7 @@ def test_a_claimed_output_gets_the_summary_even_when_the_run_fails(tmp_path):
     job = JobConfig(manifests=["m.parquet"], out=str(tmp_path / "out"), model="placeholder", progress=False,
                     report=False)
     with RunSession(job) as session:
+        session.acquire_output()
         session.claim_output({"run_id": session.summary.run_id})
         raise KeyError("boom")
     saved = record.read_summary(job.out)

@@ -24,6 +24,15 @@ from ray_render.output.schema import metadata_schema
 UPLOAD_THREADS = 8  # encode + upload run here while the model renders the next batch
 
 
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - informational: the pool treats an unknown node as alive
+        return None
+
+
 def _worker_name(index: int) -> str:
     """hostname/node id prefix/actor index (+ GPU ids): enough to find the machine and device that rendered."""
     name = socket.gethostname()
@@ -53,8 +62,10 @@ def _in_ray_actor() -> bool:
 class RenderActor:
     """One resident model on one device; `render_shard` does a whole shard from reading rows to the commit."""
 
-    def __init__(self, job: JobConfig, index: int = 0, passthrough_schema: pa.Schema | None = None) -> None:
-        """`passthrough_schema` is the plan's (all manifest files): every shard then writes the same columns."""
+    def __init__(self, job: JobConfig, index: int = 0, passthrough_schema: pa.Schema | None = None,
+                 input_roots: list[str] = ()) -> None:
+        """`passthrough_schema` is the plan's (all manifest files): every shard then writes the same columns.
+        `input_roots`: where edit rows' input images may come from (engine/inputs.py)."""
         self.job = job
         self.index = index
         self.model = load_model(job.model, **job.model_options())
@@ -62,7 +73,7 @@ class RenderActor:
         self._in_ray = _in_ray_actor()
         schema = metadata_schema(passthrough_schema, quality_columns=job.scores_quality)
         self.renderer = ShardRenderer(
-            self.model, job, schema, self.worker,
+            self.model, job, schema, self.worker, input_roots=input_roots,
             uploads=ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload"),
             metrics=RenderMetrics(job.model) if self._in_ray else None, cancelled=self._cancelled)
 
@@ -70,8 +81,9 @@ class RenderActor:
         return self.worker
 
     def info(self) -> dict:
-        """The model's info plus this actor's worker name and current batch size."""
-        return {**asdict(self.model.info), "worker": self.worker, "batch_size": self.renderer.batch_size}
+        """The model's info plus this actor's worker name, node and current batch size."""
+        return {**asdict(self.model.info), "worker": self.worker, "node_id": _node_id(),
+                "batch_size": self.renderer.batch_size}
 
     def defaults(self) -> dict:
         return self.model.defaults()
@@ -85,9 +97,11 @@ class RenderActor:
         return [(item.row_index, item.id, item.fingerprint, None) if isinstance(item, RowTask)
                 else (item.row_index, item.id, None, item.error) for item in checked]
 
-    def render_shard(self, shard: Shard, attempt: int = 1) -> ShardResult:
-        """Render every row of `shard`, write its metadata Parquet, then commit it; returns the counts."""
-        return self.renderer.render_shard(shard, attempt)
+    def render_shard(self, shard: Shard, attempt: int, attempt_id: str, inherit: tuple[str, bool] | None = None,
+                     base: str | None = None) -> ShardResult:
+        """Render every row of `shard` as attempt `attempt_id` (files under its own names) and write its metadata;
+        returns the counts. The driver commits it. `inherit`, `base`: see ShardRenderer.render_shard."""
+        return self.renderer.render_shard(shard, attempt, attempt_id, inherit, base)
 
     def _cancelled(self) -> bool:
         if not self._in_ray:

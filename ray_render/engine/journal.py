@@ -1,4 +1,5 @@
-"""Shard journals: which rows an attempt was rendering when its actor died, so a poison row can be isolated.
+"""Shard journals: which rows an attempt was working on when its actor died, so a poison row can be isolated and a
+systematic crash told from one.
 
 Some rows do not raise, they kill the process: a crash in native code, the host's out-of-memory killer, a device
 error that takes the whole context down. The actor cannot catch that and the driver only learns "actor lost", so
@@ -6,30 +7,29 @@ without help every attempt of the shard dies on the same row and the whole shard
 
 The design (the smallest one that leaves the commit protocol alone):
 
-1. Before each model call the actor writes `_journal/<shard_id>.json` naming the rows of the batch it is about to
-   render (`rendering`), plus what earlier attempts learned (`suspects`, `deaths`). After its last model call, and
-   when it is cancelled, it writes `rendering: []`, so a death while uploading or committing blames no row, nor
-   does a clean stop.
-2. The next attempt of the shard reads the journal first. A non-empty `rendering` means the last attempt died inside
-   a model call: the rows of a batch become `suspects`; a row that was being rendered alone gets one more death.
-3. Suspects are rendered alone, so the next death names exactly one row. A row that died more than `retries` times
-   is not rendered again: it ends `failed` in the metadata with an error saying why, and the rest of the shard
-   renders and commits as usual.
-4. The driver charges a lost attempt whose journal still says `rendering` to the rows, not to the shard's retries
-   (`died_rendering`). That stays bounded: each such death either moves at least one row of a batch into the
-   suspects or adds a death to one suspect, so a shard of n rows costs at most n * (retries + 2) of them.
+1. Each attempt keeps its own journal, `_journal/<shard>/<attempt>.json` (a straggler copy or a stale run's actor
+   never writes another attempt's). Before each model call (and each input fetch) it names the rows it works on
+   (`rendering`) and how many of its model calls have returned (`calls_done`), plus what earlier attempts learned
+   (`suspects`, `deaths`). After its last model call, and when it is cancelled, it writes `rendering: []`.
+2. The driver decides what a death means. Only a death the driver saw happen by itself, inside a model call of
+   that attempt, is the rows' fault: not one after a cancel or kill the driver issued (a deadline, a shutdown), not
+   one of a node that died. The next attempt inherits the previous attempt's journal, and its `rendering` rows only
+   when the driver blames them: the rows of a batch become `suspects`; a row that was alone gets one more death.
+3. Suspects are rendered alone, fewest deaths first (so an innocent suspect's success comes before a poison row's
+   crash), and the next death names exactly one row. A row that died more than `retries` times is not rendered
+   again: it ends `failed` in the metadata with an error saying why, and the rest of the shard renders as usual.
+4. Those deaths are charged to the rows, not to the shard's retries, within caps (engine/session.py); a death in
+   an attempt's first model call, with no call returned, is a sign of a systematic crash (a bad driver, a host
+   out of memory): several in a row, across shards and rows, abort the job instead of reloading the model forever.
 
-The journal is advisory. The shard's images, metadata and commit marker are written exactly as before, so
-exactly-once and resume never depend on it; it is deleted after the commit, and a leftover one is harmless because
-committed shards are not rendered again. Two copies of one shard (a straggler re-issue) share the journal; the
-worst that can do is make an innocent row a suspect, which costs speed, not images.
+The journal is advisory: the shard's attempts and their commits do not depend on it, so exactly-once and resume
+never do; the driver deletes the journals of committed shards when the run ends.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 
 from ray_render import storage
 from ray_render.output.layout import JOURNAL_DIR, journal_url
@@ -37,53 +37,48 @@ from ray_render.output.layout import JOURNAL_DIR, journal_url
 log = logging.getLogger("ray_render")
 
 
-def remove_settled(root: str, committed_ids: set[str], storage_options: dict | None = None) -> None:
-    """Delete the journals of committed shards, then `_journal/` itself once it is empty (local storage only: an
-    object store has no empty directories), so that a finished output holds only its layout.
-
-    A committed shard's own attempt deletes its journal, but a losing straggler copy may write one more entry
-    before its cancellation lands; call this once the actors are stopped. Journals of unfinished shards stay."""
-    directory = storage.join(root, JOURNAL_DIR)
-    for name in storage.list_names(directory, storage_options):
-        if name.endswith(".json") and name[: -len(".json")] in committed_ids:
-            storage.delete(storage.join(directory, name), storage_options)
-    fs, path = storage.open_fs(directory, storage_options)
-    if storage.is_local(fs):
-        try:
-            os.rmdir(path)
-        except OSError:  # not empty, or not there
-            pass
-
-
-def _read(root: str, shard_id: str, storage_options: dict | None) -> dict:
+def read(root: str, shard_id: str, attempt_id: str, storage_options: dict | None = None) -> dict:
+    """An attempt's journal ({} when it wrote none)."""
     try:
-        return json.loads(storage.read_bytes(journal_url(root, shard_id), storage_options))
+        return json.loads(storage.read_bytes(journal_url(root, shard_id, attempt_id), storage_options))
     except FileNotFoundError:
         return {}
     except ValueError:  # a torn local write cannot happen (atomic writes), but never fail a shard over advice
         return {}
 
 
-def died_rendering(root: str, shard_id: str, storage_options: dict | None = None) -> bool:
-    """True when the shard's last attempt died inside a model call (its journal still names rows in `rendering`)."""
-    return bool(_read(root, shard_id, storage_options).get("rendering"))
+def remove_settled(root: str, committed_ids: set[str], storage_options: dict | None = None) -> None:
+    """Delete the journals of committed shards, then `_journal/` itself once it is empty (local storage: an object
+    store has no empty directories), so that a finished output holds only its layout. Call this once the actors
+    are stopped; the journals of unfinished shards stay for the next run."""
+    directory = storage.join(root, JOURNAL_DIR)
+    for name in storage.list_names(directory, storage_options):
+        if name in committed_ids:
+            storage.delete_tree(storage.join(directory, name), storage_options)
+    storage.remove_empty_dir(directory, storage_options)
 
 
 class ShardJournal:
-    """One attempt's view of its shard's journal; see the module docstring for the protocol."""
+    """One attempt's journal; see the module docstring for the protocol.
 
-    def __init__(self, root: str, shard_id: str, retries: int, storage_options: dict | None = None) -> None:
-        self.url = journal_url(root, shard_id)
+    `inherit`: (the previous attempt's id, whether the driver blames its rendering rows), or None for a first
+    attempt.
+    """
+
+    def __init__(self, root: str, shard_id: str, attempt_id: str, retries: int, storage_options: dict | None = None,
+                 inherit: tuple[str, bool] | None = None) -> None:
+        self.url = journal_url(root, shard_id, attempt_id)
         self.so = storage_options
         self.retries = retries
-        state = _read(root, shard_id, storage_options)
-        self.suspects: set[str] = set(state.get("suspects", []))
-        self.deaths: dict[str, int] = dict(state.get("deaths", {}))
-        rendering = list(state.get("rendering", []))
+        previous = read(root, shard_id, inherit[0], storage_options) if inherit else {}
+        self.suspects: set[str] = set(previous.get("suspects", []))
+        self.deaths: dict[str, int] = dict(previous.get("deaths", {}))
+        rendering = list(previous.get("rendering", [])) if inherit and inherit[1] else []
         if len(rendering) == 1:  # it was alone in the model call that killed the actor
             self.deaths[rendering[0]] = self.deaths.get(rendering[0], 0) + 1
         self.suspects.update(rendering)
-        self._written: list[str] | None = [] if not state else None  # what the journal in storage says is rendering
+        self.calls_done = 0
+        self._written: tuple | None = None  # (rendering, calls_done) as the journal in storage says
         if rendering:
             log.warning("shard %s: the last attempt died rendering %s; rendering them one at a time", shard_id,
                         ", ".join(rendering[:8]) + (" ..." if len(rendering) > 8 else ""))
@@ -97,20 +92,18 @@ class ShardJournal:
                 f"kill in the model); the row is not rendered again")
 
     def rendering(self, row_ids: list[str]) -> None:
-        """Record the rows of the model call about to start; durable before the call, so a crash names them."""
-        if row_ids == self._written:
+        """Record the rows of the model call (or fetch) about to start; durable before it, so a crash names them."""
+        if (row_ids, self.calls_done) == self._written:
             return
-        state = {"rendering": row_ids, "suspects": sorted(self.suspects), "deaths": self.deaths}
+        state = {"rendering": row_ids, "calls_done": self.calls_done, "suspects": sorted(self.suspects),
+                 "deaths": self.deaths}
         storage.write_bytes(self.url, json.dumps(state, sort_keys=True).encode(), self.so)
-        self._written = list(row_ids)
+        self._written = (list(row_ids), self.calls_done)
+
+    def call_returned(self) -> None:
+        """A model call came back (whatever it returned): the next write says so."""
+        self.calls_done += 1
 
     def done_rendering(self) -> None:
         """No model call is running any more: a death from here on blames no row."""
         self.rendering([])
-
-    def delete(self) -> None:
-        """After the commit: the journal has served. Best effort; a leftover journal is harmless."""
-        try:
-            storage.delete(self.url, self.so)
-        except Exception as exc:  # noqa: BLE001 - the shard is committed; advice left behind changes nothing
-            log.warning("could not delete %s: %s", self.url, storage.redact(str(exc), self.so))

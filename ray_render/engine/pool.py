@@ -8,8 +8,19 @@ In the spirit of Ray's `ActorPool` (same plain names), plus what it lacks:
   driver decides whether to try it again;
 - stragglers: once the driver has nothing left to hand out, an idle actor takes over a shard still queued behind
   another one (the queued call is cancelled), or takes a copy of one running much longer than usual; the first
-  result wins and the other copy is cancelled. Both copies write the same deterministic keys, so nothing is
-  duplicated.
+  result wins and the other copy is cancelled. Each copy writes under its own attempt id, so neither touches the
+  other's files, and the driver commits only the winner;
+- elastic: the pool asks for its actors up front (pending ones make an autoscaler add nodes), uses each the moment
+  it is ready, refuses one whose model would render other pixels (family, revision, dtype, device type against the
+  job's), and once no work is left to hand out releases the actors still starting and those idle for a while, so
+  an autoscaler can remove their nodes (`release_idle`);
+- outliers: an actor whose rows fail far more often than the other actors' (a broken device, a bad node) is
+  retired: killed and replaced by one placed on another node (Ray's `label_selector` on `ray.io/node-id`); the
+  calls it held come back uncharged (`ShardFailed.retired`);
+- deadlines: a call running past its deadline (a multiple of the recent time per row times its rows, within a
+  floor and --call-timeout; a first call on an actor gets a generous allowance for warm-up and compilation) has
+  its actor killed: a wedged kernel or a hung read never holds the job. The driver counts that attempt against the
+  shard, not against its rows (`ShardFailed.killed`), as it does for an actor whose node died (`node_lost`).
 
 Why replacement rather than `max_restarts=-1`: Ray would restart the actor and re-run nothing (the driver sets
 `max_task_retries=0` so that it sees every failure and counts the shard's attempts), so restarts would buy only
@@ -35,7 +46,14 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STRAGGLER_FACTOR = 2.0  # re-issue a running shard once it has run this many times the median shard's wall time
 STRAGGLER_MIN_S = 5.0  # ... and at least this long: short shards are not worth a second copy
 SHUTDOWN_GRACE_S = 10.0  # how long shutdown lets cancelled calls return before it kills their actors
-
+DEADLINE_FACTOR = 5.0  # a call may take this many times the recent time per row, times its rows ...
+DEADLINE_MIN_S = 60.0  # ... but never less than this (short calls have noisy times) ...
+FIRST_CALL_S = 900.0  # ... and an actor's first call gets this long: caches, kernels, compilation
+ROW_TIMES = 200  # recent calls whose time per row sets the deadlines
+RETIRE_MIN_ROWS = 8  # judge an actor's failure rate once it rendered this many rows, and the others as many
+RETIRE_RATE = 0.5  # an actor whose rows fail at least this often ...
+RETIRE_FACTOR = 4.0  # ... and this many times as often as the other actors' is retired
+RELEASE_IDLE_S = 30.0  # with no work left to hand out, an actor idle this long is released (a straggler may need it)
 
 class PoolError(RuntimeError):
     """The pool cannot go on: no actor can be started (the model does not load, no node has room)."""
@@ -43,11 +61,13 @@ class PoolError(RuntimeError):
 
 @dataclass
 class ShardDone:
-    """A shard finished on some actor; `result` is the actor's ShardResult."""
+    """A shard finished on some actor; `result` is the actor's ShardResult (its attempt is not committed yet)."""
 
     shard: Any
     attempt: int
     result: Any
+    attempt_id: str = ""
+    actor: int | None = None  # the index of the actor that rendered it
 
 
 @dataclass
@@ -59,6 +79,10 @@ class ShardFailed:
     error: str
     actor_lost: bool
     started: bool = True  # False: it was still queued behind another shard when its actor died (it never ran)
+    attempt_id: str = ""
+    killed: bool = False  # the pool killed its actor: it ran past its deadline
+    node_lost: bool = False  # its actor died with its node (a preemption, a lost machine)
+    retired: bool = False  # the pool retired its actor for failing far more rows than the others
 
 
 @dataclass
@@ -106,6 +130,15 @@ class RayRuntime:
     def cancel(self, ref: Any) -> None:
         self._ray.cancel(ref)
 
+    def node_alive(self, node_id: str | None) -> bool:
+        """Whether the node an actor ran on is still alive (unknown nodes count as alive)."""
+        if not node_id:
+            return True
+        for node in self._ray.nodes():
+            if node.get("NodeID") == node_id:
+                return bool(node.get("Alive"))
+        return True
+
     def kill(self, actor: Any) -> None:
         self._ray.kill(actor, no_restart=True)
 
@@ -115,21 +148,38 @@ class _Call:
     actor: int  # index of the actor that runs it
     shard: Any
     attempt: int
+    attempt_id: str  # "<run id>-<n>": the names its files go under, unique per call (a copy gets its own)
     submitted: float  # time.monotonic() at submission
+    inherit: tuple | None = None  # (previous attempt id, blame it): what the attempt learns from the last one
+    base: str | None = None  # a repair: the attempt it builds on (engine/repairs.py)
+    running_since: float | None = None  # when it became the head of its actor's queue (it runs from then on)
+    deadline_s: float | None = None  # how long it may run
     started: bool = True  # set False when its actor died while it was still queued behind another call
 
 
 class RenderPool:
     """Ray actors, each holding one resident model, fed shard descriptors with a bound on queued work.
 
-    `make_actor(index)` returns a new actor handle; the pool calls `info()` on it to learn when it is ready.
+    `make_actor(index, avoid_nodes)` returns a new actor handle, placed on none of the nodes `avoid_nodes` names
+    (where the pool retired actors); the pool calls `info()` on it to learn when it is ready.
     Typical driver loop: `while pending and pool.can_submit(): pool.submit(shard, attempt)`, then
     `pool.reissue_stragglers()` once nothing is pending, then `for event in pool.wait(timeout)`.
     """
 
-    def __init__(self, make_actor: Callable[[int], Any], num_actors: int, max_in_flight: int,
-                 runtime: RayRuntime | None = None) -> None:
+    def __init__(self, make_actor: Callable[[int, tuple], Any], num_actors: int, max_in_flight: int,
+                 runtime: RayRuntime | None = None, run_id: str = "000000000000",
+                 call_timeout_s: float = 3600.0, expected_model: dict | None = None,
+                 same_model: Callable[[dict, dict], bool] | None = None) -> None:
         self._runtime = runtime or RayRuntime()
+        self._expected_model = expected_model  # the model an actor must load (the job record's), else the first's
+        self._same_model = same_model
+        self._call_timeout_s = call_timeout_s
+        self._row_s: deque[float] = deque(maxlen=ROW_TIMES)  # recent seconds per row of finished calls
+        self._calls_done_by: dict[int, int] = {}  # actor index -> calls it finished
+        self._node_of: dict[int, str | None] = {}  # actor index -> the node it runs on
+        self._run_id = run_id
+        self._calls_made = 0
+        self.attempts: list[tuple[str, str]] = []  # (shard id, attempt id) of every call made, for clean-up
         self._make_actor = make_actor
         self._num_actors = num_actors
         self._max_in_flight = max_in_flight
@@ -142,8 +192,17 @@ class RenderPool:
         self._next_index = 0
         self._init_failures = 0
         self._shard_wall_s: deque[float] = deque(maxlen=100)  # recent shard wall times, for straggler detection
+        self._rows_by: dict[int, list[int]] = {}  # actor index -> [rows rendered, of which failed], ever
+        self._avoid_nodes: set[str] = set()  # nodes where an actor was retired: new actors go elsewhere
         self.info: dict | None = None  # model info reported by the first actor that became ready
         self.actors_lost = 0  # actors that died and were replaced
+        self.actors_retired = 0  # actors retired for failing far more rows than the others
+        self.peak_ready = 0  # the most actors ready at once
+        self.actors_released = 0  # actors stopped because no work was left for them
+        self.actors_refused = 0  # actors whose model would render other pixels than the job's
+        self._started_at = time.monotonic()
+        self.ready_timeline: list[tuple[float, int]] = []  # (seconds since the pool started, actors ready) changes
+        self._idle_since: dict[int, float] = {}  # ready actor index -> when its queue last became empty
         self.reissued = 0  # straggler copies handed out
         self.last_ready = time.monotonic()  # last moment at least one actor was ready
         for _ in range(num_actors):
@@ -154,7 +213,7 @@ class RenderPool:
     def _start_actor(self) -> None:
         index = self._next_index
         self._next_index += 1
-        actor = self._make_actor(index)
+        actor = self._make_actor(index, tuple(sorted(self._avoid_nodes)))
         self._actors[index] = actor
         self._starting[actor.info.remote()] = index
 
@@ -164,6 +223,7 @@ class RenderPool:
         actor = self._actors.pop(index, None)
         if actor is not None:
             self._runtime.kill(actor)
+        self._idle_since.pop(index, None)
         calls = []
         for position, ref in enumerate(self._in_flight.pop(index, [])):
             call = self._future_to_actor.pop(ref)
@@ -172,6 +232,7 @@ class RenderPool:
             if ref not in self._cancelled:
                 calls.append(call)
             self._cancelled.discard(ref)
+        self._note_ready()
         return calls
 
     def _forget(self, ref: Any, call: _Call) -> None:
@@ -188,32 +249,94 @@ class RenderPool:
     def num_ready(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def size(self) -> int:
+        """The number of actors the pool keeps (started, starting or being replaced)."""
+        return self._num_actors
+
+    def has_outstanding(self) -> bool:
+        """Whether anything is in Ray's hands: an actor starting, or a call (cancelled copies included)."""
+        return bool(self._starting or self._future_to_actor)
+
     def ready_actors(self) -> list:
         """Handles of the ready actors, for calls other than render_shard (refresh's `index_shard`)."""
         return [self._actors[index] for index in self._in_flight]
 
     # -- submitting ----------------------------------------------------------------------------------------------
 
-    def can_submit(self) -> bool:
-        """True when some ready actor has fewer than `max_in_flight` shards queued: the one backpressure rule."""
-        return any(len(refs) < self._max_in_flight for refs in self._in_flight.values())
+    def can_submit(self, avoid: int | None = None) -> bool:
+        """True when some ready actor (other than `avoid`) has fewer than `max_in_flight` shards queued: the one
+        backpressure rule."""
+        return any(len(refs) < self._max_in_flight for index, refs in self._in_flight.items() if index != avoid)
 
-    def submit(self, shard: Any, attempt: int) -> None:
-        """Queue `shard` on the ready actor with the least work; call only when `can_submit()`."""
-        index = min(self._in_flight, key=lambda i: len(self._in_flight[i]))
-        if len(self._in_flight[index]) >= self._max_in_flight:
+    def has_other_ready(self, avoid: int | None) -> bool:
+        """Whether a ready actor other than `avoid` exists (one a repair can go to)."""
+        return any(index != avoid for index in self._in_flight)
+
+    def submit(self, shard: Any, attempt: int, inherit: tuple | None = None, *, base: str | None = None,
+               avoid: int | None = None) -> None:
+        """Queue `shard` on the ready actor with the least work (not `avoid`); call only when `can_submit(avoid)`.
+        `inherit`: the previous attempt of the shard and whether its death is blamed on its rows
+        (engine/journal.py); `base`: a repair of that attempt (engine/repairs.py)."""
+        candidates = [index for index in self._in_flight if index != avoid]
+        index = min(candidates, key=lambda i: len(self._in_flight[i]), default=None)
+        if index is None or len(self._in_flight[index]) >= self._max_in_flight:
             raise RuntimeError("submit() called while can_submit() is false")
-        self._submit_to(index, shard, attempt)
+        self._submit_to(index, shard, attempt, inherit, base)
 
-    def _submit_to(self, index: int, shard: Any, attempt: int) -> None:
-        ref = self._actors[index].render_shard.remote(shard, attempt)
+    def _submit_to(self, index: int, shard: Any, attempt: int, inherit: tuple | None, base: str | None = None) -> None:
+        self._calls_made += 1
+        attempt_id = f"{self._run_id}-{self._calls_made}"
+        ref = self._actors[index].render_shard.remote(shard, attempt, attempt_id, inherit, base)
+        self.attempts.append((shard.shard_id, attempt_id))
         self._in_flight[index].append(ref)
-        self._future_to_actor[ref] = _Call(index, shard, attempt, time.monotonic())
+        self._idle_since.pop(index, None)
+        self._future_to_actor[ref] = _Call(index, shard, attempt, attempt_id, time.monotonic(), inherit, base)
         self._shard_futures.setdefault(shard.shard_id, []).append(ref)
+        self._start_head(index)
 
     def has_work(self) -> bool:
-        """True while any shard is outstanding (cancelled copies included: their actor is still busy)."""
-        return bool(self._future_to_actor)
+        """True while a shard is outstanding. A cancelled copy is not work: its shard is settled, the driver never
+        waits for it (shutdown kills its actor)."""
+        return any(ref not in self._cancelled for ref in self._future_to_actor)
+
+    # -- deadlines -----------------------------------------------------------------------------------------------
+
+    def _start_head(self, index: int) -> None:
+        """The first call in an actor's queue runs from now: give it its deadline."""
+        refs = self._in_flight.get(index)
+        if not refs:
+            return
+        call = self._future_to_actor[refs[0]]
+        if call.running_since is None:
+            call.running_since = time.monotonic()
+            call.deadline_s = self._deadline(index, call)
+
+    def _deadline(self, index: int, call: _Call) -> float:
+        if not self._calls_done_by.get(index) or not self._row_s:
+            allowance = FIRST_CALL_S  # its first call: the model warms up, a compiled step is captured
+        else:
+            allowance = max(DEADLINE_MIN_S, DEADLINE_FACTOR * statistics.median(self._row_s) * call.shard.num_rows)
+        return min(allowance, self._call_timeout_s)
+
+    def _expire_overdue(self) -> list[ShardDone | ShardFailed]:
+        """Kill the actors whose running call is past its deadline; their calls come back as ShardFailed."""
+        now = time.monotonic()
+        events: list[ShardDone | ShardFailed] = []
+        for index, refs in list(self._in_flight.items()):
+            if not refs:
+                continue
+            call = self._future_to_actor[refs[0]]
+            if call.running_since is None or now - call.running_since <= call.deadline_s:
+                continue
+            message = (f"actor {index} killed: shard {call.shard.shard_id} ran {now - call.running_since:.0f} s, "
+                       f"past its deadline of {call.deadline_s:.0f} s (a hung call: a wedged kernel, a stuck read)")
+            log.warning("%s; replacing it", message)
+            self.actors_lost += 1
+            for held in self._retire(index):
+                events += self._failed_unless_copied(held, message, actor_lost=True, killed=True)
+            self._start_actor()
+        return events
 
     def reissue_stragglers(self) -> int:
         """Give each idle actor a shard queued behind another (moved), or a copy of one running unusually long.
@@ -233,9 +356,9 @@ class RenderPool:
                 if ref in self._cancelled:
                     continue
                 call = self._future_to_actor[ref]
-                if len(self._shard_futures.get(call.shard.shard_id, [])) > 1:
-                    continue  # already has a second copy
-                age = now - call.submitted
+                if len(self._shard_futures.get(call.shard.shard_id, [])) > 1 or call.base is not None:
+                    continue  # already has a second copy, or a repair: it must not run twice
+                age = now - (call.running_since or call.submitted)
                 if position > 0:
                     candidates.append((0, -age, ref))
                 elif threshold is not None and age > threshold and call.attempt == 1:
@@ -247,7 +370,7 @@ class RenderPool:
         for index, (queued, _, ref) in zip(idle, candidates):
             call = self._future_to_actor[ref]
             log.info("re-issuing shard %s (attempt %d) to idle actor %d", call.shard.shard_id, call.attempt, index)
-            self._submit_to(index, call.shard, call.attempt)
+            self._submit_to(index, call.shard, call.attempt, call.inherit)
             if queued == 0:  # it had not started: move it rather than run it twice
                 self._cancelled.add(ref)
                 self._runtime.cancel(ref)
@@ -272,6 +395,7 @@ class RenderPool:
                 self._on_started(ref)
             elif ref in self._future_to_actor:  # not taken back by an earlier event in this loop
                 events += self._on_finished(ref)
+        events += self._expire_overdue()
         if self._in_flight:
             self.last_ready = time.monotonic()
         return events
@@ -292,16 +416,82 @@ class RenderPool:
             self._start_actor()
             return
         info = outcome.value
+        refusal = self._refusal(info)
+        if refusal:
+            self.actors_refused += 1
+            self._runtime.kill(self._actors.pop(index))
+            log.error("render actor %d refused: %s", index, refusal)
+            if self.info is None and self.actors_refused >= self._num_actors:
+                raise PoolError(refusal)
+            return
         self.info = self.info or info
         self._init_failures = 0
         self._in_flight[index] = []
+        self._idle_since[index] = time.monotonic()
+        self._note_ready()
+        self._node_of[index] = info.get("node_id") if isinstance(info, dict) else None
         log.info("render actor %d ready on %s", index, info.get("worker", "?"))
+
+    def _refusal(self, info: Any) -> str:
+        """Why an actor that just started must not render for this job ("" if it may): its model would render other
+        pixels than the job record's, or than the first actor's (another GPU type, another dtype)."""
+        reference = self._expected_model or self.info
+        if self._same_model is None or reference is None or not isinstance(info, dict) or \
+                self._same_model(reference, info):
+            return ""
+        return (f"{info.get('worker', '?')} loads {info.get('family')} {info.get('revision')} on "
+                f"{info.get('device')} {info.get('dtype')}, the job renders with {reference.get('family')} "
+                f"{reference.get('revision')} on {reference.get('device')} {reference.get('dtype')}: its images "
+                f"would not match (a node of another kind?)")
+
+    def _note_ready(self) -> None:
+        self.peak_ready = max(self.peak_ready, len(self._in_flight))
+        moment = round(time.monotonic() - self._started_at, 1)
+        if not self.ready_timeline or self.ready_timeline[-1][1] != len(self._in_flight):
+            self.ready_timeline.append((moment, len(self._in_flight)))
+
+    def release_idle(self, idle_s: float = RELEASE_IDLE_S) -> int:
+        """No work is left to hand out: stop the actors still starting (their nodes need not come) and the ready
+        ones idle for `idle_s`, so an autoscaler can remove their nodes. Returns how many were released.
+
+        Not while a shard waits in an actor's queue behind another: a starting actor, or one that is idle, takes it
+        over (reissue_stragglers)."""
+        if any(len(refs) > 1 for refs in self._in_flight.values()):
+            return 0
+        now = time.monotonic()
+        doomed = [index for index in self._starting.values()]
+        doomed += [index for index, refs in self._in_flight.items()
+                   if not refs and now - self._idle_since.get(index, now) >= idle_s]
+        for ref, index in list(self._starting.items()):
+            if index in doomed:
+                del self._starting[ref]
+        for index in doomed:
+            actor = self._actors.pop(index, None)
+            if actor is not None:
+                _quietly(self._runtime.kill, actor)
+            self._in_flight.pop(index, None)
+            self._idle_since.pop(index, None)
+        if doomed:
+            self.actors_released += len(doomed)
+            self._num_actors = max(1, self._num_actors - len(doomed))
+            log.info("released %d render actor(s): no work is left for them", len(doomed))
+            self._note_ready()
+        return len(doomed)
 
     def _on_finished(self, ref: Any) -> list[ShardDone | ShardFailed]:
         call = self._future_to_actor.pop(ref)
         call.started = self._in_flight[call.actor][0] == ref  # an actor runs its calls in submission order
         self._in_flight[call.actor].remove(ref)
+        if not self._in_flight[call.actor]:
+            self._idle_since[call.actor] = time.monotonic()
         self._forget(ref, call)
+        self._calls_done_by[call.actor] = self._calls_done_by.get(call.actor, 0) + 1
+        try:
+            return self._outcome_of(ref, call)
+        finally:  # the next call in its queue runs from now, with a deadline from the times known now
+            self._start_head(call.actor)
+
+    def _outcome_of(self, ref: Any, call: _Call) -> list[ShardDone | ShardFailed]:
         if ref in self._cancelled:  # lost the race; whatever it returned is ignored
             self._cancelled.discard(ref)
             return []
@@ -311,7 +501,8 @@ class RenderPool:
         if outcome.kind == "cancelled":
             return []
         if outcome.kind == "raised":
-            return self._failed_unless_copied(call, outcome.error, actor_lost=False)
+            self._count_rows(call.actor, call.shard.num_rows, call.shard.num_rows)
+            return self._failed_unless_copied(call, outcome.error, actor_lost=False) + self._retire_outliers()
         result = outcome.value
         # First result wins: cancel the other copy. A queued copy is dropped; a running one stops at its next
         # batch boundary (the actor checks for cancellation) and never commits.
@@ -319,27 +510,73 @@ class RenderPool:
             self._cancelled.add(other)
             self._runtime.cancel(other)
         self._shard_wall_s.append(getattr(result, "wall_ms", 0.0) / 1000.0)
-        return [ShardDone(call.shard, call.attempt, result)]
+        if getattr(result, "rows", 0):
+            self._row_s.append(result.wall_ms / 1000.0 / result.rows)
+        rendered = getattr(result, "rendered", None) or {}
+        self._count_rows(call.actor, rendered.get("ok", 0) + rendered.get("failed", 0), rendered.get("failed", 0))
+        return [ShardDone(call.shard, call.attempt, result, call.attempt_id, call.actor)] + self._retire_outliers()
 
-    def _on_actor_lost(self, call: _Call, error: str) -> list[ShardDone | ShardFailed]:
-        self.actors_lost += 1
-        message = f"actor {call.actor} lost: {error}"
-        log.warning("%s; replacing it", message)
-        events = self._failed_unless_copied(call, message, actor_lost=True)
-        for other in self._retire(call.actor, head_running=not call.started):
-            events += self._failed_unless_copied(other, message, actor_lost=True)
+    # -- outliers ------------------------------------------------------------------------------------------------
+
+    def _count_rows(self, index: int, rows: int, failed: int) -> None:
+        counts = self._rows_by.setdefault(index, [0, 0])
+        counts[0] += rows
+        counts[1] += failed
+
+    def _retire_outliers(self) -> list[ShardFailed]:
+        events: list[ShardFailed] = []
+        for index in list(self._in_flight):
+            events += self._retire_if_outlier(index)
+        return events
+
+    def _retire_if_outlier(self, index: int) -> list[ShardFailed]:
+        """Retire actor `index` if its rows fail far more often than every other actor's put together (each side
+        with RETIRE_MIN_ROWS rows at least): its device or node is broken, not its rows. Its replacement avoids its
+        node; the calls it still held come back as ShardFailed(retired=True)."""
+        rows, failed = self._rows_by.get(index, (0, 0))
+        other_rows = sum(counts[0] for other, counts in self._rows_by.items() if other != index)
+        other_failed = sum(counts[1] for other, counts in self._rows_by.items() if other != index)
+        if index not in self._in_flight or rows < RETIRE_MIN_ROWS or other_rows < RETIRE_MIN_ROWS:
+            return []
+        rate, other_rate = failed / rows, other_failed / other_rows
+        if rate < RETIRE_RATE or rate < RETIRE_FACTOR * other_rate:
+            return []
+        node = self._node_of.get(index)
+        message = (f"actor {index} retired: {failed} of its {rows} rows failed, {100 * other_rate:.0f}% of the "
+                   f"other actors' (a broken device or node)")
+        log.warning("%s; replacing it%s", message, f" on another node than {node[:8]}" if node else "")
+        if node:
+            self._avoid_nodes.add(node)
+        self.actors_retired += 1
+        events: list[ShardFailed] = []
+        for held in self._retire(index, head_running=True):
+            events += self._failed_unless_copied(held, message, actor_lost=True, retired=True)
         self._start_actor()
         return events
 
-    def _failed_unless_copied(self, call: _Call, error: str, actor_lost: bool) -> list[ShardFailed]:
+    def _on_actor_lost(self, call: _Call, error: str) -> list[ShardDone | ShardFailed]:
+        self.actors_lost += 1
+        node_lost = not self._runtime.node_alive(self._node_of.get(call.actor))
+        message = f"actor {call.actor} lost{' with its node' if node_lost else ''}: {error}"
+        log.warning("%s; replacing it", message)
+        events = self._failed_unless_copied(call, message, actor_lost=True, node_lost=node_lost)
+        for other in self._retire(call.actor, head_running=not call.started):
+            events += self._failed_unless_copied(other, message, actor_lost=True, node_lost=node_lost)
+        self._start_actor()
+        return events
+
+    def _failed_unless_copied(self, call: _Call, error: str, actor_lost: bool, killed: bool = False,
+                              node_lost: bool = False, retired: bool = False) -> list[ShardFailed]:
         # Another live copy of this shard may still succeed: then this failure does not count.
         live = [ref for ref in self._shard_futures.get(call.shard.shard_id, []) if ref not in self._cancelled]
         if live:
             return []
-        return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started)]
+        return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started, call.attempt_id, killed,
+                            node_lost, retired)]
 
-    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> set[str]:
-        """Stop every actor (their models go with them); return the ids of shards a killed actor may still write.
+    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> set[tuple[str, str]]:
+        """Stop every actor (their models go with them); return the (shard id, attempt id)s a killed actor may still
+        be writing.
 
         Cancel first: a queued call is dropped and a running one stops at its next batch boundary without
         committing. Once a call has returned, its shard is settled: nothing writes to it any more, so the driver
@@ -349,14 +586,14 @@ class RenderPool:
 
         Best effort: after a lost cluster these calls fail too, and the job's own outcome matters more.
         """
-        outstanding = {ref: call.shard.shard_id for ref, call in self._future_to_actor.items()}
+        outstanding = {ref: (call.shard.shard_id, call.attempt_id) for ref, call in self._future_to_actor.items()}
         unsettled = set(outstanding.values())
         try:
             for ref in outstanding:
-                _quietly(self._runtime.cancel, ref)
-            if outstanding:
-                running = self._runtime.wait_all(list(outstanding), grace_s)
-                unsettled = {outstanding[ref] for ref in running}
+                if ref not in self._cancelled:  # copies that lost a race were cancelled when they lost it
+                    _quietly(self._runtime.cancel, ref)
+            running = self._runtime.wait_all(list(outstanding), grace_s) if outstanding else []
+            unsettled = {outstanding[ref] for ref in running}
         except Exception as exc:  # noqa: BLE001 - every shard in flight stays unsettled
             log.debug("ignored during shutdown: %s", exc)
         finally:  # even on a second Ctrl-C: no actor outlives the driver's decision to stop

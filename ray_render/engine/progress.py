@@ -1,7 +1,8 @@
 """What a person watching the job sees while it runs: the progress bar (or log lines), and Ray metrics.
 
-- `Progress`: a tqdm bar on stderr (rows/s, ETA, failed and invalid counts) when stderr is a terminal; periodic
-  log lines otherwise (`ray job logs`, CI), so a job log shows where it is without control characters.
+- `Progress`: a tqdm bar on stderr (rows/s, ETA, failed and invalid counts) when stderr is a terminal, a notebook
+  bar (tqdm.auto) under Jupyter/IPython; periodic log lines otherwise (`ray job logs`, CI), so a job log shows where
+  it is without control characters.
 - `RenderMetrics`: counters and a histogram recorded inside the actors through `ray.util.metrics`; Ray exports
   them on each node's metrics endpoint, which the dashboard's Prometheus scrapes.
 """
@@ -15,6 +16,16 @@ import time
 from ray_render.output.schema import STATUSES, empty_counts
 
 log = logging.getLogger("ray_render")
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter (or other IPython kernel) session, where stderr is no terminal but a bar still shows."""
+    shell = sys.modules.get("IPython")
+    try:
+        ipython = shell.get_ipython() if shell is not None else None
+    except Exception:  # noqa: BLE001 - an IPython too old or too odd to ask: no notebook bar
+        return False
+    return ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
 
 
 class Progress:
@@ -32,7 +43,11 @@ class Progress:
         self._start_done = done_rows
         self._last_log = self._start
         self._bar = None
-        if enabled and getattr(self.stream, "isatty", lambda: False)():
+        if enabled and in_notebook():
+            from tqdm.auto import tqdm  # a widget where ipywidgets is installed, text in the cell otherwise
+
+            self._bar = tqdm(total=total_rows, initial=done_rows, unit="row", smoothing=0.1)
+        elif enabled and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_rows, initial=done_rows, unit="row", file=self.stream,
@@ -65,25 +80,34 @@ class Progress:
             self._log_line()
 
 
+# Ray exports a custom metric as "ray_" + its name, and a counter with "_total" appended: these names come out as
+# ray_render_rows_total, ray_render_errors_total and ray_render_render_seconds_{bucket,sum,count}.
+ROWS_METRIC = "render_rows"
+ERRORS_METRIC = "render_errors"
+RENDER_SECONDS_METRIC = "render_render_seconds"
+RENDER_SECONDS_BUCKETS = [0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
+
+
 class RenderMetrics:
     """Ray metrics recorded by an actor (create one per actor process: ray.util.metrics objects are per process).
 
-    Exported as `ray_ray_render_rows_total{status=...}`, `ray_ray_render_errors_total{kind=...}` and
-    `ray_ray_render_render_ms_bucket` on the node's metrics port, scraped by the dashboard's Prometheus.
+    Exported on the node's metrics port, scraped by the dashboard's Prometheus (cluster/grafana-dashboard.json
+    charts them): `ray_render_rows_total{model, status}` (manifest rows finished), `ray_render_errors_total{model,
+    kind}` (failed render calls: render, out_of_memory) and `ray_render_render_seconds` (a histogram of model time
+    per render call, in seconds).
     """
 
     def __init__(self, model: str) -> None:
         from ray.util import metrics
 
         tags = {"model": model}
-        self.rows = metrics.Counter("ray_render_rows", description="Manifest rows finished, by final status.",
+        self.rows = metrics.Counter(ROWS_METRIC, description="Manifest rows finished, by final status.",
                                     tag_keys=("model", "status"))
-        self.errors = metrics.Counter("ray_render_errors", description="Errors while rendering, by kind.",
+        self.errors = metrics.Counter(ERRORS_METRIC, description="Failed render calls, by kind.",
                                       tag_keys=("model", "kind"))
-        self.render_ms = metrics.Histogram("ray_render_render_ms", description="Model time per render call (ms).",
-                                           boundaries=[5, 20, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
-                                                       60000, 120000], tag_keys=("model",))
-        for metric in (self.rows, self.errors, self.render_ms):
+        self.render_seconds = metrics.Histogram(RENDER_SECONDS_METRIC, description="Model time per render call.",
+                                                boundaries=RENDER_SECONDS_BUCKETS, tag_keys=("model",))
+        for metric in (self.rows, self.errors, self.render_seconds):
             metric.set_default_tags(tags)
 
     def shard_done(self, counts: dict) -> None:
@@ -95,4 +119,4 @@ class RenderMetrics:
         self.errors.inc(1, tags={"kind": kind})
 
     def render_call(self, ms: float) -> None:
-        self.render_ms.observe(ms)
+        self.render_seconds.observe(ms / 1000.0)

@@ -4,9 +4,9 @@ the rows that are new or whose render settings changed.
 How a refresh works (every step is recomputed from the output itself, so a rerun after a crash finishes the job,
 and a second refresh of the same manifest renders nothing):
 
-1. Plan the manifest (Parquet footers only), remove leftovers of crashed attempts (`commits.remove_orphans`), and
-   start the actor pool. The model's revision and its parameter defaults come from the loaded model (the actors'
-   `info()` / `defaults()`), never from rendering, so a new model snapshot counts as a change.
+1. Plan the manifest (Parquet footers only), take the output's lease (the session also removes what crashed
+   attempts left), and start the actor pool. The model's revision and its parameter defaults come from the loaded
+   model (the actors' `info()` / `defaults()`), never from rendering, so a new model snapshot counts as a change.
 2. Index the output: the metadata of every committed shard, read for `id`, `status`, `row_fingerprint`,
    `model_revision`, `error` only (no image is read back). Shards of a refresh are named
    `g<generation>-<plan shard id>` (plain runs are generation 0). An id's *current* rows are those in the newest
@@ -21,14 +21,15 @@ and a second refresh of the same manifest renders nothing):
    failed before, ids that come back after being removed. Ids in the output but not in the manifest are removed.
 5. Render the rows to render as generation N = (highest generation in the output) + 1: one shard
    `gNNNN-<plan shard id>` per plan shard that has such rows, holding only those rows (`Shard.rows`). These are
-   ordinary shards: images under `images/<shard>/`, metadata under `metadata/<shard>.parquet`, a commit marker
-   written last, retries and straggler handling as in `run`. Images of unchanged rows stay where they are.
+   ordinary shards: attempts under their own names, committed in the commit log and then published as
+   `metadata/<shard>.parquet`, retries and straggler handling as in `run`. Images of unchanged rows stay where they
+   are.
 6. Supersede: rewrite each older metadata file (one atomic write per file) without the rows of ids that now have
    newer rows, and with the rows of removed ids set to status `removed`. Their images are deleted first (stale
    rows), and, with --prune, the images of removed rows too (their `image_uri` becomes null); without --prune a
    removed row keeps its image and its `image_uri`. Files whose schema differs from the new one (a passthrough
    column added or dropped, quality columns turned on) are rewritten to the union schema, so `metadata/` still
-   reads as one dataset. A shard that lost every row keeps an empty metadata file and its commit marker.
+   reads as one dataset. A shard that lost every row keeps an empty metadata file and its commit.
 7. Write the job record (the new plan, the settings, the model, `refresh` with this generation's counts) and the
    summary. A record with `refresh` makes `ray-render run` refuse the output: its shards no longer follow one plan.
 
@@ -58,6 +59,7 @@ import pyarrow as pa
 
 from ray_render import storage
 from ray_render.config import JOB_PIXEL_SETTINGS, ConfigError, JobConfig
+from ray_render.engine import manifests
 from ray_render.engine import plan as planning
 from ray_render.engine.driver import job_record, same_model
 from ray_render.engine.session import JobAborted, RunSession
@@ -121,19 +123,26 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
     """Refresh `job.out` from `job.manifests` (see the module docstring); print and return the Summary."""
     so = job.storage_options
     facts: dict = {}
-    with RunSession(job) as session:
+    with RunSession(job, "refresh") as session:
         summary = session.summary
         if job.limit is not None:
             raise ConfigError("--limit does not apply to refresh: rows past it would count as removed")
-        # 1. Plan; clear leftovers of crashed attempts; start the actors (the model says its revision)
-        plan = planning.plan(job.manifests, job.shard_size, so)
+        if job.retry_failed:
+            raise ConfigError("--retry-failed does not apply to refresh: a refresh renders failed rows again anyway")
+        # 1. Plan (a text manifest is staged as Parquet first, under the lease); take the output's lease (--overwrite
+        # clears it); start the actors (the model says its revision)
+        if manifests.needs_staging(job):
+            session.acquire_output()
+        manifest_files, sources = manifests.stage_manifests(job)
+        plan = planning.plan(manifest_files, job.shard_size, so, out=job.out,
+                             allowed_inside_out=(layout.MANIFESTS_DIR,))
         for warning in plan.warnings:
             log.warning(warning)
+        session.acquire_output()
         if job.overwrite:
-            commits.clear_output(job.out, so)
+            session.clear_output()
         previous = record.read_job_record(job.out, so)
-        committed = commits.committed_shard_ids(job.out, so)
-        commits.remove_orphans(job.out, committed, so)
+        committed = set(session.committed)
         old_schemas = _read_schemas(job.out, committed, so)
         plan = replace(plan, passthrough_schema=_passthrough_union(plan.passthrough_schema, old_schemas))
         pool = session.start_pool(plan)
@@ -158,9 +167,10 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         summary.rows_resumed = diff.unchanged
 
         # 5. Claim the output and render the rows to render as generation shards
-        session.claim_output(_record(job, plan, summary, facts))
+        session.claim_output(_record(job, plan, summary, facts, sources))
         if todo:
             session.dispatch(todo)
+            session.check_committed({shard.shard_id for shard in todo})
         session.stop_pool()  # from here only this driver writes to the output
 
         # 6. Supersede older rows, mark removed ids, prune, unify schemas
@@ -170,7 +180,7 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         target = _target_schema(job, plan, old_schemas)
         facts["pruned"] = supersede(job.out, committed, done, stale, rendered_ids, diff.removed, target, prune, so)
         facts["state"] = "done"
-        record.write_job_record(job.out, _record(job, plan, summary, facts), so)
+        record.write_job_record(job.out, _record(job, plan, summary, facts, sources), so)
     # 7. Print what changed and the summary
     if facts:
         print(f"refresh generation {facts['generation']}: {facts['new']} new, {facts['changed']} changed, "
@@ -184,8 +194,8 @@ def _generation_shard(generation: int, shard: planning.Shard, rows: list[int]) -
     return replace(shard, shard_id=generation_shard_id(generation, shard.shard_id), rows=subset)
 
 
-def _record(job: JobConfig, plan: planning.Plan, summary: Summary, facts: dict) -> dict:
-    return {**job_record(job, plan, summary), "refresh": dict(facts)}
+def _record(job: JobConfig, plan: planning.Plan, summary: Summary, facts: dict, sources: dict) -> dict:
+    return {**job_record(job, plan, summary, sources), "refresh": dict(facts)}
 
 
 def _same_job_settings(previous: dict | None, job: JobConfig, model: dict) -> bool:
@@ -330,8 +340,7 @@ def supersede(root: str, old_shards: set[str], new_shards: set[str], stale: dict
         if not (drop or marked or pruned) and table.schema.equals(target, check_metadata=False):
             return 0
         for row in doomed + pruned:  # images first: after a crash here the next attempt finds these rows again
-            storage.delete(layout.image_url(root, shard_id, row["id"], row["image_index"], row["format"]),
-                           storage_options)
+            storage.delete(layout.row_image_url(root, shard_id, row), storage_options)
         kept = []
         for row in rows:
             if row["id"] in drop:

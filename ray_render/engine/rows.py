@@ -7,13 +7,16 @@ Row rules (DESIGN.md "Manifest" is the contract):
   characters, valid UTF-8 and without NUL characters. An edit row (with `input_image`) still needs its prompt:
   NextStep's edit prompts carry the `<image>` marker.
 - `id`: a string (or an integer, used as its decimal text) matching ROW_ID_PATTERN, not "." or "..", not starting
-  with "."; a null id defaults to "h" + 20 hex digits of a hash of the prompt, the resolved render settings, the
-  explicit seed and the input image. Ids must be unique within a shard; a repeat is invalid and names the first row.
+  with "."; a null id defaults to "h" + 20 hex digits of a hash of the row's prompt, render columns, seed, input
+  image and preset and of the job's render settings (`default_row_id`). Ids must be unique across the plan; a
+  repeat is invalid and names the first row (the driver finds repeats across shards before rendering).
 - `seed`: a whole number from 0 to 2**63 - 1 (image k uses seed + k, which must fit too); a null seed is derived
   from the id, so a row's images do not depend on where it lands.
 - `input_image`: a URI string; null, empty or blank means "no input image".
 - Null cells mean "use the job default"; NaN and infinities are invalid.
 - Row numbers in messages are 0-based positions in the manifest file (the same as the `source_row` output column).
+  A staged manifest (engine/manifests.py) names the user's file instead of the staged copy, adds the line of a
+  text manifest, and carries the problem of a cell it could not convert: that row is invalid for it.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ from ray_render.config import (
     check_render_param,
     resolve_params,
 )
+from ray_render.engine import manifests
 from ray_render.engine.plan import (
+    DEFAULT_ID_COLUMNS,
     ROW_ID_PATTERN,
     ManifestError,
     Shard,
+    column_values,
     is_passthrough,
     is_text_type,
 )
@@ -138,21 +144,22 @@ class InvalidRow:
 
 
 def _table_to_rows(table: pa.Table) -> list[dict]:
+    columns = [_cells(column) for column in table.columns]
+    return [dict(zip(table.column_names, values)) for values in zip(*columns)]
+
+
+def _cells(column: pa.ChunkedArray) -> list:
+    if not is_text_type(column.type):
+        return column_values(column)
     try:
-        return table.to_pylist()
+        return column.to_pylist()
     except UnicodeDecodeError:
         pass
-    # Some string cell is not valid UTF-8. Keep the bytes (as surrogate escapes) so validation can name the row and
-    # column instead of failing the whole shard.
-    columns = []
-    for column in table.columns:
-        if is_text_type(column.type):
-            as_text = column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
-            raw = as_text.cast(pa.large_binary()).to_pylist()
-            columns.append([None if value is None else value.decode("utf-8", "surrogateescape") for value in raw])
-        else:
-            columns.append(column.to_pylist())
-    return [dict(zip(table.column_names, values)) for values in zip(*columns)]
+    # Some cell is not valid UTF-8. Keep the bytes (as surrogate escapes) so validation can name the row and column
+    # instead of failing the whole shard.
+    as_text = column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
+    raw = as_text.cast(pa.large_binary()).to_pylist()
+    return [None if value is None else value.decode("utf-8", "surrogateescape") for value in raw]
 
 
 def read_shard_rows(shard: Shard, storage_options: dict | None = None) -> list[dict]:
@@ -222,6 +229,28 @@ def _sha256(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
+def _canonical(name: str, value: object) -> object:
+    """A manifest cell as it decides the images: render parameters in their checked type (7 and 7.0 are one cfg),
+    a blank input image as none; a value that does not check stays as it is (the row is invalid anyway)."""
+    if name in RENDER_PARAMS:
+        try:
+            return check_render_param(name, value)
+        except ValueError:
+            return repr(value)
+    if name == "input_image" and isinstance(value, str):
+        return value.strip() or None
+    return value
+
+
+def default_row_id(row: dict, job: JobConfig) -> str:
+    """The id of a row that has none: "h" + 20 hex digits of a hash of what decides its images as the manifest says
+    it (DEFAULT_ID_COLUMNS) and of the job's own render settings. A function of the row's cells alone, so the driver
+    finds repeats across shards (engine/plan.py: mark_repeated_ids) before any row is rendered."""
+    cells = {name: _canonical(name, row.get(name)) for name in DEFAULT_ID_COLUMNS if row.get(name) is not None}
+    settings = {"preset": job.preset, "params": job.params, "presets": job.presets}
+    return "h" + _sha256({"row": {k: v for k, v in cells.items() if v is not None}, "job": settings})[:20]
+
+
 def base_params(model_defaults: dict) -> dict:
     """Every render parameter's lowest-precedence value: RenderRequest's field defaults, then the model's own."""
     request_defaults = {f.name: f.default for f in fields(RenderRequest)}
@@ -237,6 +266,13 @@ class _RowProblem(Exception):
         self.column = column
 
 
+def _where(row: dict, shard: Shard, row_index: int) -> tuple[str, str]:
+    """(the user's file, "manifest FILE row N[, line L]") of a row: a staged manifest's rows name their source."""
+    source = row.get(manifests.SOURCE_FILE) or shard.file
+    line = row.get(manifests.SOURCE_LINE)
+    return source, f"manifest {source} row {row_index}" + (f", line {line}" if line is not None else "")
+
+
 def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
                   job: JobConfig) -> list[RowTask | InvalidRow]:
     """One RowTask or InvalidRow per row, in order. Never raises for a bad value: that row alone is invalid."""
@@ -250,6 +286,7 @@ def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
         fallback_id = f"row-{shard.file_index}-{row_index}"
         row_id: str | None = None
         prompt = row.get("prompt")
+        source_file, where = _where(row, shard, row_index)
         try:
             raw_id = row.get("id")
             if isinstance(raw_id, int) and not isinstance(raw_id, bool):
@@ -264,25 +301,29 @@ def validate_rows(rows: list[dict], shard: Shard, *, model_defaults: dict,
                 if row_id in first_row_of_id:
                     raise _RowProblem("id", f"repeats the id of row {first_row_of_id[row_id]} in this shard")
                 first_row_of_id[row_id] = row_index
-            task = _resolve_row(row, row_index, row_id, defaults, presets, job, shard, passthrough)
+            if row.get(manifests.ERROR) is not None:  # a cell staging could not convert, or a line that is no row
+                raise _RowProblem(row.get(manifests.ERROR_COLUMN) or "", row[manifests.ERROR])
+            task = _resolve_row(row, row_index, row_id, defaults, presets, job, source_file, passthrough)
             if raw_id is None:
-                if task.id in first_row_of_id:
+                earlier = (repeated_elsewhere.get(row_index) or
+                           (f"row {first_row_of_id[task.id]} in this shard" if task.id in first_row_of_id else None))
+                if earlier:
                     raise _RowProblem("id", f"is empty, and its default id {task.id!r} (a hash of the prompt and "
-                                            f"settings) repeats row {first_row_of_id[task.id]} in this shard")
+                                            f"settings) repeats {earlier}; give the rows distinct ids or settings")
                 first_row_of_id[task.id] = row_index
             results.append(task)
         except _RowProblem as problem:
             shown_id = row_id if row_id is not None else fallback_id
-            where = f"manifest {shard.file} row {row_index} (id {shown_id!r})"
+            what = f"column {problem.column!r} {problem}" if problem.column else str(problem)
             usable_prompt = prompt if isinstance(prompt, str) and _text_problem(prompt, 10**9) is None else None
             results.append(InvalidRow(row_index=row_index, id=shown_id, column=problem.column,
-                                      error=f"{where}: column {problem.column!r} {problem}", passthrough=passthrough,
-                                      source_file=shard.file, prompt=usable_prompt))
+                                      error=f"{where} (id {shown_id!r}): {what}", passthrough=passthrough,
+                                      source_file=source_file, prompt=usable_prompt))
     return results
 
 
 def _resolve_row(row: dict, row_index: int, row_id: str | None, defaults: dict, presets: dict, job: JobConfig,
-                 shard: Shard, passthrough: dict) -> RowTask:
+                 source_file: str, passthrough: dict) -> RowTask:
     # 1. Prompt fields
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
@@ -332,10 +373,10 @@ def _resolve_row(row: dict, row_index: int, row_id: str | None, defaults: dict, 
         if not 0 <= seed <= highest:
             raise _RowProblem("seed", f"must be from 0 to {highest} (image k uses seed + k, an int64), got {seed}")
     if row_id is None:
-        row_id = "h" + _sha256({"prompt": prompt, "params": params, "seed": seed, "input_image": input_image})[:20]
+        row_id = default_row_id(row, job)
     if seed is None:
         seed = int(hashlib.sha256(row_id.encode()).hexdigest()[:15], 16)  # 60 bits: seed + k stays in int64
 
     fingerprint = _sha256({"prompt": prompt, "params": params, "seed": seed, "input_image": input_image})
     return RowTask(row_index=row_index, id=row_id, prompt=prompt, params=params, seed=seed, input_image=input_image,
-                   preset=preset, passthrough=passthrough, fingerprint=fingerprint, source_file=shard.file)
+                   preset=preset, passthrough=passthrough, fingerprint=fingerprint, source_file=source_file)

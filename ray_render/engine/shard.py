@@ -3,10 +3,12 @@
     prepare        read and validate the shard's rows, fetch input images, let the model check each request
     render_batches render compatible requests together; encode and store images meanwhile
     build_rows     one metadata row per image, and one per row that produced none, in manifest order
-    commit         write the metadata Parquet, then the commit marker (last: a crash before it commits nothing)
+    finish         write the attempt's metadata Parquet; the driver commits the attempt (output/commits.py)
 
-The render actor (engine/actor.py) runs all four for each shard; the benchmark baselines (tools/baselines.py) reuse
-the same steps without the actor's safety nets, so a comparison measures orchestration, not different work.
+An attempt writes only under its own names (images/<shard>/<attempt>/, _attempts/<shard>/<attempt>.parquet), so two
+copies of a shard never touch each other's files. The render actor (engine/actor.py) runs all four steps for each
+shard; the benchmark baselines (tools/baselines.py) reuse them without the actor's safety nets, so a comparison
+measures orchestration, not different work.
 
 Inside `render_batches`, a batch that raises is split in halves until the request that raised is alone; that one is
 tried `--retries` more times and then ends failed with its error; an out-of-memory halves the batch size for good.
@@ -26,12 +28,21 @@ import pyarrow as pa
 
 from ray_render import storage
 from ray_render.config import JobConfig
-from ray_render.engine import quality
+from ray_render.engine import quality, repairs
+from ray_render.engine.inputs import InputFetcher, InputRefused
 from ray_render.engine.journal import ShardJournal
 from ray_render.engine.plan import Shard
 from ray_render.engine.rows import InvalidRow, RowTask, read_shard_rows, validate_rows
-from ray_render.models.base import ImageModel, ModelOutOfMemory, RenderRequest, RowError, max_batch
-from ray_render.output import commits, images, layout
+from ray_render.models.base import (
+    ImageModel,
+    ModelOutOfMemory,
+    RenderRequest,
+    RowError,
+    check_edit_tags,
+    input_image_tag,
+    max_batch,
+)
+from ray_render.output import commits, images
 from ray_render.output.schema import empty_counts, metadata_table
 
 log = logging.getLogger("ray_render")
@@ -48,15 +59,22 @@ class ShardResult:
     """What the driver learns about a finished shard: counts and timings, never rows or images."""
 
     shard_id: str
-    attempt: int
-    rows: int  # input rows in the shard
-    counts: dict = field(default_factory=empty_counts)  # input rows by final status
-    images: int = 0  # images written
+    attempt: int  # the driver's count of this shard's attempts
+    attempt_id: str  # the names this attempt wrote under (unique per call, copies included)
+    rows: int  # input rows in the shard's metadata as this attempt wrote it (a repair's: the whole shard's)
+    counts: dict = field(default_factory=empty_counts)  # those rows by final status
+    images: int = 0  # images in that metadata
+    rendered: dict = field(default_factory=empty_counts)  # the rows this attempt rendered, by status
+    rendered_images: int = 0  # images this attempt wrote
+    failed_rows: list = field(default_factory=list)  # source rows that ended failed: what a repair renders again
+    base: str = ""  # a repair: the attempt it built on (engine/repairs.py)
     render_ms: float = 0.0  # model time
     wall_ms: float = 0.0
     worker: str = ""
     model: dict = field(default_factory=dict)  # ModelInfo as a dict
     batch_size: int = 0  # the renderer's batch size when it finished (smaller after an out-of-memory)
+    started_at: float = 0.0  # epoch seconds: when this attempt began reading its rows (the report's timeline)
+    finished_at: float = 0.0  # epoch seconds: when it committed
 
 
 @dataclass
@@ -80,13 +98,20 @@ class ShardWork:
     """A shard attempt between the steps: its rows as checked, the requests to render and how they went."""
 
     shard: Shard
+    attempt_id: str
     checked: list  # RowTask | InvalidRow per manifest row, in order
     items: list[_Item] = field(default_factory=list)
     row_errors: dict[int, str] = field(default_factory=dict)  # position -> why the row fails without rendering
+    edits: list[int] = field(default_factory=list)  # positions of edit rows: fetched and checked a batch at a time
+    poisoned: set[int] = field(default_factory=set)  # rows given up on for killing actors: never repaired
+    base_id: str = ""  # a repair: the attempt it builds on (engine/repairs.py) ...
+    base: pa.Table | None = None  # ... its metadata
+    only: dict | None = None  # ... and source row -> the image indices to render again (None: all of them)
     journal: ShardJournal | None = None
     pending: deque = field(default_factory=deque)  # image stores not yet waited for
     render_ms: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.time)  # epoch seconds, for the commit's timeline entry
 
 
 class _Inline:
@@ -108,13 +133,15 @@ class ShardRenderer:
     """Renders shard attempts with one model; see the module docstring for the four steps.
 
     `uploads`: the executor that encodes and stores images (a thread pool overlaps them with the next batch;
-    None stores inline). `journal`: write the shard journal that isolates rows killing the process (engine/
-    journal.py). `cancelled`: polled between batches; True stops the attempt without committing.
+    None stores inline). `input_roots`: where edit rows' input images may come from besides the job's own
+    --input-roots (the driver passes the manifests' directories; engine/inputs.py). `journal`:
+    write the shard journal that isolates rows killing the process (engine/journal.py). `cancelled`: polled between
+    batches; True stops the attempt without committing.
     """
 
     def __init__(self, model: ImageModel, job: JobConfig, schema: pa.Schema, worker: str, *,
-                 uploads: ThreadPoolExecutor | None = None, journal: bool = True, metrics=None,
-                 cancelled: Callable[[], bool] = lambda: False) -> None:
+                 input_roots: list[str] = (), uploads: ThreadPoolExecutor | None = None, journal: bool = True,
+                 metrics=None, cancelled: Callable[[], bool] = lambda: False) -> None:
         self.model = model
         self.job = job
         self.root = job.out
@@ -123,86 +150,102 @@ class ShardRenderer:
         self.worker = worker
         self.batch_size = job.batch_size
         self._uploads = uploads if uploads is not None else _Inline()
+        self._inputs = InputFetcher([*input_roots, *job.input_roots], self.so, max_bytes=job.max_input_bytes,
+                                    timeout_s=job.input_timeout_s)
         self._use_journal = journal
         self._metrics = metrics
         self._cancelled = cancelled
 
-    def render_shard(self, shard: Shard, attempt: int = 1) -> ShardResult:
-        """Render every row of `shard`, write its metadata Parquet, then commit it; returns the counts."""
-        work = self.prepare(shard)
+    def render_shard(self, shard: Shard, attempt: int, attempt_id: str, inherit: tuple[str, bool] | None = None,
+                     base: str | None = None) -> ShardResult:
+        """Render every row of `shard` as attempt `attempt_id` and write its metadata; returns the counts.
+        `inherit`: the previous attempt of the shard and whether its death is blamed on its rows (journal.py).
+        `base`: this is a repair of that attempt: only its failed images are rendered, and the metadata written is
+        the base's with those rows replaced (engine/repairs.py)."""
+        work = self.prepare(shard, attempt_id, inherit=inherit, base=base)
         self.render_batches(work)
         meta, counts, stored = self.build_rows(work)
-        return self.commit(work, meta, counts, stored, attempt)
+        return self.finish(work, meta, counts, stored, attempt)
 
     # -- 1. prepare ----------------------------------------------------------------------------------------------
 
-    def prepare(self, shard: Shard, rows: list[dict] | None = None) -> ShardWork:
-        """Read (unless `rows` are given) and validate the shard's rows; turn valid rows into checked requests."""
+    def prepare(self, shard: Shard, attempt_id: str, rows: list[dict] | None = None,
+                inherit: tuple[str, bool] | None = None, base: str | None = None) -> ShardWork:
+        """Read (unless `rows` are given) and validate the shard's rows; turn valid rows into checked requests.
+        Edit rows are only checked against the model's edit rules here: their input images are fetched, and their
+        requests checked, a batch at a time while rendering (render_batches)."""
         if rows is None:
             rows = read_shard_rows(shard, self.so)
-        work = ShardWork(shard, validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job))
+        work = ShardWork(shard, attempt_id,
+                         validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job))
         del rows
+        if base is not None:
+            work.base_id, work.base = base, commits.read_attempt_metadata(self.root, shard.shard_id, base, self.so)
+            work.only = repairs.failed_images(work.base)
         if self._use_journal:  # a row that killed earlier attempts' actors is not rendered again
-            work.journal = ShardJournal(self.root, shard.shard_id, self.job.retries, self.so)
-        inputs = self._fetch_inputs(work.checked)
+            work.journal = ShardJournal(self.root, shard.shard_id, attempt_id, self.job.retries, self.so, inherit)
+        tag = input_image_tag(self.model)
         for position, task in enumerate(work.checked):
             if isinstance(task, InvalidRow):
                 continue
             poison = work.journal.given_up(task.id) if work.journal else None
             if poison:
                 work.row_errors[position] = poison
+                work.poisoned.add(task.row_index)
                 continue
-            data = inputs.get(position)
-            if isinstance(data, BaseException):
-                if isinstance(data, FileNotFoundError):
-                    work.checked[position] = _invalid(task, "input_image", f"no such file {task.input_image!r}")
-                else:
-                    work.row_errors[position] = self._redact(f"input_image {task.input_image!r}: "
-                                                             f"{type(data).__name__}: {data}")
+            try:
+                if task.input_image:
+                    check_edit_tags(task.requests(b"")[0], tag)  # the tag rules need no image: fetch nothing yet
+                    work.edits.append(position)
+                    continue
+                requests = [self.model.check(request) for request in task.requests()]
+            except RowError as exc:
+                work.checked[position] = _invalid(task, "", str(exc))
+                continue
+            work.items += _wanted(work, position, requests)
+        return work
+
+    def _fetch_and_check(self, work: ShardWork, positions: list[int]) -> list[_Item]:
+        """Fetch the input images of these edit rows (concurrently, from the allowed roots, capped and timed) and
+        check their requests; a row whose fetch or check fails ends `invalid` or `failed` alone."""
+        tasks = {position: work.checked[position] for position in positions}
+        if work.journal is not None:  # a death while reading an input is that row's, as one inside the model
+            work.journal.rendering(sorted(task.id for task in tasks.values()))
+        fetched = self._inputs.fetch_many([task.input_image for task in tasks.values()])
+        items = []
+        for position, task in tasks.items():
+            data = fetched[task.input_image]
+            if isinstance(data, InputRefused):
+                work.checked[position] = _invalid(task, "input_image", str(data))
+                continue
+            if isinstance(data, Exception):
+                work.row_errors[position] = self._redact(f"input_image {data}")
                 continue
             try:
                 requests = [self.model.check(request) for request in task.requests(data)]
             except RowError as exc:
                 work.checked[position] = _invalid(task, "", str(exc))
                 continue
-            work.items += [_Item(position, k, request) for k, request in enumerate(requests)]
-        return work
-
-    def _fetch_inputs(self, checked: list) -> dict[int, bytes | BaseException]:
-        """Input images of edit rows, fetched concurrently: position -> bytes, or the error that stopped it."""
-        wanted = {position: task.input_image for position, task in enumerate(checked)
-                  if isinstance(task, RowTask) and task.input_image}
-        futures = {position: self._uploads.submit(storage.read_bytes, uri, self.so) for position, uri in wanted.items()}
-        fetched: dict[int, bytes | BaseException] = {}
-        for position, future in futures.items():
-            try:
-                fetched[position] = future.result()
-            except Exception as exc:  # noqa: BLE001 - the row fails, not the shard
-                fetched[position] = exc
-        return fetched
+            items += _wanted(work, position, requests)
+        return items
 
     # -- 2. render batches ---------------------------------------------------------------------------------------
 
     def render_batches(self, work: ShardWork) -> None:
-        """Render the requests in batches of compatible ones (the model's batch key); stores run meanwhile.
+        """Render the requests in batches of compatible ones (the model's batch key), the edit rows a batch of
+        inputs at a time; images are stored meanwhile.
 
         Returns once every image is stored, or raises: ShardCancelled when cancelled, a storage error when a store
         failed for good (the driver retries the shard; nothing is committed)."""
-        groups: dict = {}
-        for item in work.items:
-            key = self.model.batch_key(item.request)
-            if work.journal and work.checked[item.row].id in work.journal.suspects:
-                key = ("suspect", item.row, item.image_index)  # alone: a death now names exactly one row
-            groups.setdefault(key, []).append(item)
         try:
-            for group in groups.values():
-                # The model's memory planner may bound this shape below the job's batch size, which stays a cap.
-                size = min(self.batch_size, max_batch(self.model, group[0].request) or self.batch_size)
-                for start in range(0, len(group), size):
-                    if self._cancelled():
-                        self._done_rendering(work)  # a clean stop, not a death: the next attempt blames no row
-                        raise ShardCancelled(f"shard {work.shard.shard_id} cancelled")
-                    work.render_ms += self._render(group[start:start + size], work)
+            for batch in self._batches(work, work.items):
+                self._render_batch(batch, work)
+            for start in range(0, len(work.edits), self.batch_size):
+                self._stop_if_cancelled(work)
+                items = self._fetch_and_check(work, work.edits[start:start + self.batch_size])
+                work.items += items
+                for batch in self._batches(work, items):
+                    self._render_batch(batch, work)
             for future in work.pending:
                 future.result()  # storage errors fail the shard: the driver retries it, nothing is committed
             self._done_rendering(work)
@@ -210,7 +253,37 @@ class ShardRenderer:
             for future in work.pending:
                 future.cancel()
             wait(work.pending)  # an upload already running ends before the call does: a returned call writes nothing
+        self._stop_if_cancelled(work)
+
+    def _batches(self, work: ShardWork, items: list[_Item]) -> list[list[_Item]]:
+        """Items in batches of one batch key and at most _batch_limit; then each suspect alone, fewest deaths first,
+        so that a death names one row and an innocent suspect's success comes before a poison row's crash."""
+        groups: dict = {}
+        suspects = []
+        for item in items:
+            if work.journal and work.checked[item.row].id in work.journal.suspects:
+                suspects.append(item)
+            else:
+                groups.setdefault(self.model.batch_key(item.request), []).append(item)
+        batches = []
+        for group in groups.values():
+            size = self._batch_limit(group[0].request)
+            batches += [group[start:start + size] for start in range(0, len(group), size)]
+        suspects.sort(key=lambda item: work.journal.deaths.get(work.checked[item.row].id, 0))
+        return batches + [[item] for item in suspects]
+
+    def _batch_limit(self, request: RenderRequest) -> int:
+        """Requests per call for this shape: the job's batch size (smaller after an out-of-memory), or fewer when
+        the model's memory planner says only fewer fit; the job's batch size stays the cap."""
+        return min(self.batch_size, max_batch(self.model, request) or self.batch_size)
+
+    def _render_batch(self, batch: list[_Item], work: ShardWork) -> None:
+        self._stop_if_cancelled(work)
+        work.render_ms += self._render(batch, work)
+
+    def _stop_if_cancelled(self, work: ShardWork) -> None:
         if self._cancelled():
+            self._done_rendering(work)  # a clean stop, not a death: the next attempt blames no row
             raise ShardCancelled(f"shard {work.shard.shard_id} cancelled")
 
     def _render(self, batch: list[_Item], work: ShardWork) -> float:
@@ -232,6 +305,8 @@ class ShardRenderer:
         except Exception as exc:  # noqa: BLE001 - any model error: isolate the request that raised
             error = exc
         spent = (time.monotonic() - started) * 1000.0
+        if work.journal is not None:
+            work.journal.call_returned()
         if work.journal is not None and work.journal.suspects.intersection(row_ids):
             # A suspect survived its call: a death from here on (uploading, the next read) must not count against it.
             work.journal.done_rendering()
@@ -275,15 +350,17 @@ class ShardRenderer:
 
     def _queue_store(self, item: _Item, array: np.ndarray, work: ShardWork) -> None:
         row_id = work.checked[item.row].id
-        item.stored = self._uploads.submit(self._store, array, work.shard.shard_id, row_id, item.image_index)
+        item.stored = self._uploads.submit(self._store, array, work.shard.shard_id, work.attempt_id, row_id,
+                                           item.image_index)
         work.pending.append(item.stored)
         # Bound the images held in memory: wait for the oldest upload when the model runs ahead of storage.
         while len(work.pending) > MAX_PENDING_IMAGES:
             work.pending.popleft().result()
 
-    def _store(self, array: np.ndarray, shard_id: str, row_id: str, image_index: int) -> tuple[str, str, int, int]:
+    def _store(self, array: np.ndarray, shard_id: str, attempt_id: str, row_id: str,
+               image_index: int) -> tuple[str, str, int, int]:
         data = images.encode_image(array, self.job.format, self.job.quality)
-        uri = images.write_image(self.root, shard_id, row_id, image_index, self.job.format, data, self.so)
+        uri = images.write_image(self.root, shard_id, attempt_id, row_id, image_index, self.job.format, data, self.so)
         return uri, images.sha256_hex(data), int(array.shape[1]), int(array.shape[0])
 
     def _done_rendering(self, work: ShardWork) -> None:
@@ -293,10 +370,8 @@ class ShardRenderer:
     # -- 3. build rows -------------------------------------------------------------------------------------------
 
     def build_rows(self, work: ShardWork) -> tuple[list[dict], dict, int]:
-        """(metadata rows in manifest order, input rows by status, images stored). Also deletes images an earlier
-        attempt of this shard stored for images that failed now: no image without an ok row."""
+        """(metadata rows in manifest order, input rows by status, images stored)."""
         meta: list[dict] = []
-        stale: list[str] = []
         counts = empty_counts()
         stored = 0
         by_row: dict[int, list[_Item]] = {}
@@ -310,9 +385,9 @@ class ShardRenderer:
                 continue
             if position in work.row_errors:
                 meta.append(task.failed_row(work.row_errors[position], 1, **common))
-                failed_images = list(range(task.params["num_images"]))
+                failed = True
             else:
-                failed_images = []
+                failed = False
                 for item in by_row[position]:
                     if item.error is None:
                         uri, digest, width, height = item.stored.result()
@@ -324,31 +399,30 @@ class ShardRenderer:
                     else:
                         meta.append(task.failed_row(item.error, item.calls, image_index=item.image_index,
                                                     render_ms=item.render_ms, **common))
-                        failed_images.append(item.image_index)
-            counts["failed" if failed_images else "ok"] += 1
-            stale += [layout.image_url(self.root, work.shard.shard_id, task.id, k, self.job.format)
-                      for k in failed_images]
-        for _ in self._uploads.map(lambda url: storage.delete(url, self.so), stale):
-            pass
+                        failed = True
+            counts["failed" if failed else "ok"] += 1
         return meta, counts, stored
 
-    # -- 4. commit -----------------------------------------------------------------------------------------------
+    # -- 4. finish ------------------------------------------------------------------------------------------------
 
-    def commit(self, work: ShardWork, meta: list[dict], counts: dict, stored: int, attempt: int) -> ShardResult:
-        """Write the shard's metadata, then its commit marker (last); drop its journal; return what the driver
-        learns."""
+    def finish(self, work: ShardWork, meta: list[dict], counts: dict, stored: int, attempt: int) -> ShardResult:
+        """Write the attempt's metadata under its own name (a repair's: merged into its base's); return what the
+        driver needs to commit it."""
         shard = work.shard
-        commits.remove_temp_files(self.root, shard.shard_id, self.so)  # half-written images of killed attempts
-        commits.write_shard_metadata(self.root, shard.shard_id, metadata_table(meta, self.schema), self.so)
-        result = ShardResult(shard_id=shard.shard_id, attempt=attempt, rows=len(work.checked), counts=counts,
-                             images=stored, render_ms=work.render_ms,
+        table = metadata_table(meta, self.schema)
+        failed = [row for row in repairs.failed_rows(table) if row not in work.poisoned]  # another death each
+        totals, images, rows = counts, stored, len(work.checked)
+        if work.base is not None:
+            table = repairs.merge(work.base, table, work.only)
+            totals, images, rows = repairs.row_counts(table)
+        commits.write_attempt_metadata(self.root, shard.shard_id, work.attempt_id, table, self.so)
+        result = ShardResult(shard_id=shard.shard_id, attempt=attempt, attempt_id=work.attempt_id, rows=rows,
+                             counts=totals, images=images, rendered=counts, rendered_images=stored,
+                             failed_rows=list(failed), base=work.base_id,
+                             render_ms=work.render_ms,
                              wall_ms=(time.monotonic() - work.started) * 1000.0, worker=self.worker,
-                             model=asdict(self.model.info), batch_size=self.batch_size)
-        commits.commit_shard(self.root, shard.shard_id, {**asdict(result), "file": shard.file,
-                                                         "row_start": shard.row_start, "row_stop": shard.row_stop},
-                             self.so)
-        if work.journal is not None:
-            work.journal.delete()
+                             model=asdict(self.model.info), batch_size=self.batch_size,
+                             started_at=work.started_at, finished_at=time.time())
         if self._metrics is not None:
             self._metrics.shard_done(counts)
         return result
@@ -361,6 +435,12 @@ class ShardRenderer:
     def _count_error(self, kind: str) -> None:
         if self._metrics is not None:
             self._metrics.error(kind)
+
+
+def _wanted(work: ShardWork, position: int, requests: list[RenderRequest]) -> list[_Item]:
+    """The items to render of a row's requests: all of them, or in a repair only the images that failed."""
+    only = None if work.only is None else work.only.get(work.checked[position].row_index)
+    return [_Item(position, k, request) for k, request in enumerate(requests) if only is None or k in only]
 
 
 def _invalid(task: RowTask, column: str, message: str) -> InvalidRow:

@@ -1,15 +1,20 @@
 """The outcome of a run: the Summary printed at the end and written to the output root, and the exit codes.
 
-Exit codes (`Summary.exit_code`: the process status of `ray-render run`, `ray-render refresh` and the jobs/
-entrypoints), decided in one place, `Summary.finish`:
+Exit codes (`Summary.exit_code`: the process status of `ray-render run` and `ray-render refresh`), decided in one
+place, `Summary.finish`:
 
     0  EXIT_OK        every row of the plan is `ok`
-    1  EXIT_ROWS      the job finished, but some rows are `failed` or `invalid` (see the metadata's `error`)
     2  EXIT_ABORTED   aborted: bad configuration, unreadable manifest, output holding another job (without
-                      --overwrite), a model that does not load, storage gone, or more failed rows than
-                      --max-failed-fraction
-    3  EXIT_LOST      the Ray cluster was lost or the run was interrupted (Ctrl-C, `ray job stop`); rerun to resume
+                      --overwrite), a model that does not load, storage gone, crashes that are systematic, more
+                      failed rows than --max-failed-fraction, or a committed shard that vanished from the output
+    3  EXIT_LOST      the Ray cluster was lost or the run was interrupted (SIGTERM, Ctrl-C); rerun to resume
     4  EXIT_INTERNAL  an unexpected error inside ray-render (a bug): one line, the traceback with --verbose
+    5  EXIT_ROWS      the job finished, but some rows are `failed` or `invalid` (see the metadata's `error`)
+
+1 is never ray-render's: it is Python's own status for an error before ray-render runs (an import that fails), so
+an orchestrator may treat 5 as success without also taking a crash for one. The jobs/ entrypoints, which the
+cluster files run, do exactly that (exit 0 for 5) unless given --strict: one invalid row in a million must not make
+a RayJob FAILED and start new GPU clusters.
 """
 
 from __future__ import annotations
@@ -20,20 +25,29 @@ from datetime import datetime, timezone
 from ray_render.output.schema import STATUSES, empty_counts
 
 EXIT_OK = 0
-EXIT_ROWS = 1
 EXIT_ABORTED = 2
 EXIT_LOST = 3
 EXIT_INTERNAL = 4
+EXIT_ROWS = 5
 EXIT_CODES = {  # what --help prints
     EXIT_OK: "every row ok",
-    EXIT_ROWS: "finished, but some rows are failed or invalid (see the metadata's error column)",
     EXIT_ABORTED: "aborted: bad configuration, unreadable manifest, --out holding another job (without "
-                  "--overwrite), a model that does not load, storage unreachable, or more failed rows than "
-                  "--max-failed-fraction",
-    EXIT_LOST: "Ray cluster lost or run interrupted: rerun the same command to resume",
+                  "--overwrite), a model that does not load, storage unreachable, systematic crashes, more failed "
+                  "rows than --max-failed-fraction, or a committed shard that vanished",
+    EXIT_LOST: "Ray cluster lost or run interrupted (SIGTERM, Ctrl-C): rerun the same command to resume",
     EXIT_INTERNAL: "internal error (a bug in ray-render): one line, the traceback with --verbose",
+    EXIT_ROWS: "finished, but some rows are failed or invalid (see the metadata's error column); the jobs/ "
+               "entrypoints exit 0 for it unless given --strict",
 }
 STATES = ("running", "finished", "aborted", "interrupted", "failed")  # "failed": an internal error
+
+
+class JobAborted(Exception):
+    """The job cannot go on (exit code 2); the message says why and how to fix it."""
+
+
+class JobLost(Exception):
+    """The cluster went away or the run was interrupted (exit code 3); a rerun resumes."""
 
 
 def now_iso() -> str:
@@ -60,6 +74,13 @@ class Summary:
     shards_lost: list = field(default_factory=list)  # shard ids that failed every attempt (not committed)
     shard_retries: int = 0  # shard attempts beyond the first (actor lost, storage error, ...)
     actors_replaced: int = 0  # actors that died and were replaced
+    actors_retired: int = 0  # actors retired (and replaced) for failing far more rows than the others
+    rows_repaired: int = 0  # failed rows that a repair on another actor rendered ok (engine/repairs.py)
+    rows_suspected: int = 0  # rows made suspects (rendered alone next time) because an actor died rendering them
+    node_losses: int = 0  # attempts lost with their node (a preemption): nobody's fault, no suspects
+    actors_peak: int = 0  # the most render actors ready at once
+    actors_released: int = 0  # actors the elastic pool stopped because no work was left for them
+    actors_timeline: list = field(default_factory=list)  # [seconds since the pool started, actors ready] changes
     stragglers_reissued: int = 0  # copies of slow or queued shards given to idle actors
     rows_this_run: int = 0  # rows finished by this run
     images_this_run: int = 0
@@ -114,7 +135,8 @@ class Summary:
             f"  shards    {self.shards_committed}/{self.shards_total} committed ({self.shards_resumed} resumed, "
             f"{self.rows_resumed} rows)" + (f", lost: {', '.join(self.shards_lost)}" if self.shards_lost else ""),
             f"  faults    {self.shard_retries} shard retries, {self.actors_replaced} actors replaced, "
-            f"{self.stragglers_reissued} straggler copies",
+            f"{self.actors_retired} retired, {self.stragglers_reissued} straggler copies, {self.rows_repaired} "
+            f"failed rows repaired",
             f"  this run  {self.rows_this_run} rows, {self.images_this_run} images in {self.wall_s:.1f} s "
             f"({self.startup_s:.1f} s start-up, {self.rendering_s:.1f} s rendering: {self.rows_per_s:.1f} rows/s, "
             f"{self.images_per_s:.1f} images/s; model time {self.render_s:.1f} s)",

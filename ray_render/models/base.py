@@ -66,6 +66,40 @@ class ModelInfo:
     settings: dict = field(default_factory=dict, hash=False)
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a model renders by default and accepts, known without loading it (`models.describe_model`): for planning
+    a job and checking rows before any weights are read. Every field equals what the loaded model reports."""
+
+    name: str  # as given to describe_model / load_model
+    family: str  # "nextstep", "placeholder", ...
+    revision: str | None  # ModelInfo.revision of the loaded model; None where only loading it can tell
+    defaults: dict  # what the loaded model's defaults() returns
+    down_factor: int  # pixels per image-token side: width and height must be multiples of it
+    context_length: int | None  # tokens of prompt, image prefix and image a row may take; None: no such limit
+    source: str  # where the facts were read: a snapshot directory, a URL, or published defaults
+    settings: dict = field(default_factory=dict)  # what decided them (sampler version, edit model, and why)
+    # The sizes a cost estimate needs, for autoregressive families: parameters read per image token
+    # (`backbone_params`), per sampling step of the head (`head_params`), the token embeddings held in memory
+    # (`embedding_params`), `layers`, `head_layers`, and `kv_width` (key/value values per layer and position).
+    # Empty when the family has none of these.
+    architecture: dict = field(default_factory=dict)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Image tokens of one image of this size: one autoregressive step each."""
+        return (int(height) // self.down_factor) * (int(width) // self.down_factor)
+
+    def size_problem(self, width: int, height: int) -> str | None:
+        """Why this model cannot render width x height (the row's message), or None when it can."""
+        for name, value in (("width", width), ("height", height)):
+            if int(value) % self.down_factor:
+                return f"{name} must be a multiple of {self.down_factor} for this model, got {value}"
+        if self.context_length is not None and self.image_tokens(width, height) >= self.context_length:
+            return (f"{width}x{height} is {self.image_tokens(width, height)} image tokens, more than the model's "
+                    f"context of {self.context_length} tokens")
+        return None
+
+
 class ImageModel(Protocol):
     """A resident model that renders batches of requests on one device."""
 
@@ -105,6 +139,46 @@ class ImageModel(Protocol):
     # batch key) that one `render` call can hold on this model's device, or None when the model sets no limit
     # beyond the job's batch size. A memory planner reads it through the module-level `max_batch` below, so a
     # model without the method behaves as one that returns None.
+
+
+    # Optional: `input_image_tag: str | None`, the marker an edit prompt carries where the input image goes
+    # ("<image>" for NextStep), or None when the model cannot edit. The renderer fetches a row's input_image only
+    # when the model has a tag and the prompt holds it; read it through the module-level `input_image_tag`.
+
+
+EDIT_TAG = "<image>"  # the edit marker NextStep's prompts use; the placeholder model checks it the same way
+
+
+def same_model(old: dict, new: dict) -> bool:
+    """Whether two models (ModelInfo as dicts) render the same pixels for the same request: family, revision,
+    dtype, device type."""
+    same_device = str(old.get("device", "")).split(":")[0] == str(new.get("device", "")).split(":")[0]
+    return same_device and all(old.get(key) == new.get(key) for key in ("family", "revision", "dtype"))
+
+
+def input_image_tag(model: ImageModel) -> str | None:
+    """The marker of an edit prompt on this model, or None when it takes no input image."""
+    return getattr(model, "input_image_tag", None)
+
+
+def check_edit_tags(request: RenderRequest, tag: str | None) -> None:
+    """The edit rules every model applies alike: an input image needs a model that edits and exactly one tag in
+    the prompt; a tag needs an input image; the negative and positive prompts never hold one."""
+    if request.input_image is not None and tag is None:
+        raise RowError(f"{request.key}: input_image: this model cannot edit images; remove input_image, or use an "
+                       f"editing model (e.g. NextStep-1-Large-Edit)")
+    if tag is None:
+        return
+    for name in ("negative_prompt", "positive_prompt"):
+        if tag in getattr(request, name):
+            raise RowError(f"{request.key}: {name} must not contain {tag}")
+    tags = request.prompt.count(tag)
+    if request.input_image is not None and tags != 1:
+        raise RowError(f"{request.key}: prompt must contain exactly one {tag} when input_image is given "
+                       f"(found {tags})")
+    if request.input_image is None and tags:
+        raise RowError(f"{request.key}: prompt contains {tag} but no input_image was given; add input_image or "
+                       f"remove {tag}")
 
 
 def max_batch(model: ImageModel, request: RenderRequest) -> int | None:

@@ -25,9 +25,18 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from ray_render.models.base import ModelInfo, ModelOutOfMemory, RenderRequest, RowError
+from ray_render.models.base import (
+    EDIT_TAG,
+    ModelDescription,
+    ModelInfo,
+    ModelOutOfMemory,
+    RenderRequest,
+    RowError,
+    check_edit_tags,
+)
 
 REVISION = "placeholder-1"  # bump whenever the pixels for a request change
+DOWN_FACTOR = 16  # pixels per image token side of every NextStep model: sizes it could not render fail here too
 _DIRECTIVE = re.compile(r"\[placeholder:(raise|oom|invalid|crash|sleep=([0-9]*\.?[0-9]+))\]")
 
 
@@ -61,7 +70,16 @@ class PlaceholderModel:
             "num_sampling_steps": 2,
         }
 
+    input_image_tag = EDIT_TAG  # it "edits": the input image's bytes seed the picture
+
     def check(self, request: RenderRequest) -> RenderRequest:
+        """The checks a NextStep model makes that need no weights (a dry run finds the same bad rows): sizes, the
+        edit tag rules; then the [placeholder:invalid] directive."""
+        for name in ("width", "height"):
+            if getattr(request, name) % DOWN_FACTOR:
+                raise RowError(f"{request.key}: {name} must be a multiple of {DOWN_FACTOR}, got "
+                               f"{getattr(request, name)}")
+        check_edit_tags(request, self.input_image_tag)
         if "invalid" in _directives(request.prompt):
             raise RowError("prompt: [placeholder:invalid] asks the placeholder model to reject this row")
         return request
@@ -99,6 +117,14 @@ class PlaceholderModel:
         end = np.frombuffer(digest[3:6], dtype=np.uint8).astype(np.float32)
         ramp, shade = _pattern(request.width, request.height, digest[6] % 16, 2 + digest[7] % 6)
         return ((start + (end - start) * ramp) * shade).astype(np.uint8)  # (H, W, 3)
+
+
+def describe() -> ModelDescription:
+    """The placeholder as `models.describe_model` reports it: its defaults and revision; sizes follow the
+    manifest's rule (multiples of 16), and it has no context to run out of."""
+    model = PlaceholderModel()
+    return ModelDescription(name=model.info.name, family=model.info.family, revision=model.info.revision,
+                            defaults=model.defaults(), down_factor=16, context_length=None, source="built in")
 
 
 @functools.lru_cache(maxsize=64)

@@ -88,7 +88,7 @@ def _committed_dataset(out_root: str, storage_options: dict | None) -> ds.Datase
     """The committed shards' metadata as one dataset, schemas unified."""
     shard_ids = sorted(commits.committed_shard_ids(out_root, storage_options))
     if not shard_ids:
-        raise ExportError(f"{out_root}: no committed shards (no markers under {layout.COMMITS_DIR}/); "
+        raise ExportError(f"{out_root}: no committed shards (no commits in {layout.LOG_DIR}/); "
                           "run or resume the job first")
     fs, _ = storage.open_fs(out_root, storage_options)
     paths = [storage.open_fs(layout.metadata_url(out_root, shard_id), storage_options)[1] for shard_id in shard_ids]
@@ -254,7 +254,7 @@ def export(out_root: str, kind: str, dest: str, storage_options: dict | None = N
         raise ExportError(f"samples_per_shard must be a whole number >= 1, got {samples_per_shard!r}")
     if min_quality is not None and not 0.0 <= min_quality <= 1.0:
         raise ExportError(f"min_quality must be from 0 to 1, got {min_quality}")
-    for directory in (layout.METADATA_DIR, layout.IMAGES_DIR, layout.COMMITS_DIR):
+    for directory in (layout.METADATA_DIR, layout.IMAGES_DIR, layout.LOG_DIR, layout.ATTEMPTS_DIR):
         inside = storage.join(out_root, directory)
         if dest.rstrip("/") == inside or dest.startswith(inside + "/"):
             raise ExportError(f"export destination {dest} is inside the output's {directory}/; choose another one")

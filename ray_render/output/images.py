@@ -35,9 +35,9 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_image(root: str, shard_id: str, row_id: str, image_index: int, fmt: str, data: bytes,
+def write_image(root: str, shard_id: str, attempt_id: str, row_id: str, image_index: int, fmt: str, data: bytes,
                 storage_options: dict | None = None) -> str:
-    """Store encoded image bytes at their key; returns the image's full URL."""
-    url = image_url(root, shard_id, row_id, image_index, fmt)
+    """Store encoded image bytes at their key under the attempt that rendered them; returns the image's full URL."""
+    url = image_url(root, shard_id, attempt_id, row_id, image_index, fmt)
     storage.write_bytes(url, data, storage_options)
     return url

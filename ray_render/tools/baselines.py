@@ -10,8 +10,8 @@ function usually does), resume, and shard retries.
   `write_parquet` of the metadata. The renderer is a class, so each actor holds one resident model. Its actors
   take `num_cpus=0.5`: on a 2-CPU machine whole-CPU actors starve Ray Data's own read and write tasks and the job
   deadlocks.
-- `loop_render`: one process renders one prompt at a time, shard by shard, writing the same metadata files and
-  commit markers as the actors.
+- `loop_render`: one process renders one prompt at a time, shard by shard, writing the same attempt files as the
+  actors and publishing each shard's metadata as a commit does.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from ray_render import storage
 from ray_render.config import JobConfig
 from ray_render.engine.plan import Shard, plan
 from ray_render.engine.shard import ShardRenderer
-from ray_render.output import layout
+from ray_render.output import commits, layout
 from ray_render.output.schema import metadata_schema, metadata_table
+
+ATTEMPT_ID = "000000000000-1"  # the baselines render every shard once
 
 
 def _job(manifest_spec: str | list[str], out: str, model: str, batch_size: int, fmt: str, **options) -> JobConfig:
@@ -59,7 +61,7 @@ class RayDataRenderer:
         rows = batch.to_pylist()
         # Ray Data batches have no stable identity: each gets its own image directory.
         shard = Shard(f"rd-{uuid.uuid4().hex[:16]}", self.job.manifests[0], 0, len(rows))
-        work = self.renderer.prepare(shard, rows)
+        work = self.renderer.prepare(shard, ATTEMPT_ID, rows)
         self.renderer.render_batches(work)
         meta, _, _ = self.renderer.build_rows(work)
         return metadata_table(meta, self.renderer.schema)
@@ -107,7 +109,8 @@ def loop_render(manifest_spec: str | list[str], out: str, model: str = "placehol
     planned = plan(job.manifests, job.shard_size, job.storage_options)
     renderer = _renderer(job, planned.passthrough_schema, f"{socket.gethostname()}/loop/{os.getpid()}")
     for shard in planned.shards:
-        renderer.render_shard(shard)
+        renderer.render_shard(shard, 1, ATTEMPT_ID)
+        commits.publish(job.out, shard.shard_id, ATTEMPT_ID, job.storage_options)
     return count_output(job.out) if count else {}
 
 

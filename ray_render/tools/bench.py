@@ -231,12 +231,12 @@ def _work_actor(manifest: str, out: str, model: str, batch_sizes: list[int], row
     shards = plan.shards
     actor = RenderActor(job, 0, plan.passthrough_schema)
     actor.renderer.batch_size = max(batch_sizes)
-    actor.render_shard(shards[-1])  # warm-up: first calls allocate caches and load kernels
+    actor.render_shard(shards[-1], 1, "000000000000-0")  # warm-up: first calls allocate caches and load kernels
     measured = []
     for index, batch_size in enumerate(batch_sizes):
         shard = shards[index % (len(shards) - 1)]
         actor.renderer.batch_size = batch_size
-        result = actor.render_shard(shard)
+        result = actor.render_shard(shard, 1, f"000000000000-{index + 1}")
         # The same requests through model.render alone: what the actor would do with free encoding and storage.
         rows_read = read_shard_rows(shard)
         tasks = validate_rows(rows_read, shard, model_defaults=actor.model.defaults(), job=job)

@@ -10,34 +10,32 @@ Injectors (real mechanisms, nothing mocked):
   store, or after it was applied: the client cannot tell whether a PUT happened), delays others, and can go down
   for good (`down = True`) and come back.
 - `TinyOutOfMemoryAbove4`: the embedded tiny model that raises ModelOutOfMemory for model calls of more than 4
-  requests; load it with `--model ray_render.tools.chaos:TinyOutOfMemoryAbove4`. A poison row that kills its actor every
-  time is the placeholder model's `[placeholder:crash]` prompt directive.
+  requests; load it with `--model ray_render.tools.chaos:TinyOutOfMemoryAbove4`.
+- `PlaceholderOnBrokenDevice`: the placeholder model whose every call raises in one actor (a broken GPU) and
+  nowhere else.
+
+A poison row that kills its actor every time is the placeholder model's `[placeholder:crash]` prompt directive.
 
 Drills (`actor_chaos`, `driver_chaos`, `storage_chaos`, `poison_row`, `out_of_memory`) each run one job under one
-kind of fault, check its output with `check_output` and return a `Figures` row. `soak()` repeats them until time is
-up; `ray-render soak --minutes N` (or `python -m ray_render.tools.chaos`) prints the table as Markdown. The pytest group
-`-m chaos` runs the same drills and asserts their figures.
+kind of fault, check its output with `check_output` and return a `Figures` row. tools/soak.py repeats them (and the
+ownership drills of tools/ownership.py) until time is up: `ray-render soak --minutes N`. The pytest group `-m chaos`
+runs the same drills and asserts their figures.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import http.client
 import io
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -281,6 +279,41 @@ class TinyOutOfMemoryAbove4:
         return self.inner.render(requests)
 
 
+BROKEN_DEVICE_ENV = "RAY_RENDER_BROKEN_DEVICE"  # a file name: the first actor to create it has the broken device
+
+
+class PlaceholderOnBrokenDevice:
+    """The placeholder model, except in the one actor that creates the file named by $RAY_RENDER_BROKEN_DEVICE
+    first: there every model call raises at once, as on a GPU with a driver fault, while the other actors render
+    normally. `--model ray_render.tools.chaos:PlaceholderOnBrokenDevice`; for drills only."""
+
+    def __init__(self, **load_options) -> None:
+        from ray_render.models.placeholder import PlaceholderModel
+
+        self.inner = PlaceholderModel()
+        self.info = ModelInfo(**{**self.inner.info.__dict__,
+                                 "name": "ray_render.tools.chaos:PlaceholderOnBrokenDevice"})
+        self.broken = _claim(os.environ.get(BROKEN_DEVICE_ENV))
+
+    def __getattr__(self, name: str):  # everything else is the placeholder's
+        return getattr(self.inner, name)
+
+    def render(self, requests):
+        if self.broken:
+            raise RuntimeError("injected: CUDA error: an illegal memory access was encountered (a broken device)")
+        return self.inner.render(requests)
+
+
+def _claim(path: str | None) -> bool:
+    if not path:
+        return False
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checking an output root
 
@@ -369,10 +402,17 @@ class Figures:
     wall_s: float
     details: dict = field(default_factory=dict)
 
+    @property
+    def sha_mismatches(self) -> int:
+        """ok rows whose image is missing, does not decode or does not match its sha256 (part of `lost`)."""
+        checks = [self.details.get("check") or {}, (self.details.get("outage") or {}).get("check") or {}]
+        return sum(check.get("undecodable", 0) for check in checks)
+
 
 def write_manifest(path: str, rows: list[dict], storage_options: dict | None = None) -> str:
+    names = list(dict.fromkeys(key for row in rows for key in row))  # from_pylist reads the first row's keys only
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    pq.write_table(pa.Table.from_pylist([{name: row.get(name) for name in names} for row in rows]), buffer)
     storage.write_bytes(path, buffer.getvalue(), storage_options)
     return path
 
@@ -381,7 +421,7 @@ def _prompt_rows(n: int, suffix: str = "") -> list[dict]:
     return [{"id": f"r{i:05d}", "prompt": f"a photo of object number {i}{suffix}"} for i in range(n)]
 
 
-def _lost(check: OutputCheck) -> int:
+def lost_rows(check: OutputCheck) -> int:
     return check.lost + check.undecodable
 
 
@@ -409,16 +449,15 @@ def actor_chaos(workdir: str, *, rows: int = 2000, min_kills: int = 10, seed: in
     if len(killer.kills) < min_kills:
         raise RuntimeError(f"actor chaos: only {len(killer.kills)} kills before the job ended; lower the interval")
     return Figures("actor chaos (SIGKILL render actors)", f"{len(killer.kills)} actor kills", rows,
-                   check.by_status.get("ok", 0), check.duplicates, _lost(check), wall,
+                   check.by_status.get("ok", 0), check.duplicates, lost_rows(check), wall,
                    {"summary": summary.to_dict(), "check": check.__dict__, "kills": len(killer.kills)})
 
 
 def _orphan_shards(out: str) -> set[str]:
-    """Shards with images or metadata but no commit: work that was in flight and will be redone."""
+    """Shards with attempts but no commit: work that was in flight and will be redone."""
     committed = commits.committed_shard_ids(out)
-    started = {name for name in storage.list_names(storage.join(out, layout.IMAGES_DIR))}
-    started |= {name[:-len(".parquet")] for name in storage.list_names(storage.join(out, layout.METADATA_DIR))
-                if name.endswith(".parquet")}
+    started = set(storage.list_names(storage.join(out, layout.IMAGES_DIR)))
+    started |= set(storage.list_names(storage.join(out, layout.ATTEMPTS_DIR)))
     return started - committed
 
 
@@ -428,24 +467,24 @@ def kill_driver_repeatedly(command: list[str], out: str, *, kills: int, seed: in
     let the last run finish. Returns per-kill observations and the final exit status."""
     rng = random.Random(seed)
     observations = []
-    markers_before: dict[str, bytes] = {}
-    commits_dir = storage.join(out, layout.COMMITS_DIR)
+    commits_before: dict[str, tuple] = {}  # shard -> (log number, attempt) of its commit
     for _ in range(kills):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(*window))
         finished = process.poll() is not None
         process.send_signal(signal.SIGKILL)
         process.wait()
-        committed = commits.committed_shard_ids(out)
-        for shard_id in committed:
-            markers_before.setdefault(shard_id, storage.read_bytes(storage.join(commits_dir, f"{shard_id}.json")))
+        committed = commits.list_commits(out)
+        for shard_id, info in committed.items():
+            commits_before.setdefault(shard_id, (info["seq"], info["attempt"]))
         observations.append({"committed": len(committed), "in_flight": len(_orphan_shards(out)),
                              "finished_before_kill": finished})
     final = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout)
-    rewritten = sum(storage.read_bytes(storage.join(commits_dir, f"{shard_id}.json")) != data
-                    for shard_id, data in markers_before.items())
+    after = commits.list_commits(out)
+    recommitted = sum((after[shard_id]["seq"], after[shard_id]["attempt"]) != before
+                      for shard_id, before in commits_before.items())
     return {"kills": observations, "returncode": final.returncode, "stderr": final.stderr[-3000:],
-            "committed_markers_rewritten": rewritten}
+            "committed_shards_recommitted": recommitted}
 
 
 def driver_chaos(workdir: str, address: str, *, kills: int = 5, seed: int = 0, shards: int = 100,
@@ -467,7 +506,7 @@ def driver_chaos(workdir: str, address: str, *, kills: int = 5, seed: int = 0, s
     result.update(summary=summary, check=check.__dict__, in_flight_bound=actors * max_in_flight,
                   redone_max=max(k["in_flight"] for k in result["kills"]))
     return Figures("driver chaos (SIGKILL the driver, rerun)", f"{kills} driver kills", len(rows),
-                   check.by_status.get("ok", 0), check.duplicates, _lost(check), wall, result)
+                   check.by_status.get("ok", 0), check.duplicates, lost_rows(check), wall, result)
 
 
 def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 300, error_rate: float = 0.10,
@@ -530,7 +569,7 @@ def storage_chaos(workdir: str, upstream: dict, *, seed: int = 0, rows: int = 30
     return Figures("storage faults (10% 500/503, resets, delays)",
                    f"{injected} failed + {faults['delayed']} delayed of {faults['requests']} requests; 1 outage",
                    rows, check.by_status.get("ok", 0), check.duplicates + outage_check.duplicates,
-                   _lost(check) + _lost(outage_check), wall, details)
+                   lost_rows(check) + lost_rows(outage_check), wall, details)
 
 
 def poison_row(workdir: str, *, rows: int = 200, seed: int = 0, retries: int = 2) -> Figures:
@@ -549,7 +588,7 @@ def poison_row(workdir: str, *, rows: int = 200, seed: int = 0, retries: int = 2
     wall = time.monotonic() - started
     check = check_output(out, [row["id"] for row in manifest_rows])
     return Figures("poison row (kills its actor every time)", f"{summary.actors_replaced} actor deaths", rows,
-                   check.by_status.get("ok", 0), check.duplicates, _lost(check), wall,
+                   check.by_status.get("ok", 0), check.duplicates, lost_rows(check), wall,
                    {"summary": summary.to_dict(), "check": check.__dict__, "poison_id": manifest_rows[poison]["id"]})
 
 
@@ -570,116 +609,6 @@ def out_of_memory(workdir: str, *, rows: int = 48, batch_size: int = 16, steps: 
     markers = commits.list_commits(out)
     return Figures("out of memory at batch > 4 (tiny model)", f"batch {batch_size} -> "
                    f"{min(info['batch_size'] for info in markers.values())}", rows, check.by_status.get("ok", 0),
-                   check.duplicates, _lost(check), wall,
+                   check.duplicates, lost_rows(check), wall,
                    {"summary": summary.to_dict(), "check": check.__dict__,
                     "batch_sizes": sorted(info["batch_size"] for info in markers.values())})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Soak runner
-
-
-def figures_table(figures: list[Figures]) -> str:
-    """The reliability table as Markdown: one row per drill, sums over rounds."""
-    lines = ["| drill | faults injected | rows | ok | duplicates | lost rows | wall time |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for figure in figures:
-        lines.append(f"| {figure.drill} | {figure.faults} | {figure.rows:,} | {figure.ok:,} | {figure.duplicates} | "
-                     f"{figure.lost} | {figure.wall_s:.0f} s |")
-    return "\n".join(lines)
-
-
-def _combine(rounds: list[Figures]) -> Figures:
-    first = rounds[0]
-    if len(rounds) == 1:
-        return first
-    return Figures(f"{first.drill} x{len(rounds)}", "; ".join(dict.fromkeys(f.faults for f in rounds))[:200],
-                   sum(f.rows for f in rounds), sum(f.ok for f in rounds), sum(f.duplicates for f in rounds),
-                   sum(f.lost for f in rounds), sum(f.wall_s for f in rounds))
-
-
-def soak(minutes: float, *, seed: int = 0, workdir: str | None = None, actor_rows: int = 2000,
-         log=print) -> list[Figures]:
-    """Run every drill in rounds (new seed each round) until `minutes` have passed (at least one round).
-
-    Starts its own local Ray (2 CPUs) and an S3-compatible server (moto, a dev dependency) on 127.0.0.1.
-    """
-    import ray
-    from moto.server import ThreadedMotoServer
-
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    deadline = time.monotonic() + minutes * 60
-    results: dict[str, list[Figures]] = {}
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    upstream = {"key": "soak-key", "secret": "soak-secret", "endpoint_url": f"http://{host}:{port}",
-                "bucket": "ray-render-soak"}
-    fs, _ = storage.open_fs("s3://", {k: v for k, v in upstream.items() if k != "bucket"})
-    fs.mkdir(upstream["bucket"])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    address = ray.get_runtime_context().gcs_address
-    try:
-        round_index = 0
-        while True:
-            round_seed = seed + round_index
-            with tempfile.TemporaryDirectory(prefix="ray-render-soak-", dir=workdir) as scratch:
-                drills = [("actor", lambda seed=round_seed: actor_chaos(scratch, rows=actor_rows, seed=seed)),
-                          ("driver", lambda seed=round_seed: driver_chaos(scratch, address, seed=seed)),
-                          ("storage", lambda seed=round_seed: storage_chaos(scratch, upstream, seed=seed)),
-                          ("poison", lambda seed=round_seed: poison_row(scratch, seed=seed)),
-                          ("oom", lambda: out_of_memory(scratch))]
-                for name, drill in drills:
-                    figure = drill()
-                    results.setdefault(name, []).append(figure)
-                    log(f"round {round_index} {name}: {figure.faults}, {figure.ok}/{figure.rows} ok, "
-                        f"{figure.duplicates} duplicates, {figure.lost} lost, {figure.wall_s:.0f} s")
-            round_index += 1
-            if time.monotonic() >= deadline:
-                break
-    finally:
-        ray.shutdown()
-        server.stop()
-    return [_combine(rounds) for rounds in results.values()]
-
-
-def add_soak_parser(subparsers) -> None:
-    """`ray-render soak`: cli.py lists this in SUBCOMMANDS."""
-    parser = subparsers.add_parser("soak", help="fault-injection drills in rounds; prints the reliability table",
-                                   description="Run the fault-injection drills (actor kills, driver kills, "
-                                               "storage faults and an outage, a poison row, out-of-memory) in "
-                                               "rounds until --minutes have passed; print the figures as Markdown. "
-                                               "Starts its own local Ray and S3-compatible server on 127.0.0.1.")
-    _soak_options(parser)
-    parser.set_defaults(handler=cmd_soak)
-
-
-def _soak_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--minutes", type=float, default=0.0, help="keep running rounds this long (default: 0, "
-                        "one round)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first round (default: 0)")
-    parser.add_argument("--actor-rows", dest="actor_rows", type=int, default=2000,
-                        help="rows of the actor-chaos job (default: 2000)")
-    parser.add_argument("--workdir", default=None, help="scratch directory (default: the system's temp dir)")
-    parser.add_argument("--json", dest="json_path", default=None, help="also write the figures as JSON here")
-
-
-def cmd_soak(args: argparse.Namespace) -> int:
-    with contextlib.redirect_stdout(sys.stderr):  # each job prints its summary: keep stdout for the table
-        figures = soak(args.minutes, seed=args.seed, workdir=args.workdir, actor_rows=args.actor_rows,
-                       log=lambda text: print(text, file=sys.stderr, flush=True))
-    print(figures_table(figures))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps([f.__dict__ for f in figures], indent=2, default=str))
-    return 0 if all(f.duplicates == 0 and f.lost == 0 for f in figures) else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_render.tools.chaos",
-                                     description="Fault-injection soak runner.")
-    _soak_options(parser)
-    return cmd_soak(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

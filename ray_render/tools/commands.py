@@ -30,9 +30,9 @@ def add_bench_parser(subparsers) -> None:
 
 
 def add_soak_parser(subparsers) -> None:
-    from ray_render.tools import chaos  # fault-injection drills: `ray-render soak --minutes N`
+    from ray_render.tools import soak  # fault and ownership drills: `ray-render soak --minutes N`
 
-    chaos.add_soak_parser(subparsers)
+    soak.add_soak_parser(subparsers)
 
 
 def add_doctor_parser(subparsers) -> None:

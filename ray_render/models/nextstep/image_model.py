@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ray_render.config import check_render_param
-from ray_render.models.base import ModelInfo, ModelOutOfMemory, RenderRequest, RowError
+from ray_render.models.base import ModelInfo, ModelOutOfMemory, RenderRequest, RowError, check_edit_tags
 from ray_render.models.nextstep import vae as vae_lib
 from ray_render.models.nextstep.config import NextStepConfig
 from ray_render.models.nextstep.decoder import Decoder, resolve_compile
@@ -88,6 +88,11 @@ class NextStepImageModel:
     def defaults(self) -> dict:
         return dict(self._defaults)
 
+    @property
+    def input_image_tag(self) -> str | None:
+        """`<image>` when this snapshot can edit (its VAE has an encoder), else None: see base.ImageModel."""
+        return IMAGE_TAG if self.has_encoder else None
+
     def check(self, request: RenderRequest) -> RenderRequest:
         """The request to render, with its input image decoded into `input_pixels`; RowError naming the field and
         the allowed values when this model cannot render it."""
@@ -115,24 +120,17 @@ class NextStepImageModel:
                 if token in getattr(request, name):
                     fail(f"{name} contains the control token {token!r}; remove it (control tokens are the model's "
                          "own markup, not text)")
-        for name in ("negative_prompt", "positive_prompt"):
-            if IMAGE_TAG in getattr(request, name):
-                fail(f"{name} must not contain {IMAGE_TAG}")
-        tags = request.prompt.count(IMAGE_TAG)
+        if request.input_image is not None and not self.has_encoder:
+            fail("input_image: this model's VAE has no encoder, so it cannot edit images; "
+                 "remove input_image and <image> or use an editing model (e.g. NextStep-1-Large-Edit)")
+        check_edit_tags(request, IMAGE_TAG)
         if request.input_image is not None:
-            if not self.has_encoder:
-                fail("input_image: this model's VAE has no encoder, so it cannot edit images; "
-                     "remove input_image and <image> or use an editing model (e.g. NextStep-1-Large-Edit)")
-            if tags != 1:
-                fail(f"prompt must contain exactly one {IMAGE_TAG} when input_image is given (found {tags})")
             try:
                 pixels = decode_input_image(request.input_image, int(request.width), int(request.height),
                                             self.edit_input)
             except InputImageError as e:
                 fail(f"input_image: {e}")
             request = dataclasses.replace(request, input_pixels=pixels)
-        elif tags:
-            fail(f"prompt contains {IMAGE_TAG} but no input_image was given; add input_image or remove {IMAGE_TAG}")
         gh, gw = self.parts.grid(request.height, request.width)
         longest = max(self.parts.prompts.count(t) for t in self.parts.texts(request))
         if longest + PREFIX_ALLOWANCE + gh * gw > self.config.max_position_embeddings:

@@ -18,6 +18,7 @@ from ray_render.models.nextstep import snapshot as snap
 from ray_render.models.nextstep import vae as vae_lib
 from ray_render.models.nextstep.config import NextStepConfig
 from ray_render.models.nextstep.decoder import resolve_compile
+from ray_render.models.nextstep.describe import render_defaults, snapshot_revision
 from ray_render.models.nextstep.image_model import NextStepImageModel
 from ray_render.models.nextstep.model import NextStepModel, short_listing
 from ray_render.models.nextstep.resolve import resolve, resolve_vae
@@ -25,14 +26,6 @@ from ray_render.models.nextstep.selfcheck import SUPPORTED_ATTENTION, check_back
 
 logger = logging.getLogger(__name__)
 
-# Published defaults (NEXTSTEP.md): NextStep-1 and NextStep-1.1; edit models add shift 3.2 and cfg_img 2.0.
-VERSION_DEFAULTS = {
-    "1": {"num_sampling_steps": 50, "cfg": 7.5, "use_norm": True, "timesteps_shift": 1.0, "width": 512,
-          "height": 512, "cfg_schedule": "constant"},
-    "1.1": {"num_sampling_steps": 28, "cfg": 7.5, "use_norm": False, "timesteps_shift": 1.0, "width": 512,
-            "height": 512, "cfg_schedule": "constant"},
-}
-EDIT_DEFAULTS = {"timesteps_shift": 3.2, "cfg_img": 2.0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -189,17 +182,12 @@ def load_nextstep(name: str, *, vae: str | None = None, revision: str | None = N
     tokenizer.model_max_length = config.max_position_embeddings
     vae_model, vae_config, has_encoder = load_vae(vae_dir, dev, torch_dtype)
 
-    # 4. Render defaults: the version's, the edit model's, then the snapshot's own render_defaults.json.
-    defaults = dict(VERSION_DEFAULTS[config.version])
-    if identity.edit:
-        defaults.update(EDIT_DEFAULTS)
-        if not has_encoder:
-            logger.warning("%s looks like an edit model (%s) but its VAE has no encoder", directory,
-                           identity.edit_source)
-    defaults.update(snap.read_render_defaults(directory))
-
-    outside_vae = [] if vae_dir.is_relative_to(directory) else [vae_dir]
-    revision_id = found.revision or snap.fingerprint(directory, *outside_vae)
+    # 4. Render defaults: the version's, the edit model's, then the snapshot's own render_defaults.json (the same
+    # rule and revision as describe.describe_nextstep, which answers without loading).
+    defaults = render_defaults(config.version, identity.edit, directory)
+    if identity.edit and not has_encoder:
+        logger.warning("%s looks like an edit model (%s) but its VAE has no encoder", directory, identity.edit_source)
+    revision_id = snapshot_revision(found, directory, vae_dir)
     settings = {"sampler": f"NextStep-{config.version}", "sampler_source": config.version_source,
                 "edit_model": identity.edit, "edit_source": identity.edit_source, "rope_precision": rope,
                 "noise": noise, "noise_device": dev.type, "edit_input": edit_input,

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-IMAGE_TAG = "<image>"
+from ray_render.models.base import EDIT_TAG
+
+IMAGE_TAG = EDIT_TAG  # "<image>": where an edit prompt puts its input image
 IMAGE_AREA = "<|image_area|>"
 
 

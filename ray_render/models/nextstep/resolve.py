@@ -51,13 +51,17 @@ def model_cache_dir() -> Path:
     return Path(root)
 
 
-def resolve(name: str, *, revision: str | None = None, storage_options: dict | None = None) -> Resolved:
-    """Local directory for `name` (see the module docstring)."""
+def resolve(name: str, *, revision: str | None = None, storage_options: dict | None = None,
+            download: bool = True) -> Resolved:
+    """Local directory for `name` (see the module docstring). `download=False` finds only what is already on this
+    machine (the hub cache, no URL copy): for describing a model without fetching its weights."""
     if name == "tiny":
         return Resolved(tiny_dir(), "tiny")
     if name.startswith("file://"):
         name = name[len("file://"):]
     elif "://" in name:
+        if not download:
+            raise ResolveError(f"{name}: an fsspec URL, and fetching it was not allowed here")
         return Resolved(fetch_url(name, storage_options or {}), "url")
     path = Path(name).expanduser()
     if path.exists():
@@ -65,7 +69,7 @@ def resolve(name: str, *, revision: str | None = None, storage_options: dict | N
             raise ResolveError(f"{path}: a model must be a snapshot directory, not a file")
         return Resolved(path.resolve(), "local")
     if HUB_ID.match(name):
-        path, commit = hub_snapshot(name, revision)
+        path, commit = hub_snapshot(name, revision, download=download)
         return Resolved(path, "hub", commit)
     raise ResolveError(f"model {name!r}: no such directory, and not a Hugging Face repo id (owner/name) or an "
                        "fsspec URL (s3://..., gs://...)")
@@ -86,8 +90,9 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def hub_snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
-    """(snapshot directory, commit) of a hub repo: the local cache first, the network only if allowed."""
+def hub_snapshot(repo_id: str, revision: str | None = None, download: bool = True) -> tuple[Path, str]:
+    """(snapshot directory, commit) of a hub repo: the local cache first, the network only if allowed (not with
+    `download=False`)."""
     from huggingface_hub import snapshot_download
 
     cache = _hub_cache()
@@ -95,10 +100,11 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
         path = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True,
                                  allow_patterns=HUB_PATTERNS)
     except Exception as cached_error:  # noqa: BLE001 - huggingface_hub raises several kinds for "not cached"
-        if _hub_offline():
+        if _hub_offline() or not download:
             where = cache or "the default hub cache"
             raise ResolveError(f"{repo_id}{'@' + revision if revision else ''}: no such local directory; as a "
-                               f"Hugging Face repo id it is not in {where} and HF_HUB_OFFLINE is set "
+                               f"Hugging Face repo id it is not in {where} and "
+                               f"{'HF_HUB_OFFLINE is set' if download else 'downloading was not allowed here'} "
                                f"({type(cached_error).__name__}: {cached_error})") from None
         try:
             path = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=HUB_PATTERNS)
@@ -182,7 +188,7 @@ def fetch_url(url: str, storage_options: dict, cache_root: Path | None = None) -
 # The VAE -----------------------------------------------------------------------------------------------------
 
 def resolve_vae(vae: str | None, snapshot: Path, config_vae_path: str | None, *, revision: str | None = None,
-                storage_options: dict | None = None) -> Path:
+                storage_options: dict | None = None, download: bool = True) -> Path:
     """Directory holding the VAE's config.json + checkpoint.pt.
 
     `vae` (the caller's override) is resolved like a model name; otherwise config.json's vae_name_or_path is
@@ -191,7 +197,7 @@ def resolve_vae(vae: str | None, snapshot: Path, config_vae_path: str | None, *,
     `vae/` is used, as the official loaders fall back to it.
     """
     if vae is not None:
-        base = resolve(vae, revision=None, storage_options=storage_options).path
+        base = resolve(vae, revision=None, storage_options=storage_options, download=download).path
         what = f"vae {vae!r}"
     else:
         name = config_vae_path or "vae"
@@ -202,7 +208,7 @@ def resolve_vae(vae: str | None, snapshot: Path, config_vae_path: str | None, *,
             base = candidate
         elif "://" in name or (HUB_ID.match(name.rstrip("/")) and not Path(name).exists()):
             try:
-                base = resolve(name.rstrip("/"), storage_options=storage_options).path
+                base = resolve(name.rstrip("/"), storage_options=storage_options, download=download).path
             except ResolveError as e:
                 if not _holds_vae(own):
                     raise

@@ -8,7 +8,8 @@
     render_defaults.json                 optional, ours: the snapshot's native render defaults
 
 Every error names the file and what was expected. Weights are read with safetensors or
-torch.load(weights_only=True) only.
+torch.load(weights_only=True) only. Importing this module imports no torch: describing a snapshot without loading
+it (describe.py) reads its JSON files only.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-
-import torch
 
 from ray_render.models.nextstep.config import NextStepConfig
 
@@ -73,6 +72,8 @@ def write_snapshot(directory, config, model_state_dict: dict, tokenizer_dir_or_o
     vae_dir = directory / "vae"
     vae_dir.mkdir(exist_ok=True)
     (vae_dir / VAE_CONFIG_FILE).write_text(json.dumps(vae_config, indent=2) + "\n")
+    import torch
+
     plain = {k: v.detach().cpu().contiguous() for k, v in vae_official_state_dict.items()}
     torch.save(plain, vae_dir / VAE_WEIGHTS_FILE)
     if render_defaults is not None:
@@ -215,6 +216,8 @@ def read_vae(vae_dir) -> tuple[dict, dict]:
         vae_config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise SnapshotError(f"{cfg_path}: not valid JSON ({e})") from None
+    import torch
+
     try:
         sd = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling refusal or corrupt file
