@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
@@ -98,6 +102,23 @@ def test_actor_batches_no_more_than_the_model_plans(tmp_path, make_manifest):
     small.renderer.model = capped = PlannedPlaceholder()
     small.render_shard(plan.shards[0], 1, "000000000000-9")
     assert capped.calls == [2, 2, 2, 2]  # --batch-size stays a cap below the planner's
+
+
+START_AN_ACTOR = """
+import sys
+from ray_render.config import JobConfig
+from ray_render.engine.actor import RenderActor
+RenderActor(JobConfig(manifests=["m.parquet"], out=sys.argv[1], model="placeholder"), 0, log_level=int(sys.argv[2]))
+"""
+
+
+def test_an_actor_logs_its_model_at_the_drivers_level(tmp_path):
+    # In its own process, as a Ray actor is: what it logs reaches stderr, which Ray forwards to the driver.
+    for level, shown in ((logging.INFO, True), (logging.WARNING, False)):
+        started = subprocess.run([sys.executable, "-c", START_AN_ACTOR, str(tmp_path / "out"), str(level)],
+                                 capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+        assert started.returncode == 0, started.stderr[-2000:]
+        assert ("actor0: model placeholder loaded on" in started.stderr) == shown, started.stderr
 
 
 def test_actor_writes_every_row_once_with_its_settings(tmp_path, make_manifest):

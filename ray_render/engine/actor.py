@@ -7,7 +7,9 @@ so prompts and images never travel through the driver: it receives an `engine.pl
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -22,6 +24,21 @@ from ray_render.models import load_model
 from ray_render.output.schema import metadata_schema
 
 UPLOAD_THREADS = 8  # encode + upload run here while the model renders the next batch
+
+log = logging.getLogger("ray_render")
+
+
+def _log_to_stderr(level: int) -> None:
+    """ray_render's log lines of this process on stderr at `level`. A Ray worker process configures no logging, so
+    only warnings would reach its stderr (Python's last-resort handler), which Ray forwards to the driver's console;
+    with this the actor's info lines (its model loaded, the memory planner's batches) reach it too."""
+    logger = logging.getLogger("ray_render")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
 
 
 def _node_id() -> str | None:
@@ -63,13 +80,19 @@ class RenderActor:
     """One resident model on one device; `render_shard` does a whole shard from reading rows to the commit."""
 
     def __init__(self, job: JobConfig, index: int = 0, passthrough_schema: pa.Schema | None = None,
-                 input_roots: list[str] = ()) -> None:
+                 input_roots: list[str] = (), log_level: int | None = None) -> None:
         """`passthrough_schema` is the plan's (all manifest files): every shard then writes the same columns.
-        `input_roots`: where edit rows' input images may come from (engine/inputs.py)."""
+        `input_roots`: where edit rows' input images may come from (engine/inputs.py). `log_level`: the driver's,
+        for an actor in a process of its own (see _log_to_stderr); None leaves this process's logging as it is."""
+        if log_level is not None:
+            _log_to_stderr(log_level)
         self.job = job
         self.index = index
         self.model = load_model(job.model, **job.model_options())
         self.worker = _worker_name(index)
+        info = self.model.info
+        steps = {"on": ", compiled token steps", "off": ", eager token steps"}.get(info.settings.get("compile"), "")
+        log.info("%s: model %s loaded on %s (%s)%s", self.worker, job.model, info.device, info.dtype, steps)
         self._in_ray = _in_ray_actor()
         schema = metadata_schema(passthrough_schema, quality_columns=job.scores_quality)
         self.renderer = ShardRenderer(

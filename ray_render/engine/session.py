@@ -360,11 +360,13 @@ def _start_pool(job: JobConfig, plan: Plan, run_id: str, shards: int, expected_m
     log.info("starting %d render actor(s) (%s, model %s)", num_actors,
              f"{options['num_gpus']:g} GPU each" if use_gpus else f"{job.cpus_per_actor:g} CPU each", job.model)
     roots = input_roots(job, plan)
+    log_level = log.getEffectiveLevel()  # the actors log at the driver's level (--log-level)
 
     def make_actor(index: int, avoid_nodes: tuple[str, ...]):
         # Ray's label selector: placed on none of the nodes where the pool retired an actor (engine/pool.py).
         where = {"label_selector": {"ray.io/node-id": f"!in({','.join(avoid_nodes)})"}} if avoid_nodes else {}
-        return actor_class.options(**options, **where).remote(actor_job, index, plan.passthrough_schema, roots)
+        return actor_class.options(**options, **where).remote(actor_job, index, plan.passthrough_schema, roots,
+                                                              log_level)
 
     return RenderPool(make_actor, num_actors, job.max_in_flight, run_id=run_id, call_timeout_s=job.call_timeout_s,
                       expected_model=expected_model, same_model=same_model)
