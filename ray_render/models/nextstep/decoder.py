@@ -27,6 +27,7 @@ import torch._inductor.config
 
 from ray_render.models.nextstep.backbone import BackboneWeights
 from ray_render.models.nextstep.model import NextStepModel
+from ray_render.models.nextstep.planner import PREFIX_TOKENS, PROMPT_TOKENS
 from ray_render.models.nextstep.step import StepBuffers, StepShape, TokenStep
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,13 @@ class Decoder:
     def capacity(self, prompt_length: int, tokens: int) -> int:
         """Cache slots for a call: the prompt and every token fed back (the last one too: its step runs whole),
         rounded up to the length bucket, plus one spare slot so that no attention window is the whole cache (a
-        window is then always a strided view, one layout for one compiled graph)."""
+        window is then always a strided view, one layout for one compiled graph).
+
+        Compiled steps get room for prompts as long as the memory planner budgets for: the cache length is a
+        static size of the compiled step, so a later call's longer prompt would otherwise grow the cache, compile
+        the step again (minutes at full size) and capture its graphs again."""
+        if self.compiled:
+            prompt_length = max(prompt_length, PROMPT_TOKENS + PREFIX_TOKENS)
         return round_up(prompt_length + tokens, self.length_bucket) + 1
 
     def window(self, position: int) -> int:
