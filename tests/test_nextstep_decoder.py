@@ -61,3 +61,26 @@ def test_a_decode_step_reads_only_its_window(model):
     assert torch.isfinite(poisoned).all()
     torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
     assert not torch.equal(keys[0][:, :, window - 1], slot_before)  # it wrote its own key at `position`
+
+
+def test_the_token_loop_reads_nothing_back_to_the_host(model, monkeypatch):
+    # On CUDA every read of a tensor's value on the host (.item(), bool(), int(), .tolist(), .cpu()) waits for the
+    # GPU to drain; the token loop must have none, so that the host runs ahead of the kernels it queues.
+    decoder, reads = model.parts.decoder, []
+    original_loop = decoder._loop
+
+    def host_read(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            raise AssertionError(f"the token loop read a tensor on the host: {name}")
+        return read
+
+    def guarded_loop(*args, **kwargs):
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+                m.setattr(torch.Tensor, name, host_read(name))
+            original_loop(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "_loop", guarded_loop)
+    images = model.render(rows(2))
+    assert len(images) == 2 and not reads
