@@ -73,6 +73,9 @@ GOALS = {"orchestration": "ray-render >= 1.5x Ray Data in rows/s",
          "decode": "compiled token step >= 5x faster per image than eager on CPU, images within 2 levels (p99)",
          "gpu": "reported only (images/s per batch size on the full-size architecture)"}
 ACTORS = 2
+# Suites that measure one model in one process: no Ray for them, whose idle processes would take CPU from the
+# figures.
+WITHOUT_RAY = ("decode", "gpu")
 # Ray starts its workers at niceness 15 by default. On a machine shared with other work at niceness 0, that leaves
 # the actors (ray-render's and Ray Data's) a few percent of a busy core while the loop, a plain process, gets its
 # full share: the bench's Ray runs its workers at the loop's priority instead, so all contenders compete alike.
@@ -671,7 +674,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"-- {name}: {', '.join(f'{k} {v:,}' for k, v in sizes.items())} ...", flush=True)
             started = time.monotonic()
             try:
-                if args.cluster == "shared":
+                if args.cluster == "shared" and name not in WITHOUT_RAY:
                     # A fresh one per suite: what earlier suites left in the cluster must not weigh on this one.
                     _start_shared_cluster()
                 result = SUITES[name](work, sizes, args.repeat)
@@ -679,7 +682,7 @@ def main(args: argparse.Namespace) -> int:
                 failed = True
                 result = {"error": f"{type(exc).__name__}: {exc}", "goal_met": False}
             finally:
-                if args.cluster == "shared":
+                if args.cluster == "shared" and name not in WITHOUT_RAY:
                     _stop_shared_cluster()
             result = {"suite": name, "goal": GOALS[name], "sizes": sizes,
                       "suite_s": round(time.monotonic() - started, 1), **result}

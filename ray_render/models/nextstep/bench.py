@@ -11,6 +11,7 @@ weights directly on a CUDA device, so batching can be measured on a GPU without 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -160,13 +161,26 @@ def measure_decode(layers: int = 48, blocks: int = 12, steps: int = 50, batch: i
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+# Side of the images an eager model's ops are counted on (see dispatched_ops_per_token).
+EAGER_PROFILE_SIDE = 64
+
+
 def dispatched_ops_per_token(model, requests) -> float:
     """Calls into torch's dispatcher (aten ops called from Python or from a compiled graph's wrapper, not the ops
-    they call in turn) per token step of one render, counted by torch.profiler inside the decoder's token loop."""
+    they call in turn) per token step of one render, counted by torch.profiler inside the decoder's token loop.
+
+    The profiler keeps every op it records, and an eager token step at full depth dispatches thousands: a 256x256
+    render (2 million ops with their children) would take more memory than the machine has. So an eager model
+    renders the same rows at EAGER_PROFILE_SIDE (16 tokens): its ops per step do not depend on the image's size,
+    only the attention window's length does. A compiled model dispatches few ops per step, and another size would
+    be another compile: it renders the rows as given."""
     from torch.profiler import ProfilerActivity, profile
 
     from ray_render.models.nextstep.decoder import PROFILE_RANGE
 
+    if not getattr(model, "compiled", False):
+        requests = [dataclasses.replace(r, width=min(r.width, EAGER_PROFILE_SIDE),
+                                        height=min(r.height, EAGER_PROFILE_SIDE)) for r in requests]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model.render(requests)
     events = prof.events()
