@@ -101,3 +101,14 @@ def test_gpu_suite_runs_only_with_cuda_and_says_so(tmp_path):
 def test_unknown_suite_is_a_clear_error(tmp_path, capsys):
     assert program(["bench", "--suite", "orchestration,nope", "--out", str(tmp_path)]) == 2
     assert "--suite must be" in capsys.readouterr().err
+
+
+def test_tail_compares_default_shard_sizes_with_fixed_ones(quick_run):
+    result = json.loads((quick_run[1] / "tail.json").read_text())
+    contenders = result["contenders"]
+    assert set(contenders) == {"default", "fixed-1000"}
+    assert contenders["fixed-1000"]["shards_total"] == 1  # the quick run's rows fit one fixed shard
+    assert contenders["default"]["shards_total"] > result["params"]["actors"]  # several shards per actor
+    for figures in contenders.values():
+        assert figures["rows_ok"] == result["params"]["rows"] and 0 < figures["efficiency"] <= 1.0
+    assert result["ratios"]["efficiency default"] == contenders["default"]["efficiency"]

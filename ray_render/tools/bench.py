@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-ALL_SUITES = ("orchestration", "model", "driver_scale", "resume", "actor", "gpu")
+ALL_SUITES = ("orchestration", "model", "driver_scale", "resume", "actor", "tail", "gpu")
 CPU_SUITES = ALL_SUITES[:-1]
 ACTOR_BATCH_SIZES = (1, 4, 16, 32)
 GPU_BATCH_SIZES = (1, 8, 32)
@@ -54,18 +54,21 @@ FULL = {"orchestration": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "driver_scale": {"rows": 1_000_000, "base_rows": 10_000, "shard_size": 1000},
         "resume": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "actor": {"rows": 128},
+        "tail": {"rows": 10_000, "actors": 8, "row_s": 0.01, "batch_size": 8},
         "gpu": {"rows": 8, "steps": 50, "side": 512}}
 QUICK = {"orchestration": {"rows": 240, "shard_size": 60, "batch_size": 8},
          "model": {"rows": 8, "shard_size": 4, "batch_size": 4},
          "driver_scale": {"rows": 2_000, "base_rows": 200, "shard_size": 100},
          "resume": {"rows": 240, "shard_size": 60, "batch_size": 8},
          "actor": {"rows": 4},
+         "tail": {"rows": 160, "actors": 2, "row_s": 0.01, "batch_size": 8},
          "gpu": {"rows": 2, "steps": 4, "side": 256}}
 GOALS = {"orchestration": "ray-render >= 1.5x Ray Data in rows/s",
          "model": "ray-render >= 3x the loop and >= 1.2x Ray Data in rows/s",
          "driver_scale": "peak driver RSS at 1,000,000 rows <= 1.3x that at 10,000 rows",
          "resume": "rerun of a finished job < 5% of the original wall time",
          "actor": ">= 90% of actor wall time in the model (encode and upload overlapped)",
+         "tail": ">= 0.90 rendering efficiency with default shard sizes (8 actors, 10 ms rows)",
          "gpu": "reported only (images/s per batch size on the full-size architecture)"}
 ACTORS = 2
 # Ray starts its workers at niceness 15 by default. On a machine shared with other work at niceness 0, that leaves
@@ -179,7 +182,7 @@ def _work_ray_render(manifest: str, out: str, model: str, actors: int, batch_siz
                     shard_size=shard_size, progress=False, device="cpu", **options)
     summary = driver.run(job).to_dict()
     keep = ("exit_code", "state", "message", "rows_total", "rows", "images", "shards_total", "shards_resumed",
-            "rows_this_run", "images_this_run", "startup_s", "render_s", "plan_s")
+            "rows_this_run", "images_this_run", "startup_s", "render_s", "rendering_s", "plan_s", "actors_peak")
     result = {key: summary[key] for key in keep if key in summary}
     result["rows_ok"] = summary["rows"]["ok"]
     result["rows"] = summary["rows_this_run"]
@@ -317,9 +320,11 @@ def _compare(work: Path, name: str, contenders: dict[str, dict], repeat: int, ro
         figures = {}
         order = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))  # cancels load trends
         for contender in order:
-            spec = contenders[contender]
+            spec = dict(contenders[contender])
+            kind = spec.pop("work", contender)  # which _CHILD_WORK runs it: the contender's name unless given
             out = _fresh(work / f"{name}-{contender}-{round_index + 1}-out")
-            result = _child(f"{contender}:{name}", work, out=out, **spec)
+            result = _child(f"{kind}:{name}" if kind == contender else f"{kind}:{name}-{contender}", work, out=out,
+                            **spec)
             if result.get("rows_ok") != rows:
                 raise RuntimeError(f"{name}: {contender} rendered {result.get('rows_ok')} of {rows} rows ok; see "
                                    f"{work}/{contender}:{name}.log")
@@ -443,8 +448,31 @@ def suite_gpu(work: Path, sizes: dict, repeat: int = 1) -> dict:
             **result, "goal_met": None}
 
 
+def suite_tail(work: Path, sizes: dict, repeat: int = 1) -> dict:
+    """Rows that each take `row_s` in the model, on `actors` actors: the default shard sizes against fixed shards
+    of 1,000 rows. Efficiency is the model time summed over actors over (actors x the rendering phase): 1.0 when
+    every actor renders from the first ready actor to the last row, lower for every actor-second spent idle in the
+    tail or on overhead."""
+    rows, actors = sizes["rows"], sizes["actors"]
+    prompt = f"[placeholder:sleep={sizes['row_s']}] a {{}} on a plain background, variation {{}}"
+    manifest = make_manifest(work / f"slow-rows-{rows}.parquet", rows, prompt=prompt, row_group_size=1000)
+    # The actors sleep rather than compute: a CPU share small enough that all of them fit on any machine.
+    common = {"work": "ray-render", "manifest": manifest, "model": "placeholder", "actors": actors,
+              "batch_size": sizes["batch_size"], "cpus_per_actor": 0.1, "report": False}
+    contenders = {"default": {**common, "shard_size": None}, "fixed-1000": {**common, "shard_size": 1000}}
+    compared = _compare(work, "tail", contenders, repeat, rows)
+    for figures in [*(r for round_ in compared["rounds"] for r in round_.values()),
+                    *compared["contenders"].values()]:
+        figures["efficiency"] = round(figures["render_s"] / (actors * figures["rendering_s"]), 3)
+    efficiency = {name: statistics.median(r[name]["efficiency"] for r in compared["rounds"]) for name in contenders}
+    return {"params": {"rows": rows, "actors": actors, "row_s": sizes["row_s"], "batch_size": sizes["batch_size"],
+                       "model": "placeholder", "repeat": repeat},
+            **compared, "ratios": {f"efficiency {name}": value for name, value in efficiency.items()},
+            "goal_met": efficiency["default"] >= 0.9}
+
+
 SUITES = {"orchestration": suite_orchestration, "model": suite_model, "driver_scale": suite_driver_scale,
-          "resume": suite_resume, "actor": suite_actor, "gpu": suite_gpu}
+          "resume": suite_resume, "actor": suite_actor, "tail": suite_tail, "gpu": suite_gpu}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,6 +526,11 @@ def format_suite(name: str, result: dict) -> str:
                         f"{100 * r['bare_model_share']:.1f}%"] for r in result["results"]])
         body += ("\n(model share: time inside model.render / actor wall time; bare-model share: the same requests "
                  "rendered by the model alone / actor wall time)")
+    elif name == "tail":
+        body = _table(["shard sizes", "shards", "actors peak", "rendering s", "model s (sum)", "efficiency"],
+                      [[c, r["shards_total"], r.get("actors_peak"), r["rendering_s"], r["render_s"],
+                        f"{r['efficiency']:.2f}"] for c, r in result["contenders"].items()])
+        body += "\n(efficiency: model time summed over actors / (actors x rendering phase))"
     elif name == "gpu":
         if result.get("skipped"):
             body = f"SKIPPED: {result['reason']}"
