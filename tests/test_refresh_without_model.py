@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 from conftest import prompt_rows
 
 from ray_render.config import JobConfig
-from ray_render.engine import driver, refresh
+from ray_render.engine import driver, refresh, row_index
 from ray_render.engine import plan as planning
 from ray_render.engine import summary as exits
 from ray_render.output import commits, layout, record
@@ -76,6 +76,23 @@ def test_an_unchanged_refresh_of_a_plain_run_starts_no_render_actor(ray_cluster,
     assert summary.actors_started == 0 and summary.rows_this_run == 0
     assert summary.rows == {"ok": 298, "invalid": 2, "failed": 0}
     assert image_files(out) == images
+
+
+def test_a_large_manifest_is_indexed_in_tasks_next_to_the_driver(ray_cluster, tmp_path, make_manifest, monkeypatch):
+    rows = catalogue(300)
+    manifest = make_manifest(rows, name="m.parquet")
+    out = str(tmp_path / "out")
+    assert driver.run(job_for(manifest, out, shard_size=50)).exit_code == exits.EXIT_ROWS
+    monkeypatch.setattr(row_index, "DRIVER_ROWS", 0)  # every manifest counts as large: tasks of 100 rows
+    monkeypatch.setattr(row_index, "TASK_ROWS", 100)
+    rows[10]["price"], rows[20]["prompt"] = 1.5, "a photo of a changed row"
+    make_manifest(rows, name="m.parquet")
+    summary = refresh.run(job_for(manifest, out, shard_size=50))
+    assert (summary.rows_this_run, summary.rows_updated) == (1, 1)
+    table = {row["id"]: row for row in metadata(out)}
+    assert (table["r10"]["price"], table["r20"]["prompt"]) == (1.5, "a photo of a changed row")
+    again = refresh.run(job_for(manifest, out, shard_size=50))
+    assert (again.actors_started, again.rows_this_run, again.rows_updated) == (0, 0, 0)
 
 
 def test_a_passthrough_only_change_updates_the_metadata_without_rendering(ray_cluster, tmp_path, make_manifest):

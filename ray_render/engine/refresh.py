@@ -16,11 +16,11 @@ and a second refresh of the same manifest renders nothing):
    `model_revision`, `passthrough_fingerprint` only (no image is read back). Shards of a refresh are named
    `g<generation>-...` (plain runs are generation 0). An id's *current* rows are those in the newest shard holding
    it; rows of the same id in older shards are stale (a crashed refresh left them) and go in step 7.
-4. Index the manifest (engine/row_index.py): light Ray tasks on the driver's node, asking for no CPU, validate
-   every row with `rows.validate_rows` (the function the actors run) and the described defaults, and return (row,
-   id, `RowTask.fingerprint`, passthrough fingerprint, error). The fingerprint hashes the prompt, every resolved
-   render parameter and the seed, so it changes exactly when the row's images would. Ids must be unique across
-   the manifest.
+4. Index the manifest (engine/row_index.py): the driver (a small manifest) or light Ray tasks on its node that
+   ask for no CPU validate every row with `rows.validate_rows` (the function the actors run) and the described
+   defaults, and return (row, id, `RowTask.fingerprint`, passthrough fingerprint, error). The fingerprint hashes
+   the prompt, every resolved render parameter and the seed, so it changes exactly when the row's images would.
+   Ids must be unique across the manifest.
 5. Compare. A row is unchanged when its current rows carry its fingerprint and this model's revision and are all
    `ok`, or all `invalid` because the model refused these settings (or, for a row invalid in the manifest,
    `invalid` with the same error), and the job-level settings that decide pixels (`config.JOB_PIXEL_SETTINGS`:
@@ -36,13 +36,14 @@ and a second refresh of the same manifest renders nothing):
    its first row, `gNNNN-<file>-<stem>-<row>`. These are ordinary shards: attempts under their own names,
    committed in the commit log and then published as `metadata/<shard>.parquet`, retries and straggler handling
    as in `run`. Images of unchanged rows stay where they are.
-7. Supersede: rewrite each older metadata file (one atomic write per file) without the rows of ids that now have
-   newer rows, with the new passthrough values of the rows updated in place (read again from the manifest; their
-   images and render columns untouched), and with the rows of removed ids set to status `removed`. Images of stale
-   rows are deleted first, and, with --prune, those of removed rows too (their `image_uri` becomes null); without
-   --prune a removed row keeps its image and its `image_uri`. Files whose schema differs from the new one (a
-   passthrough column added or dropped, quality columns turned on) are rewritten to the union schema, so
-   `metadata/` still reads as one dataset. A shard that lost every row keeps an empty metadata file and its commit.
+7. Supersede: rewrite each older metadata file that changes (the index says which; the others are not read
+   again), in one atomic write per file: without the rows of ids that now have newer rows, with the new
+   passthrough values of the rows updated in place (read again from the manifest; their images and render columns
+   untouched), and with the rows of removed ids set to status `removed`. Images of stale rows are deleted first,
+   and, with --prune, those of removed rows too (their `image_uri` becomes null); without --prune a removed row
+   keeps its image and its `image_uri`. Files whose schema differs from the new one (a passthrough column added or
+   dropped, quality columns turned on) are rewritten to the union schema, so `metadata/` still reads as one
+   dataset. A shard that lost every row keeps an empty metadata file and its commit.
 8. Write the job record (the new plan, the settings, the model, `refresh` with this generation's counts) and the
    summary (`actors_started`, `rows_updated`). A record with `refresh` makes `ray-render run` refuse the output:
    its shards no longer follow one plan.
@@ -61,7 +62,7 @@ passthrough values, at their first refresh: one rewrite of each file, no renderi
 
 Costs: describing the model (its JSON files; the revision hashes the snapshot's small files and the first and last
 MiB of each large one), one read of the output's metadata (six small columns), one validation pass over the
-manifest in tasks next to the driver (an autoscaler starts no node for them), and the model load on the actors only
+manifest in or next to the driver (an autoscaler starts no node for it), and the model load on the actors only
 when rows render: a refresh with nothing to render starts no render actor (BENCHMARKS.md has the figures). A
 passthrough-only change costs a second read of those rows' passthrough values and the rewrite of their files.
 """
@@ -216,8 +217,10 @@ def run(job: JobConfig, prune: bool = False) -> Summary:
         rendered_ids = set().union(*[ids for shard, ids in todo if shard.shard_id in done])
         updates = row_index.read_passthrough(_update_shards(plan, diff.updates), model.defaults, job)
         target = _target_schema(job, plan, old_schemas)
-        facts["pruned"] = supersede(job.out, committed, done, stale, rendered_ids, diff.removed, target, prune, so,
-                                    updates)
+        touched = _files_to_rewrite(current, stale, rendered_ids | updates.keys(), diff.removed, prune, old_schemas,
+                                    target)
+        facts["pruned"] = supersede(job.out, touched & committed, done, stale, rendered_ids, diff.removed, target,
+                                    prune, so, updates)
         summary.rows_updated = diff.updated
         facts["state"] = "done"
         record.write_job_record(job.out, _record(job, plan, summary, facts, sources), so)
@@ -414,6 +417,18 @@ def _target_schema(job: JobConfig, plan: planning.Plan, old_schemas: dict[str, p
                                         f"{column.type} in metadata/{shard_id}.parquet; give it its old type, or "
                                         f"pass --overwrite to start again")
     return target
+
+
+def _files_to_rewrite(current: dict[str, Current], stale: dict[str, set], ids: set[str], removed: set[str],
+                      prune: bool, schemas: dict[str, pa.Schema], target: pa.Schema) -> set[str]:
+    """The older metadata files step 7 may change, from the index alone: those holding stale rows, current rows of
+    `ids` (rendered again, or updated in place) or of removed ids still to mark (or to prune), and those whose
+    schema is not `target`. The others are not read again: an unchanged refresh reads each file once."""
+    files = set(stale)
+    files |= {current[row_id].shard_id for row_id in ids if row_id in current}
+    files |= {current[row_id].shard_id for row_id in removed if prune or current[row_id].statuses != {REMOVED}}
+    files |= {shard_id for shard_id, schema in schemas.items() if not schema.equals(target, check_metadata=False)}
+    return files
 
 
 def supersede(root: str, old_shards: set[str], new_shards: set[str], stale: dict[str, set], rendered_ids: set[str],
