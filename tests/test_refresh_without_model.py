@@ -4,6 +4,7 @@ alone updates the metadata in place. Real local Ray, real Parquet; the placehold
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -216,6 +217,23 @@ def test_a_model_that_cannot_be_described_is_loaded_to_compare(ray_cluster, tmp_
     summary = refresh.run(job_for(manifest, out))
     assert summary.actors_started > 0  # the actors said what the model is ...
     assert (summary.rows_this_run, summary.rows["ok"]) == (0, 48)  # ... and nothing was rendered
+
+
+def test_actors_that_load_another_model_than_the_rows_were_compared_against_are_refused(ray_cluster, tmp_path,
+                                                                                        make_manifest, monkeypatch):
+    manifest = make_manifest(prompt_rows(20), name="m.parquet")
+    out = str(tmp_path / "out")
+    assert driver.run(job_for(manifest, out)).exit_code == exits.EXIT_OK
+    images = image_files(out)
+    real = refresh.describe_model
+
+    def another_snapshot(name, **options):  # as if the snapshot changed between describing and loading it
+        return dataclasses.replace(real(name, **options), revision="placeholder-0")
+
+    monkeypatch.setattr(refresh, "describe_model", another_snapshot)
+    summary = refresh.run(job_for(manifest, out))
+    assert summary.exit_code == exits.EXIT_ABORTED and "would not match" in summary.message
+    assert summary.rows_this_run == 0 and image_files(out) == images
 
 
 def test_an_unchanged_refresh_of_a_tiny_nextstep_output_loads_no_model(ray_cluster, tmp_path, make_manifest):
