@@ -295,6 +295,11 @@ class RenderPool:
         return len(self._in_flight)
 
     @property
+    def actors_started(self) -> int:
+        """Every actor this pool asked Ray for: the first ones, replacements, and those released or refused."""
+        return self._next_index
+
+    @property
     def size(self) -> int:
         """The number of actors the pool keeps (started, starting or being replaced)."""
         return self._num_actors
@@ -305,7 +310,7 @@ class RenderPool:
         return bool(self._starting or self._future_to_actor)
 
     def ready_actors(self) -> list:
-        """Handles of the ready actors, for calls other than render_shard (refresh's `index_shard`)."""
+        """Handles of the ready actors, for calls other than render_shard (refresh's `defaults`)."""
         return [self._actors[index] for index in self._in_flight]
 
     # -- submitting ----------------------------------------------------------------------------------------------
