@@ -182,7 +182,8 @@ def _work_ray_render(manifest: str, out: str, model: str, actors: int, batch_siz
                     shard_size=shard_size, progress=False, device="cpu", **options)
     summary = driver.run(job).to_dict()
     keep = ("exit_code", "state", "message", "rows_total", "rows", "images", "shards_total", "shards_resumed",
-            "rows_this_run", "images_this_run", "startup_s", "render_s", "rendering_s", "plan_s", "actors_peak")
+            "rows_this_run", "images_this_run", "startup_s", "render_s", "rendering_s", "plan_s", "actors_peak",
+            "actors_timeline")
     result = {key: summary[key] for key in keep if key in summary}
     result["rows_ok"] = summary["rows"]["ok"]
     result["rows"] = summary["rows_this_run"]
@@ -448,11 +449,21 @@ def suite_gpu(work: Path, sizes: dict, repeat: int = 1) -> dict:
             **result, "goal_met": None}
 
 
+def _ready_actor_s(figures: dict) -> float:
+    """Actor-seconds of ready actors during the rendering phase, from the pool's timeline of ready actors (seconds
+    since the pool started: actors ready). Rendering starts with the first ready actor."""
+    timeline = figures["actors_timeline"]
+    end = timeline[0][0] + figures["rendering_s"]
+    moments = [min(at, end) for at, _ in timeline[1:]] + [end]
+    return sum(count * (until - at) for (at, count), until in zip(timeline, moments))
+
+
 def suite_tail(work: Path, sizes: dict, repeat: int = 1) -> dict:
     """Rows that each take `row_s` in the model, on `actors` actors: the default shard sizes against fixed shards
     of 1,000 rows. Efficiency is the model time summed over actors over (actors x the rendering phase): 1.0 when
     every actor renders from the first ready actor to the last row, lower for every actor-second spent idle in the
-    tail or on overhead."""
+    tail or on overhead. The ready utilisation leaves out the actors still loading their model: model time over the
+    actor-seconds of ready actors, what an idle GPU costs."""
     rows, actors = sizes["rows"], sizes["actors"]
     prompt = f"[placeholder:sleep={sizes['row_s']}] a {{}} on a plain background, variation {{}}"
     manifest = make_manifest(work / f"slow-rows-{rows}.parquet", rows, prompt=prompt, row_group_size=1000)
@@ -464,10 +475,14 @@ def suite_tail(work: Path, sizes: dict, repeat: int = 1) -> dict:
     for figures in [*(r for round_ in compared["rounds"] for r in round_.values()),
                     *compared["contenders"].values()]:
         figures["efficiency"] = round(figures["render_s"] / (actors * figures["rendering_s"]), 3)
+        figures["ready_utilisation"] = round(figures["render_s"] / _ready_actor_s(figures), 3)
     efficiency = {name: statistics.median(r[name]["efficiency"] for r in compared["rounds"]) for name in contenders}
+    utilisation = {name: statistics.median(r[name]["ready_utilisation"] for r in compared["rounds"])
+                   for name in contenders}
     return {"params": {"rows": rows, "actors": actors, "row_s": sizes["row_s"], "batch_size": sizes["batch_size"],
                        "model": "placeholder", "repeat": repeat},
-            **compared, "ratios": {f"efficiency {name}": value for name, value in efficiency.items()},
+            **compared, "ratios": {**{f"efficiency {name}": value for name, value in efficiency.items()},
+                                   **{f"ready utilisation {name}": value for name, value in utilisation.items()}},
             "goal_met": efficiency["default"] >= 0.9}
 
 
@@ -527,10 +542,13 @@ def format_suite(name: str, result: dict) -> str:
         body += ("\n(model share: time inside model.render / actor wall time; bare-model share: the same requests "
                  "rendered by the model alone / actor wall time)")
     elif name == "tail":
-        body = _table(["shard sizes", "shards", "actors peak", "rendering s", "model s (sum)", "efficiency"],
+        body = _table(["shard sizes", "shards", "actors peak", "rendering s", "model s (sum)", "efficiency",
+                       "ready utilisation"],
                       [[c, r["shards_total"], r.get("actors_peak"), r["rendering_s"], r["render_s"],
-                        f"{r['efficiency']:.2f}"] for c, r in result["contenders"].items()])
-        body += "\n(efficiency: model time summed over actors / (actors x rendering phase))"
+                        f"{r['efficiency']:.2f}", f"{r['ready_utilisation']:.2f}"]
+                       for c, r in result["contenders"].items()])
+        body += ("\n(efficiency: model time summed over actors / (actors x rendering phase); ready utilisation: "
+                 "model time / actor-seconds of ready actors)")
     elif name == "gpu":
         if result.get("skipped"):
             body = f"SKIPPED: {result['reason']}"
