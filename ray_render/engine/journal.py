@@ -81,11 +81,12 @@ class ShardJournal:
         self.calls_done = 0
         self._written: tuple | None = None  # (rendering, calls_done) as the journal in storage says
         self._local: str | None = None  # the journal's local path, "" on an object store; None until first written
-        self._fd: int | None = None  # local journals stay open while the attempt renders
         self._size = 0
         if rendering:
             log.warning("shard %s: the last attempt died rendering %s; rendering them one at a time", shard_id,
                         ", ".join(rendering[:8]) + (" ..." if len(rendering) > 8 else ""))
+        if self.suspects or self.deaths:  # carried at once: a death before this attempt's first call keeps them
+            self.rendering([])
 
     def given_up(self, row_id: str) -> str | None:
         """Why `row_id` is not rendered again (it killed the actor more than `retries` times), or None."""
@@ -112,15 +113,18 @@ class ShardJournal:
         self._written = (list(row_ids), self.calls_done)
 
     def _write_in_place(self, data: bytes) -> None:
-        """A local journal is rewritten in place, one pwrite per model call, padded with spaces to the longest
+        """A local journal is rewritten in place, one write per model call, padded with spaces to the longest
         state written so far (JSON ignores them): no temp file, rename or directory lookups, which cost more than
         a fast model call. A crash cannot tear it: the write is in the page cache once the call returns, and only
         a dead actor's journal is read."""
-        if self._fd is None:
+        if not self._size:
             os.makedirs(os.path.dirname(self._local), exist_ok=True)
-            self._fd = os.open(self._local, os.O_WRONLY | os.O_CREAT, 0o644)
         data = data.ljust(self._size)
-        os.pwrite(self._fd, data, 0)
+        fd = os.open(self._local, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
         self._size = len(data)
 
     def call_returned(self) -> None:
@@ -130,6 +134,3 @@ class ShardJournal:
     def done_rendering(self) -> None:
         """No model call is running any more: a death from here on blames no row."""
         self.rendering([])
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
