@@ -56,6 +56,7 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.actors: list[FakeActor] = []
         self.dead_nodes: set[str] = set()
+        self.death_causes: dict[int, str] = {}  # actor index -> what Ray's GCS says killed it: "node", "process"
 
     def make_actor(self, index: int, avoid_nodes: tuple[str, ...] = ()) -> FakeActor:
         actor = FakeActor(index, avoid_nodes=avoid_nodes)
@@ -76,11 +77,13 @@ class FakeRuntime:
     def finish(self, ref: FakeRef, result: Any = None, *, raised: str | None = None) -> None:
         ref.outcome = Outcome("raised", error=raised) if raised else Outcome("ok", result)
 
-    def lose_actor(self, actor: FakeActor, error: str = "the actor died unexpectedly") -> None:
-        """The actor's process died: every call it holds ends with actor_lost."""
+    def lose_actor(self, actor: FakeActor, error: str = "the actor died unexpectedly", *,
+                   unreachable: bool = False) -> None:
+        """The actor's process died: every call it holds ends with actor_lost. `unreachable`: Ray cannot tell why
+        yet (ActorUnavailableError), as when its node vanished a moment ago."""
         for ref in actor.calls:
             if not ref.done:
-                ref.outcome = Outcome("actor_lost", error=error)
+                ref.outcome = Outcome("actor_lost", error=error, unreachable=unreachable)
 
     # -- RayRuntime --------------------------------------------------------------------------------------------
 
@@ -96,6 +99,9 @@ class FakeRuntime:
 
     def cancel(self, ref: FakeRef) -> None:
         ref.cancel_requested = True
+
+    def actor_dead(self, actor: FakeActor) -> str | None:
+        return self.death_causes.get(actor.index)
 
     def node_alive(self, node_id: str | None) -> bool:
         return node_id not in self.dead_nodes

@@ -112,3 +112,14 @@ def test_decode_compares_eager_and_compiled_on_the_same_images(quick_run):
     assert 0 < compiled["ops_per_token_step"] < eager["ops_per_token_step"] / 2
     assert compiled["first_call_s"] > eager["first_call_s"]  # the compile, once
     assert result["image_diff"]["p99"] <= 2 and set(result["ratios"]) == {"token step", "per image"}
+
+
+def test_tail_compares_default_shard_sizes_with_fixed_ones(quick_run):
+    result = json.loads((quick_run[1] / "tail.json").read_text())
+    contenders = result["contenders"]
+    assert set(contenders) == {"default", "fixed-1000"}
+    assert contenders["fixed-1000"]["shards_total"] == 1  # the quick run's rows fit one fixed shard
+    assert contenders["default"]["shards_total"] > result["params"]["actors"]  # several shards per actor
+    for figures in contenders.values():
+        assert figures["rows_ok"] == result["params"]["rows"] and 0 < figures["efficiency"] <= 1.0
+    assert result["ratios"]["efficiency default"] == contenders["default"]["efficiency"]

@@ -23,18 +23,19 @@ def assert_complete(figures: chaos.Figures, check: dict) -> None:
         (figures.rows, 0, 0, 0), check
 
 
-def test_actor_chaos_2000_rows_tiny_model_at_least_10_kills(ray_cluster, tmp_path):
-    figures = chaos.actor_chaos(str(tmp_path), rows=2000, min_kills=10, seed=1, steps=2, batch_size=16,
+def test_actor_chaos_1000_rows_tiny_model_at_least_6_kills(ray_cluster, tmp_path):
+    # The soak runs it at 2,000 rows and 10 kills or more (README); half of that here keeps the suite short.
+    figures = chaos.actor_chaos(str(tmp_path), rows=1000, min_kills=6, seed=1, steps=2, batch_size=16,
                                 shard_size=32, interval=(2.0, 4.0))
-    assert figures.details["kills"] >= 10
+    assert figures.details["kills"] >= 6
     assert_complete(figures, figures.details["check"])
     summary = figures.details["summary"]
     assert summary["exit_code"] == exits.EXIT_OK and summary["shards_lost"] == []
-    assert summary["actors_replaced"] >= 10  # every kill was seen and the actor replaced
+    assert summary["actors_replaced"] >= 6  # every kill was seen and the actor replaced
     # Metadata matches images one to one: one ok row per image object, no image without its row.
     table = ds.dataset(str(tmp_path / "actor-chaos-out" / "metadata")).to_table().to_pylist()
-    assert sorted(row["id"] for row in table) == [f"r{i:05d}" for i in range(2000)]
-    assert len({row["image_uri"] for row in table}) == 2000
+    assert sorted(row["id"] for row in table) == [f"r{i:05d}" for i in range(1000)]
+    assert len({row["image_uri"] for row in table}) == 1000
 
 
 def test_driver_killed_5_times_then_output_is_complete_and_exactly_once(ray_cluster, tmp_path):

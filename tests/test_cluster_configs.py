@@ -19,6 +19,7 @@ import ray
 import yaml
 from ray.runtime_env import RuntimeEnv
 
+from ray_render import cli
 from ray_render.config import job_from_options, load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +90,9 @@ def check_pod_template(template: dict, where: str) -> list[dict]:
     return spec["containers"]
 
 
-def check_ray_cluster_spec(spec: dict, where: str) -> None:
-    """The structure a KubeRay RayCluster spec needs, and a GPU worker group sized consistently."""
+def check_ray_cluster_spec(spec: dict, where: str) -> int:
+    """The structure a KubeRay RayCluster spec needs, and a GPU worker group sized consistently; returns the most
+    GPUs its worker groups may have."""
     known(spec, RAY_CLUSTER_SPEC, where)
     known(spec.get("autoscalerOptions", {}), AUTOSCALER_OPTIONS, f"{where}.autoscalerOptions")
     assert spec["enableInTreeAutoscaling"] is True
@@ -103,7 +105,7 @@ def check_ray_cluster_spec(spec: dict, where: str) -> None:
     assert {port["containerPort"] for port in head_container["ports"]} >= {6379, 8265, 10001}
     assert "nvidia.com/gpu" not in head_container["resources"].get("limits", {})  # the head needs no GPU
 
-    gpu_groups = 0
+    gpu_groups = most_gpus = 0
     for group in spec["workerGroupSpecs"]:
         where_group = f"{where} worker group {group['groupName']}"
         known(group, WORKER_GROUP_SPEC, where_group)
@@ -117,11 +119,28 @@ def check_ray_cluster_spec(spec: dict, where: str) -> None:
             gpu_groups += 1
             gpus = int(group["rayStartParams"]["num-gpus"])
             assert gpus >= 1 and int(limits["nvidia.com/gpu"]) == gpus, f"{where_group}: num-gpus != GPU limit"
+            most_gpus += gpus * group["maxReplicas"]
             # Extended resources cannot be overcommitted: a request, if given, must equal the limit.
             assert int(requests.get("nvidia.com/gpu", gpus)) == gpus
             tolerations = group["template"]["spec"].get("tolerations", [])
             assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations), f"{where_group}: GPU taint"
     assert gpu_groups >= 1, f"{where}: no GPU worker group"
+    return most_gpus
+
+
+def check_asks_for_the_gpus(command: list[str], most_gpus: int, where: str) -> None:
+    """The job asks for GPU actors up to what the cluster may grow to: `--device cuda` (the head has no GPU, so
+    `auto` would find none when the job starts and render on CPU) and `--max-actors` = the most GPUs over the GPUs
+    an actor takes. Fewer and the autoscaler is never asked for the rest; more and actors wait for GPUs that can
+    never come."""
+    subcommand = "refresh" if command[1].endswith("refresh.py") else "run"
+    args = cli.build_parser().parse_args([subcommand, *command[2:]])  # only options `ray-render` knows
+    options = load_config_file(str(REPO / args.config))
+    gpus_per_actor = getattr(args, "gpus_per_actor", options.get("gpus_per_actor", 1.0))
+    assert getattr(args, "device", None) == "cuda", f"{where}: no --device cuda"
+    assert getattr(args, "max_actors", None) == int(most_gpus / gpus_per_actor), \
+        f"{where}: --max-actors is not the {most_gpus} GPUs the cluster may have"
+    assert getattr(args, "actors", None) is None, f"{where}: a fixed --actors pool cannot grow"
 
 
 def check_ray_job_spec(spec: dict, where: str, script: str = "jobs/render.py") -> None:
@@ -141,7 +160,8 @@ def check_ray_job_spec(spec: dict, where: str, script: str = "jobs/render.py") -
     check_runtime_env({**runtime_env, "working_dir": str(REPO)}, f"{where}.runtimeEnvYAML")
     assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode")
     assert spec["shutdownAfterJobFinishes"] is True  # GPU nodes go back when the job ends
-    check_ray_cluster_spec(spec["rayClusterSpec"], f"{where}.rayClusterSpec")
+    most_gpus = check_ray_cluster_spec(spec["rayClusterSpec"], f"{where}.rayClusterSpec")
+    check_asks_for_the_gpus(command, most_gpus, where)
 
 
 def as_refresh(spec: dict) -> dict:
@@ -170,11 +190,25 @@ def test_launcher_config_passes_rays_schema():
     for name in gpu_types:
         assert node_types[name]["min_workers"] == 0 < node_types[name]["max_workers"] <= config["max_workers"]
     assert node_types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    # The job the file's header submits asks for a GPU actor per GPU the workers may have.
+    [submit] = re.findall(r"-- (python jobs/render\.py .*?)(?:#|$)", header_command(CLUSTER / "launcher-aws.yaml"))
+    most_gpus = sum(node_types[name]["resources"]["GPU"] * node_types[name]["max_workers"] for name in gpu_types)
+    check_asks_for_the_gpus(shlex.split(submit), min(most_gpus, config["max_workers"]), "launcher-aws.yaml")
     assert PROJECT_IMAGE.fullmatch(config["docker"]["image"])
     # Token auth: every node starts with it on, and gets the token the client submits with.
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         assert "ray start" not in command or "RAY_AUTH_MODE=token" in command, command
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def header_command(path: Path) -> str:
+    """The leading comment of a file as one line: its commands, continuation lines joined."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines).replace("\\ ", "")
 
 
 def test_launcher_schema_check_catches_mistakes():

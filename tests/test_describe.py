@@ -12,7 +12,9 @@ import pytest
 
 from ray_render import storage
 from ray_render.models import describe_model, load_model
-from ray_render.models.nextstep.resolve import ResolveError, tiny_dir
+from ray_render.models.nextstep import snapshot
+from ray_render.models.nextstep.describe import url_revision
+from ray_render.models.nextstep.resolve import ResolveError, fetch_url, tiny_dir
 from ray_render.models.placeholder import PlaceholderModel
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nextstep-tiny"
@@ -21,13 +23,14 @@ FIXTURE = Path(__file__).parent / "fixtures" / "nextstep-tiny"
 def loaded_facts(name: str, **options) -> dict:
     model = load_model(name, device="cpu", **options)
     return {"revision": model.info.revision, "defaults": model.defaults(),
-            "down_factor": model.parts.down_factor, "context_length": model.config.max_position_embeddings}
+            "down_factor": model.parts.down_factor, "context_length": model.config.max_position_embeddings,
+            "device": model.info.device, "dtype": model.info.dtype}
 
 
 def described_facts(name: str, **options) -> dict:
-    d = describe_model(name, **options)
+    d = describe_model(name, device="cpu", **options)
     return {"revision": d.revision, "defaults": d.defaults, "down_factor": d.down_factor,
-            "context_length": d.context_length}
+            "context_length": d.context_length, "device": d.device, "dtype": d.dtype}
 
 
 def copy_snapshot(source: Path, target: Path, **config_changes) -> Path:
@@ -118,17 +121,51 @@ def test_a_snapshot_on_object_storage_is_described_from_its_json_files(s3):
     d = describe_model(url, storage_options=s3.storage_options)
     tiny = describe_model("tiny")
     assert (d.defaults, d.down_factor, d.context_length) == (tiny.defaults, tiny.down_factor, tiny.context_length)
-    assert d.revision is None  # known once a load has copied the snapshot
     with pytest.raises(ResolveError, match="no config.json"):
         describe_model(s3.fresh_url("empty"), storage_options=s3.storage_options)
+
+
+def test_a_snapshot_on_object_storage_has_the_revision_its_load_reports(s3, tmp_path, monkeypatch):
+    url = s3.fresh_url("snapshot")
+    local = copy_snapshot(tiny_dir(), tmp_path / "tiny")
+    (local / "vae.txt").write_text("sorts between vae/ and its files in a plain string sort")
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.write_bytes(storage.join(url, path.relative_to(local).as_posix()), path.read_bytes(),
+                            s3.storage_options)
+    described = describe_model(url, storage_options=s3.storage_options)
+    monkeypatch.setenv("RAY_RENDER_MODEL_CACHE", str(tmp_path / "cache"))
+    loaded = load_model(url, device="cpu", storage_options=s3.storage_options)
+    assert described.revision == loaded.info.revision != describe_model("tiny").revision
+    # Files past the size limit count by their size and first and last MiB, read as ranges of the remote file
+    copy = fetch_url(url, s3.storage_options, tmp_path / "cache")
+    weights = max(p.stat().st_size for p in copy.rglob("*") if p.is_file())
+    assert weights > 2 << 20
+    assert url_revision(url, None, None, s3.storage_options, small=weights - 1) == \
+        snapshot.fingerprint(copy, small=weights - 1) != described.revision
+    assert url_revision(url, "s3://elsewhere/vae", None, s3.storage_options) is None  # only a load tells
 
 
 def test_placeholder_and_plugins():
     d = describe_model("placeholder")
     model = PlaceholderModel()
     assert (d.defaults, d.revision, d.family) == (model.defaults(), model.info.revision, "placeholder")
+    assert (d.device, d.dtype) == (model.info.device, model.info.dtype)
     with pytest.raises(ValueError, match="without a describe"):
         describe_model("ray_render.tools.chaos:TinyOutOfMemoryAbove4")
+
+
+def test_the_device_and_dtype_a_load_reports_are_known_once_the_device_is(tmp_path, monkeypatch):
+    assert (describe_model("tiny").device, describe_model("tiny").dtype) == (None, None)  # "auto": the machine's
+    assert describe_model("tiny").expected_info() is None
+    cuda = describe_model("tiny", device="cuda")
+    assert (cuda.device, cuda.dtype) == ("cuda", "bfloat16")  # dtype "auto" on CUDA, as the loader picks it
+    assert describe_model("tiny", device="cuda:1", dtype="float32").dtype == "float32"
+    info = describe_model("tiny", device="cpu").expected_info()
+    assert (info["family"], info["revision"], info["device"], info["dtype"]) == (
+        "nextstep", describe_model("tiny").revision, "cpu", "float32")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    uncached = describe_model("stepfun-ai/NextStep-1.1", device="cuda")  # published facts: no revision here
+    assert uncached.revision is None and uncached.expected_info() is None
 
 
 def test_size_rules():

@@ -217,6 +217,21 @@ def test_journals_of_committed_shards_go_and_the_others_stay(tmp_path, make_mani
     assert not os.path.exists(os.path.join(root, "_journal"))
 
 
+def test_a_journal_carries_what_earlier_attempts_learned_before_its_first_call_and_rewrites_in_place(tmp_path):
+    root, shard_id = str(tmp_path / "out"), "00000-m-0000000000"
+    first = journal.ShardJournal(root, shard_id, f"{RUN_ID}-1", retries=2)
+    first.rendering(["r0", "r1", "r2"])  # the actor died in this call
+    # The next attempt blames those rows; it is killed before its first call (a node loss, a stop) and its own
+    # successor must still know the suspects.
+    second = journal.ShardJournal(root, shard_id, f"{RUN_ID}-2", retries=2, inherit=(f"{RUN_ID}-1", True))
+    assert journal.read(root, shard_id, f"{RUN_ID}-2") == {"rendering": [], "calls_done": 0,
+                                                             "suspects": ["r0", "r1", "r2"], "deaths": {}}
+    second.rendering(["r1"])  # shorter than what is there: the rest is padding a reader never sees
+    assert journal.read(root, shard_id, f"{RUN_ID}-2")["rendering"] == ["r1"]
+    third = journal.ShardJournal(root, shard_id, f"{RUN_ID}-3", retries=2, inherit=(f"{RUN_ID}-2", True))
+    assert third.deaths == {"r1": 1} and third.suspects == {"r0", "r1", "r2"}
+
+
 def test_another_attempt_of_a_shard_never_touches_the_first_attempts_files(tmp_path, make_manifest):
     root = str(tmp_path / "out")
     rows = [[{"id": f"r{i}", "prompt": "p", "num_images": 2} for i in range(3)]]

@@ -239,6 +239,24 @@ def test_an_actors_first_call_gets_the_warm_up_allowance_within_the_call_timeout
     assert event.killed and "deadline of 5 s" in event.error  # --call-timeout caps every deadline
 
 
+def test_every_call_of_an_actor_that_compiles_keeps_the_warm_up_allowance(clock):
+    # A compiled model compiles again for each new batch or length bucket, in any call, not in the first only.
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 1, 2, runtime=runtime, call_timeout_s=3600.0)
+    runtime.start(runtime.actors[0], {"worker": "w0", "batch_size": 8, "settings": {"compile": "on"}})
+    pool.wait(0)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    first = runtime.actors[0].pending()[0]
+    runtime.finish(first, result(first, wall_ms=1000.0))  # 0.1 s a row: 5 s for the next shard, eager
+    assert [type(event) for event in pool.wait(0)] == [ShardDone]
+    clock.now += pool_module.FIRST_CALL_S - 1
+    assert pool.wait(0) == []  # compiling a new bucket, not hung
+    clock.now += 2
+    (event,) = pool.wait(0)
+    assert event.killed and f"deadline of {pool_module.FIRST_CALL_S:.0f} s" in event.error
+
+
 def test_an_actor_that_died_with_its_node_is_not_the_rows_fault(clock):
     runtime = FakeRuntime()
     pool = RenderPool(runtime.make_actor, 2, 1, runtime=runtime)
@@ -252,6 +270,76 @@ def test_an_actor_that_died_with_its_node_is_not_the_rows_fault(clock):
     runtime.lose_actor(runtime.actors[1], "the actor process crashed")
     events = {event.shard.shard_id: event for event in pool.wait(0)}
     assert events["s0"].node_lost and not events["s1"].node_lost
+
+
+def on_nodes(runtime: FakeRuntime, actors: int, max_in_flight: int) -> RenderPool:
+    """A pool whose actor i runs on node i."""
+    pool = RenderPool(runtime.make_actor, actors, max_in_flight, runtime=runtime)
+    for number, actor in enumerate(runtime.actors):
+        runtime.start(actor, {"name": "fake", "worker": f"w{number}", "node_id": f"node{number}", "batch_size": 8})
+    pool.wait(0)
+    return pool
+
+
+def test_the_calls_of_an_unreachable_actor_wait_for_its_node_to_be_declared_dead(clock):
+    """A vanished node's actors are unreachable at once, its death is known seconds later: its calls wait for that,
+    and come back as lost with their node, not as their rows' doing."""
+    runtime = FakeRuntime()
+    pool = on_nodes(runtime, actors=2, max_in_flight=2)
+    for number in range(3):  # s0 and s2 on the first actor (s2 queued), s1 on the second
+        pool.submit(shard(number), 1)
+    victim = runtime.actors[0]
+    runtime.lose_actor(victim, "the actor is unavailable: Socket closed", unreachable=True)
+    assert pool.wait(0) == []  # node0 still looks alive
+    assert pool.has_work() and len(runtime.actors) == 3  # the replacement starts at once ...
+    assert pool.release_idle(idle_s=0.0) == 0  # ... and stays: the held shards come back to render
+    clock.now += 12.0
+    assert pool.wait(0) == [] and not victim.killed  # a kill now would hide the death cause Ray records
+    runtime.dead_nodes.add("node0")
+    events = {event.shard.shard_id: event for event in pool.wait(0)}
+    assert {(key, e.node_lost, e.started) for key, e in events.items()} == {("s0", True, True), ("s2", True, False)}
+    assert pool.actors_lost == 1 and victim.killed
+
+
+def test_an_unreachable_actor_that_ray_holds_dead_by_itself_is_judged_at_once(clock):
+    runtime = FakeRuntime()
+    pool = on_nodes(runtime, actors=1, max_in_flight=1)
+    pool.submit(shard(0), 1)
+    runtime.death_causes[0] = "process"  # its process died on a live node (a poison row, an OOM kill)
+    runtime.lose_actor(runtime.actors[0], "the actor is unavailable: Socket closed", unreachable=True)
+    (event,) = pool.wait(0)
+    assert event.actor_lost and not event.node_lost and event.started
+
+
+def test_an_unreachable_actor_whose_node_lives_on_is_judged_like_any_death(clock):
+    runtime = FakeRuntime()
+    pool = on_nodes(runtime, actors=1, max_in_flight=1)
+    pool.submit(shard(0), 1)
+    runtime.lose_actor(runtime.actors[0], "the actor is unavailable: Socket closed", unreachable=True)
+    assert pool.wait(0) == []
+    clock.now += pool_module.NODE_DEATH_WAIT_S
+    (event,) = pool.wait(0)
+    assert event.actor_lost and not event.node_lost and event.started
+
+
+def test_a_copy_that_wins_while_its_twin_waits_for_a_verdict_on_its_node_settles_the_shard(clock):
+    runtime = FakeRuntime()
+    pool = on_nodes(runtime, actors=2, max_in_flight=1)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    (fast,) = runtime.actors[1].pending()
+    runtime.finish(fast, result(fast))
+    pool.wait(0)
+    clock.now += 60.0
+    assert pool.reissue_stragglers() == 1  # s0 gets a copy on the second actor
+    runtime.lose_actor(runtime.actors[0], "Socket closed", unreachable=True)
+    assert pool.wait(0) == []
+    (copy,) = runtime.actors[1].pending()
+    runtime.finish(copy, result(copy))
+    (event,) = pool.wait(0)
+    assert isinstance(event, ShardDone) and event.shard.shard_id == "s0"
+    runtime.dead_nodes.add("node0")
+    assert pool.wait(0) == [] and not pool.has_work()  # no failure comes back for a shard already done
 
 
 def test_the_driver_never_waits_for_a_cancelled_copy(clock):

@@ -85,8 +85,8 @@ def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path,
             assert Path(row["image_uri"]).exists()
     files_after = metadata_files(out)
     job_record = record.read_job_record(out)
-    assert job_record["refresh"] == {"generation": 1, "new": 5, "changed": 3, "unchanged": 995, "removed": 2,
-                                 "pruned": 0, "state": "done"}
+    assert job_record["refresh"] == {"generation": 1, "new": 5, "changed": 3, "unchanged": 995, "updated": 0,
+                                     "removed": 2, "pruned": 0, "state": "done"}
 
     # `ray-render status` counts the current rows, not the superseded ones the old commits still hold
     report = status.job_status(out)
@@ -114,7 +114,7 @@ def test_refresh_renders_exactly_the_new_and_changed_rows(ray_cluster, tmp_path,
     assert image_files(out) == {path: mtime for path, mtime in after.items()
                                 if path.split("/")[-1] not in ("r20_0.png", "r700_0.png")}
     assert record.read_job_record(out)["refresh"] == {"generation": 1, "new": 0, "changed": 0, "unchanged": 1003,
-                                                      "removed": 0, "pruned": 2, "state": "done"}
+                                                      "updated": 0, "removed": 0, "pruned": 2, "state": "done"}
 
 
 def test_a_refresh_interrupted_before_superseding_finishes_on_the_next_run(ray_cluster, tmp_path, make_manifest,

@@ -95,6 +95,22 @@ def test_retry_failed_renders_the_failed_rows_of_committed_shards_exactly_once(r
     assert figures.details["check"]["unreferenced_images"] == 0
 
 
+@pytest.mark.chaos
+@pytest.mark.cluster
+def test_a_node_lost_mid_run_loses_and_duplicates_nothing_and_blames_no_row(tmp_path):
+    """A preempted GPU machine: its actor is unreachable at once, Ray declares the node dead seconds later. The
+    calls it held are retried as lost with their node (not the rows' doing: no row is rendered alone as a suspect);
+    a replacement node joins while the job runs."""
+    figures = endings.node_loss(str(tmp_path))
+    details, summary = figures.details, figures.details["summary"]
+    assert details["exit_code"] == exits.EXIT_OK, summary
+    assert (figures.ok, figures.duplicates, figures.lost, figures.sha_mismatches) == (figures.rows, 0, 0, 0), figures
+    assert details["check"]["unreferenced_images"] == 0
+    assert summary["node_losses"] >= 1 and summary["rows_suspected"] == 0, summary
+    assert summary["actors_replaced"] >= 1 and summary["actors_peak"] == 3
+
+
+
 # -- exit codes for orchestrators -------------------------------------------------------------------------------------
 
 

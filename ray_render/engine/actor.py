@@ -18,7 +18,6 @@ import pyarrow as pa
 from ray_render.config import JobConfig
 from ray_render.engine.plan import Shard
 from ray_render.engine.progress import RenderMetrics
-from ray_render.engine.rows import RowTask, read_shard_rows, validate_rows
 from ray_render.engine.shard import ShardRenderer, ShardResult
 from ray_render.models import load_model
 from ray_render.output.schema import metadata_schema
@@ -110,15 +109,6 @@ class RenderActor:
 
     def defaults(self) -> dict:
         return self.model.defaults()
-
-    def index_shard(self, shard: Shard) -> list[tuple]:
-        """(row index, id, row fingerprint, error) of every row of `shard`, rendering nothing: what
-        `ray-render refresh` compares with an output's metadata. The fingerprint is None for an invalid row, whose
-        error says why; it resolves the row with this model's defaults, as render_shard does."""
-        rows = read_shard_rows(shard, self.job.storage_options)
-        checked = validate_rows(rows, shard, model_defaults=self.model.defaults(), job=self.job)
-        return [(item.row_index, item.id, item.fingerprint, None) if isinstance(item, RowTask)
-                else (item.row_index, item.id, None, item.error) for item in checked]
 
     def render_shard(self, shard: Shard, attempt: int, attempt_id: str, inherit: tuple[str, bool] | None = None,
                      base: str | None = None) -> ShardResult:

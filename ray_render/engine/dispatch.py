@@ -176,7 +176,9 @@ class Dispatcher:
             commits.committed_shard_ids(job.out, job.storage_options)  # raises if the storage is gone
         entry = journal.read(job.out, shard_id, event.attempt_id, job.storage_options) if event.actor_lost else {}
         verdict = self.ledger.judge(event, entry)
-        self.inherit[shard_id] = verdict.inherit
+        if entry or not event.actor_lost or shard_id not in self.inherit:
+            self.inherit[shard_id] = verdict.inherit
+        # else the attempt died before writing a journal: the next one learns what this one was to learn
         summary.node_losses += event.node_lost
         if verdict.inherit[1]:
             summary.rows_suspected += len(entry.get("rendering", []))

@@ -344,7 +344,8 @@ def _check_passthrough_values(all_facts: list[_FileFacts], passthrough: pa.Schem
                                     f"to a plainer type, or drop it from the manifest") from None
 
 
-def _shard_id(file_index: int, url: str, row_start: int) -> str:
+def make_shard_id(file_index: int, url: str, row_start: int) -> str:
+    """The id of the shard of file `url` (the plan's `file_index`-th) that starts at `row_start`."""
     stem = url.rstrip("/").rsplit("/", 1)[-1]
     stem = stem.rsplit(".", 1)[0] if "." in stem else stem
     stem = _STEM_UNSAFE_RE.sub("_", stem).strip("_")[:40] or "file"
@@ -452,7 +453,7 @@ def plan(specs: list[str], shard_size: int | None, storage_options: dict | None 
         while row_start < num_rows and remaining > 0:
             size = shard_size or auto_shard_size(remaining, total)
             row_stop = int(min(row_start + size, num_rows, row_start + remaining))
-            shards.append(Shard(_shard_id(file_index, facts.url, row_start), facts.url, row_start, row_stop,
+            shards.append(Shard(make_shard_id(file_index, facts.url, row_start), facts.url, row_start, row_stop,
                                 file_index))
             remaining -= row_stop - row_start
             row_start = row_stop

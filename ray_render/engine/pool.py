@@ -20,7 +20,13 @@ In the spirit of Ray's `ActorPool` (same plain names), plus what it lacks:
 - deadlines: a call running past its deadline (a multiple of the recent time per row times its rows, within a
   floor and --call-timeout; a first call on an actor gets a generous allowance for warm-up and compilation) has
   its actor killed: a wedged kernel or a hung read never holds the job. The driver counts that attempt against the
-  shard, not against its rows (`ShardFailed.killed`), as it does for an actor whose node died (`node_lost`).
+  shard, not against its rows (`ShardFailed.killed`), as it does for an actor whose node died (`node_lost`);
+- lost nodes: an actor whose node vanished is first only unreachable (`ActorUnavailableError`, within a second or
+  two), while Ray's GCS marks the node dead only after its health checks fail (about 13 s with Ray's defaults). So
+  the calls of an unreachable actor on a node that still looks alive wait (`_Undecided`, up to NODE_DEATH_WAIT_S)
+  for Ray's verdict before they come back: the node declared dead, or the actor dead by itself (its process died on
+  a live node). A node's death must not be blamed on the rows it rendered. Its replacement starts at once; the
+  unreachable actor is killed only once the verdict is in, since a kill would overwrite the death cause Ray keeps.
 
 Why replacement rather than `max_restarts=-1`: Ray would restart the actor and re-run nothing (the driver sets
 `max_task_retries=0` so that it sees every failure and counts the shard's attempts), so restarts would buy only
@@ -54,6 +60,9 @@ RETIRE_MIN_ROWS = 8  # judge an actor's failure rate once it rendered this many 
 RETIRE_RATE = 0.5  # an actor whose rows fail at least this often ...
 RETIRE_FACTOR = 4.0  # ... and this many times as often as the other actors' is retired
 RELEASE_IDLE_S = 30.0  # with no work left to hand out, an actor idle this long is released (a straggler may need it)
+# How long the calls of an unreachable actor wait for its node to be declared dead: Ray's GCS does it after 5 missed
+# health checks 3 s apart (health_check_failure_threshold, health_check_period_ms), 12-13 s after a SIGKILL here.
+NODE_DEATH_WAIT_S = 30.0
 
 class PoolError(RuntimeError):
     """The pool cannot go on: no actor can be started (the model does not load, no node has room)."""
@@ -92,6 +101,7 @@ class Outcome:
     kind: str  # "ok", "actor_lost" (its actor died or could not start), "cancelled", or "raised"
     value: Any = None  # the call's return value when "ok"
     error: str = ""  # one readable line when "actor_lost" or "raised"
+    unreachable: bool = False  # "actor_lost" without Ray knowing why yet: the actor or its node stopped answering
 
 
 class RayRuntime:
@@ -116,10 +126,12 @@ class RayRuntime:
         return running
 
     def outcome(self, ref: Any) -> Outcome:
-        from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, TaskCancelledError
 
         try:
             return Outcome("ok", self._ray.get(ref))
+        except ActorUnavailableError as exc:  # a RayActorError too: first
+            return Outcome("actor_lost", error=_error_line(exc), unreachable=True)
         except RayActorError as exc:
             return Outcome("actor_lost", error=_error_line(exc))
         except TaskCancelledError:
@@ -129,6 +141,26 @@ class RayRuntime:
 
     def cancel(self, ref: Any) -> None:
         self._ray.cancel(ref)
+
+    def actor_dead(self, actor: Any) -> str | None:
+        """Why Ray's GCS holds `actor` dead: "node" (its node died), "process" (it died by itself), None while the
+        GCS does not hold it dead, or cannot say."""
+        try:
+            # No public API reads an actor's death cause without the dashboard's state server.
+            from ray._private.state import actors
+            from ray.core.generated.common_pb2 import ActorDiedErrorContext
+
+            info = actors(actor._actor_id.hex())
+            if not info or info.get("State") != "DEAD":
+                return None
+            cause = info.get("DeathCause")
+            if cause is not None and cause.HasField("actor_died_error_context") and \
+                    ActorDiedErrorContext.Reason.Name(cause.actor_died_error_context.reason) == "NODE_DIED":
+                return "node"
+            return "process"
+        except Exception as exc:  # noqa: BLE001 - no verdict: the pool waits for the node's instead
+            log.debug("could not read the state of an actor: %s", exc)
+            return None
 
     def node_alive(self, node_id: str | None) -> bool:
         """Whether the node an actor ran on is still alive (unknown nodes count as alive)."""
@@ -157,6 +189,18 @@ class _Call:
     started: bool = True  # set False when its actor died while it was still queued behind another call
 
 
+@dataclass
+class _Undecided:
+    """The calls of an unreachable actor whose node still looked alive: held until Ray says whether it died."""
+
+    actor: Any  # its handle, killed once the verdict is in
+    index: int
+    calls: list[_Call]
+    error: str
+    node: str
+    since: float  # time.monotonic() when the actor was found unreachable
+
+
 class RenderPool:
     """Ray actors, each holding one resident model, fed shard descriptors with a bound on queued work.
 
@@ -176,6 +220,7 @@ class RenderPool:
         self._call_timeout_s = call_timeout_s
         self._row_s: deque[float] = deque(maxlen=ROW_TIMES)  # recent seconds per row of finished calls
         self._calls_done_by: dict[int, int] = {}  # actor index -> calls it finished
+        self._compiling: set[int] = set()  # actors whose model compiles its token steps
         self._node_of: dict[int, str | None] = {}  # actor index -> the node it runs on
         self._run_id = run_id
         self._calls_made = 0
@@ -194,6 +239,7 @@ class RenderPool:
         self._shard_wall_s: deque[float] = deque(maxlen=100)  # recent shard wall times, for straggler detection
         self._rows_by: dict[int, list[int]] = {}  # actor index -> [rows rendered, of which failed], ever
         self._avoid_nodes: set[str] = set()  # nodes where an actor was retired: new actors go elsewhere
+        self._undecided: list[_Undecided] = []  # calls waiting for Ray's verdict on their actor's node
         self.info: dict | None = None  # model info reported by the first actor that became ready
         self.actors_lost = 0  # actors that died and were replaced
         self.actors_retired = 0  # actors retired for failing far more rows than the others
@@ -217,11 +263,11 @@ class RenderPool:
         self._actors[index] = actor
         self._starting[actor.info.remote()] = index
 
-    def _retire(self, index: int, head_running: bool = True) -> list[_Call]:
-        """Kill an actor for good and forget it; return the calls it still held (the first one was running if
-        `head_running`, the rest were queued)."""
+    def _retire(self, index: int, head_running: bool = True, kill: bool = True) -> list[_Call]:
+        """Kill an actor for good (unless not `kill`) and forget it; return the calls it still held (the first one
+        was running if `head_running`, the rest were queued)."""
         actor = self._actors.pop(index, None)
-        if actor is not None:
+        if actor is not None and kill:
             self._runtime.kill(actor)
         self._idle_since.pop(index, None)
         calls = []
@@ -250,16 +296,22 @@ class RenderPool:
         return len(self._in_flight)
 
     @property
+    def actors_started(self) -> int:
+        """Every actor this pool asked Ray for: the first ones, replacements, and those released or refused."""
+        return self._next_index
+
+    @property
     def size(self) -> int:
         """The number of actors the pool keeps (started, starting or being replaced)."""
         return self._num_actors
 
     def has_outstanding(self) -> bool:
-        """Whether anything is in Ray's hands: an actor starting, or a call (cancelled copies included)."""
+        """Whether anything is in Ray's hands: an actor starting, or a call (cancelled copies included). Calls
+        waiting for Ray's verdict on a node are not: `wait` returns at once while only they are left."""
         return bool(self._starting or self._future_to_actor)
 
     def ready_actors(self) -> list:
-        """Handles of the ready actors, for calls other than render_shard (refresh's `index_shard`)."""
+        """Handles of the ready actors, for calls other than render_shard (refresh's `defaults`)."""
         return [self._actors[index] for index in self._in_flight]
 
     # -- submitting ----------------------------------------------------------------------------------------------
@@ -296,9 +348,10 @@ class RenderPool:
         self._start_head(index)
 
     def has_work(self) -> bool:
-        """True while a shard is outstanding. A cancelled copy is not work: its shard is settled, the driver never
-        waits for it (shutdown kills its actor)."""
-        return any(ref not in self._cancelled for ref in self._future_to_actor)
+        """True while a shard is outstanding (running, queued, or lost with an actor whose node's fate Ray has not
+        told yet). A cancelled copy is not work: its shard is settled, the driver never waits for it (shutdown kills
+        its actor)."""
+        return bool(self._undecided) or any(ref not in self._cancelled for ref in self._future_to_actor)
 
     # -- deadlines -----------------------------------------------------------------------------------------------
 
@@ -316,7 +369,10 @@ class RenderPool:
         if not self._calls_done_by.get(index) or not self._row_s:
             allowance = FIRST_CALL_S  # its first call: the model warms up, a compiled step is captured
         else:
-            allowance = max(DEADLINE_MIN_S, DEADLINE_FACTOR * statistics.median(self._row_s) * call.shard.num_rows)
+            # A compiled model compiles (and captures) again for each new batch or length bucket, in any call: its
+            # calls keep the first call's allowance as their floor.
+            floor = FIRST_CALL_S if index in self._compiling else DEADLINE_MIN_S
+            allowance = max(floor, DEADLINE_FACTOR * statistics.median(self._row_s) * call.shard.num_rows)
         return min(allowance, self._call_timeout_s)
 
     def _expire_overdue(self) -> list[ShardDone | ShardFailed]:
@@ -387,7 +443,7 @@ class RenderPool:
         """
         refs = list(self._starting) + list(self._future_to_actor)
         if not refs:
-            return []
+            return self._decide_undecided()
         ready = self._runtime.wait(refs, timeout)
         events: list[ShardDone | ShardFailed] = []
         for ref in ready:
@@ -396,6 +452,7 @@ class RenderPool:
             elif ref in self._future_to_actor:  # not taken back by an earlier event in this loop
                 events += self._on_finished(ref)
         events += self._expire_overdue()
+        events += self._decide_undecided()
         if self._in_flight:
             self.last_ready = time.monotonic()
         return events
@@ -430,6 +487,8 @@ class RenderPool:
         self._idle_since[index] = time.monotonic()
         self._note_ready()
         self._node_of[index] = info.get("node_id") if isinstance(info, dict) else None
+        if isinstance(info, dict) and (info.get("settings") or {}).get("compile") == "on":
+            self._compiling.add(index)
         log.info("render actor %d ready on %s", index, info.get("worker", "?"))
 
     def _refusal(self, info: Any) -> str:
@@ -455,8 +514,8 @@ class RenderPool:
         ones idle for `idle_s`, so an autoscaler can remove their nodes. Returns how many were released.
 
         Not while a shard waits in an actor's queue behind another: a starting actor, or one that is idle, takes it
-        over (reissue_stragglers)."""
-        if any(len(refs) > 1 for refs in self._in_flight.values()):
+        over (reissue_stragglers); nor while calls wait for the verdict on a node: their shards come back to render."""
+        if self._undecided or any(len(refs) > 1 for refs in self._in_flight.values()):
             return 0
         now = time.monotonic()
         doomed = [index for index in self._starting.values()]
@@ -497,7 +556,7 @@ class RenderPool:
             return []
         outcome = self._runtime.outcome(ref)
         if outcome.kind == "actor_lost":
-            return self._on_actor_lost(call, outcome.error)
+            return self._on_actor_lost(call, outcome)
         if outcome.kind == "cancelled":
             return []
         if outcome.kind == "raised":
@@ -509,6 +568,7 @@ class RenderPool:
         for other in self._shard_futures.get(call.shard.shard_id, []):
             self._cancelled.add(other)
             self._runtime.cancel(other)
+        self._drop_undecided(call.shard.shard_id)  # a copy lost with its node: this one won
         self._shard_wall_s.append(getattr(result, "wall_ms", 0.0) / 1000.0)
         if getattr(result, "rows", 0):
             self._row_s.append(result.wall_ms / 1000.0 / result.rows)
@@ -554,22 +614,64 @@ class RenderPool:
         self._start_actor()
         return events
 
-    def _on_actor_lost(self, call: _Call, error: str) -> list[ShardDone | ShardFailed]:
+    def _on_actor_lost(self, call: _Call, outcome: Outcome) -> list[ShardDone | ShardFailed]:
         self.actors_lost += 1
-        node_lost = not self._runtime.node_alive(self._node_of.get(call.actor))
-        message = f"actor {call.actor} lost{' with its node' if node_lost else ''}: {error}"
-        log.warning("%s; replacing it", message)
-        events = self._failed_unless_copied(call, message, actor_lost=True, node_lost=node_lost)
-        for other in self._retire(call.actor, head_running=not call.started):
-            events += self._failed_unless_copied(other, message, actor_lost=True, node_lost=node_lost)
+        node = self._node_of.get(call.actor)
+        node_lost = not self._runtime.node_alive(node)
+        actor = self._actors.get(call.actor)
+        undecided = outcome.unreachable and bool(node) and not node_lost and actor is not None
+        calls = [call, *self._retire(call.actor, head_running=not call.started, kill=not undecided)]
         self._start_actor()
+        if undecided:
+            # Its node may be dying without the GCS knowing yet: wait for the verdict (see the module docstring).
+            log.warning("actor %d unreachable: %s; replacing it, and waiting up to %.0f s for Ray to tell whether its "
+                        "node %s died", call.actor, outcome.error, NODE_DEATH_WAIT_S, node[:8])
+            self._undecided.append(_Undecided(actor, call.actor, calls, outcome.error, node, time.monotonic()))
+            return self._decide_undecided()
+        log.warning("actor %d lost%s: %s; replacing it", call.actor, " with its node" if node_lost else "",
+                    outcome.error)
+        return self._lost(calls, call.actor, outcome.error, node_lost)
+
+    def _lost(self, calls: list[_Call], actor: int, error: str, node_lost: bool) -> list[ShardFailed]:
+        message = f"actor {actor} lost{' with its node' if node_lost else ''}: {error}"
+        events: list[ShardFailed] = []
+        for held in calls:
+            events += self._failed_unless_copied(held, message, actor_lost=True, node_lost=node_lost)
         return events
+
+    def _decide_undecided(self) -> list[ShardFailed]:
+        """The held calls whose verdict is in: their node declared dead (lost with it), their actor dead by itself,
+        or NODE_DEATH_WAIT_S passed with the node alive (judged like any death)."""
+        events: list[ShardFailed] = []
+        now = time.monotonic()
+        for entry in list(self._undecided):
+            fate = "node" if not self._runtime.node_alive(entry.node) else self._runtime.actor_dead(entry.actor)
+            if fate is None and now - entry.since < NODE_DEATH_WAIT_S:
+                continue
+            self._undecided.remove(entry)
+            _quietly(self._runtime.kill, entry.actor)
+            node_lost = fate == "node"
+            log.info("actor %d: %s", entry.index, f"its node {entry.node[:8]} died" if node_lost else
+                     "its process died" if fate else f"its node is alive {now - entry.since:.0f} s later")
+            events += self._lost(entry.calls, entry.index, entry.error, node_lost)
+        return events
+
+    def _drop_undecided(self, shard_id: str) -> None:
+        """Shard `shard_id` is done: its held calls need no verdict."""
+        for entry in self._undecided:
+            entry.calls = [held for held in entry.calls if held.shard.shard_id != shard_id]
+        for entry in [entry for entry in self._undecided if not entry.calls]:
+            self._undecided.remove(entry)
+            _quietly(self._runtime.kill, entry.actor)
 
     def _failed_unless_copied(self, call: _Call, error: str, actor_lost: bool, killed: bool = False,
                               node_lost: bool = False, retired: bool = False) -> list[ShardFailed]:
-        # Another live copy of this shard may still succeed: then this failure does not count.
+        # Another live copy of this shard may still succeed: then this failure does not count. A copy held for the
+        # verdict on its node is live too: it comes back when the verdict does.
         live = [ref for ref in self._shard_futures.get(call.shard.shard_id, []) if ref not in self._cancelled]
-        if live:
+        held = any(other.shard.shard_id == call.shard.shard_id for entry in self._undecided for other in entry.calls
+                   if other is not call)
+        if live or held:
             return []
         return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started, call.attempt_id, killed,
                             node_lost, retired)]
@@ -587,13 +689,18 @@ class RenderPool:
         Best effort: after a lost cluster these calls fail too, and the job's own outcome matters more.
         """
         outstanding = {ref: (call.shard.shard_id, call.attempt_id) for ref, call in self._future_to_actor.items()}
-        unsettled = set(outstanding.values())
+        # Held calls: their actor is killed now, but if its node lives after all, it may still be writing.
+        held = {(call.shard.shard_id, call.attempt_id) for entry in self._undecided for call in entry.calls}
+        for entry in self._undecided:
+            _quietly(self._runtime.kill, entry.actor)
+        self._undecided.clear()
+        unsettled = set(outstanding.values()) | held
         try:
             for ref in outstanding:
                 if ref not in self._cancelled:  # copies that lost a race were cancelled when they lost it
                     _quietly(self._runtime.cancel, ref)
             running = self._runtime.wait_all(list(outstanding), grace_s) if outstanding else []
-            unsettled = {outstanding[ref] for ref in running}
+            unsettled = {outstanding[ref] for ref in running} | held
         except Exception as exc:  # noqa: BLE001 - every shard in flight stays unsettled
             log.debug("ignored during shutdown: %s", exc)
         finally:  # even on a second Ctrl-C: no actor outlives the driver's decision to stop

@@ -26,6 +26,7 @@ import json
 import re
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
+from functools import cached_property
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,6 +78,10 @@ class RowTask:
     fingerprint: str  # sha256 of params + prompt + seed + input_image: changes iff the rendered images would
     source_file: str = ""
 
+    @cached_property
+    def passthrough_fingerprint(self) -> str:
+        return passthrough_fingerprint(self.passthrough)
+
     def requests(self, input_image: bytes | None = None) -> list[RenderRequest]:
         """One RenderRequest per image; `input_image` is the fetched content of `self.input_image`."""
         settings = {name: value for name, value in self.params.items() if name != "num_images"}
@@ -89,7 +94,8 @@ class RowTask:
         row = {name: self.params.get(name) for name in RENDER_COLUMNS}
         row.update(id=self.id, prompt=self.prompt, width=self.params.get("width"), height=self.params.get("height"),
                    preset=self.preset, input_image=self.input_image, row_fingerprint=self.fingerprint,
-                   source_file=self.source_file, source_row=self.row_index)
+                   passthrough_fingerprint=self.passthrough_fingerprint, source_file=self.source_file,
+                   source_row=self.row_index)
         return row
 
     def ok_row(self, image_index: int, *, image_uri: str, sha256: str, width: int, height: int, fmt: str,
@@ -128,13 +134,21 @@ class InvalidRow:
     passthrough: dict
     source_file: str = ""
     prompt: str | None = None  # kept when it was a usable string, to help find the row
+    # The row's RowTask.fingerprint when the model refused its settings (the same model refuses them again, so a
+    # refresh leaves the row be); None for a bad value in the manifest, or an input image that could not be used
+    fingerprint: str | None = None
+
+    @cached_property
+    def passthrough_fingerprint(self) -> str:
+        return passthrough_fingerprint(self.passthrough)
 
     def metadata_row(self, *, model: str = "", model_revision: str = "", worker: str = "",
                      created_at: datetime | None = None) -> dict:
         """The `invalid` metadata row: render settings null, the error says why."""
         row = {"id": self.id, "image_index": None, "status": "invalid", "error": self.error, "prompt": self.prompt,
                "model": model, "model_revision": model_revision, "attempts": 0, "worker": worker,
-               "created_at": created_at or _now(), "source_file": self.source_file, "source_row": self.row_index}
+               "created_at": created_at or _now(), "source_file": self.source_file, "source_row": self.row_index,
+               "row_fingerprint": self.fingerprint, "passthrough_fingerprint": self.passthrough_fingerprint}
         row.update(self.passthrough)
         return row
 
@@ -227,6 +241,15 @@ def _clean(value: object) -> object:
 
 def _sha256(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def passthrough_fingerprint(passthrough: dict) -> str:
+    """sha256 of a row's passthrough values, stored with its metadata rows: a refresh that finds only this changed
+    updates those rows in place instead of rendering. Null cells are left out, as a column the row's file lacks
+    (both read back as null); values JSON cannot hold (dates, decimals, bytes) count by their repr, which names
+    their type."""
+    present = {name: value for name, value in passthrough.items() if value is not None}
+    return hashlib.sha256(json.dumps(present, sort_keys=True, ensure_ascii=True, default=repr).encode()).hexdigest()
 
 
 def _canonical(name: str, value: object) -> object:

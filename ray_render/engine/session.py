@@ -4,7 +4,8 @@
         ...                               plan (the caller's own step: nothing is written before the lease)
         session.acquire_output()          refuse a foreign root, take the output's lease: the committed shards
         session.clear_output()            optional (--overwrite): void every commit, delete ray-render's files
-        session.start_pool(plan)          connect to Ray (or start a local one), start the actors, wait for one
+        session.connect()                 optional: connect to Ray (or start a local one) before any actor
+        session.start_pool(plan)          connect to Ray, start the actors, wait for one
         session.claim_output(record)      finish what a dead holder left (publish, remove), write the job record
         session.dispatch(shards)          hand out shards with backpressure, commit results, retry, error budget
         session.stop_pool()               optional: stop the actors now (wind-down does it otherwise)
@@ -74,6 +75,7 @@ class RunSession:
         self.committed: dict[str, dict] = {}  # shard id -> its commit entry: the log's, then this run's
         self.owns_output = False  # the output is cleaned and the summary written there only once this run claimed it
         self._ray_started_here = False
+        self._connected = False  # connect() has run
         self._attempts: set[tuple[str, str]] = set()  # (shard, attempt) this run started, from the pools it stopped
         self._unsettled: set[tuple[str, str]] = set()  # attempts a stopped actor may still be writing
         self.signals = StopSignals()
@@ -161,12 +163,20 @@ class RunSession:
         self.committed = {}
         commits.clear_output(self.job.out, self.job.storage_options)
 
+    def connect(self) -> str:
+        """Connect to the cluster at --address (or RAY_ADDRESS), else start a local Ray; returns the device the
+        job's actors load their model on (`job_device`). Once per run: later calls only return the device."""
+        if not self._connected:
+            self._ray_started_here = _connect(self.job)
+            self.signals.reinstall()  # ray.init replaced our SIGTERM handler with its own
+            self._connected = True
+        return job_device(self.job)
+
     def start_pool(self, plan: Plan, shards: int | None = None, expected_model: dict | None = None) -> RenderPool:
         """Connect to Ray, start the render actors and wait until one is ready (its model loaded). `shards`: how
         many shards are left (the elastic pool asks for no more actors); `expected_model`: the model the output was
         rendered with (its job record's), which every actor must match."""
-        self._ray_started_here = _connect(self.job)
-        self.signals.reinstall()  # ray.init replaced our SIGTERM handler with its own
+        self.connect()
         shards = len(plan.shards) if shards is None else shards
         self.pool = _start_pool(self.job, plan, self.summary.run_id, max(1, shards), expected_model)
         _wait_until_ready(self.pool)
@@ -235,6 +245,7 @@ class RunSession:
         calls get a short grace: `ray job stop` SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S (3) seconds later."""
         if self.pool is not None:
             grace = SIGNAL_GRACE_S if self.signals.received else SHUTDOWN_GRACE_S
+            self.summary.actors_started += self.pool.actors_started
             self._unsettled |= self.pool.shutdown(grace)
             self._attempts |= set(self.pool.attempts)
             self.pool = None
@@ -343,8 +354,8 @@ def _start_pool(job: JobConfig, plan: Plan, run_id: str, shards: int, expected_m
     from ray_render.models.base import same_model
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpus = job.device == "cuda" or (job.device == "auto" and cluster_gpus > 0)
-    device = "cuda" if use_gpus else "cpu" if job.device == "auto" else job.device
+    device = job_device(job)
+    use_gpus = device == "cuda"
     if use_gpus:
         num_actors = job.actors or min(job.max_actors or shards, shards)
         if num_actors * job.gpus_per_actor > cluster_gpus:
@@ -370,6 +381,16 @@ def _start_pool(job: JobConfig, plan: Plan, run_id: str, shards: int, expected_m
 
     return RenderPool(make_actor, num_actors, job.max_in_flight, run_id=run_id, call_timeout_s=job.call_timeout_s,
                       expected_model=expected_model, same_model=same_model)
+
+
+def job_device(job: JobConfig) -> str:
+    """The device every render actor of the job loads its model on: --device, or for "auto" cuda when the cluster
+    has GPUs and the CPU otherwise. Decided once, in the driver (needs a connection to Ray)."""
+    import ray
+
+    if job.device != "auto":
+        return job.device
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
 def input_roots(job: JobConfig, plan: Plan) -> list[str]:

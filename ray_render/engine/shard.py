@@ -199,8 +199,8 @@ class ShardRenderer:
                     work.edits.append(position)
                     continue
                 requests = [self.model.check(request) for request in task.requests()]
-            except RowError as exc:
-                work.checked[position] = _invalid(task, "", str(exc))
+            except RowError as exc:  # the settings alone decided it: the row keeps its fingerprint
+                work.checked[position] = _invalid(task, "", str(exc), fingerprint=task.fingerprint)
                 continue
             work.items += _wanted(work, position, requests)
         return work
@@ -443,8 +443,8 @@ def _wanted(work: ShardWork, position: int, requests: list[RenderRequest]) -> li
     return [_Item(position, k, request) for k, request in enumerate(requests) if only is None or k in only]
 
 
-def _invalid(task: RowTask, column: str, message: str) -> InvalidRow:
+def _invalid(task: RowTask, column: str, message: str, fingerprint: str | None = None) -> InvalidRow:
     where = f"manifest {task.source_file} row {task.row_index} (id {task.id!r})"
     return InvalidRow(row_index=task.row_index, id=task.id, column=column,
                       error=f"{where}: {column + ': ' if column else ''}{message}", passthrough=task.passthrough,
-                      source_file=task.source_file, prompt=task.prompt)
+                      source_file=task.source_file, prompt=task.prompt, fingerprint=fingerprint)

@@ -71,6 +71,7 @@ class Summary:
     shards_committed: int = 0  # committed by the end of this run, resumed ones included
     shards_resumed: int = 0  # already committed when this run started (skipped)
     rows_resumed: int = 0
+    rows_updated: int = 0  # rows a refresh updated in place: only their passthrough values changed, nothing rendered
     shards_lost: list = field(default_factory=list)  # shard ids that failed every attempt (not committed)
     shard_retries: int = 0  # shard attempts beyond the first (actor lost, storage error, ...)
     actors_replaced: int = 0  # actors that died and were replaced
@@ -78,6 +79,7 @@ class Summary:
     rows_repaired: int = 0  # failed rows that a repair on another actor rendered ok (engine/repairs.py)
     rows_suspected: int = 0  # rows made suspects (rendered alone next time) because an actor died rendering them
     node_losses: int = 0  # attempts lost with their node (a preemption): nobody's fault, no suspects
+    actors_started: int = 0  # render actors this run asked Ray for (replacements included); 0: no model loaded
     actors_peak: int = 0  # the most render actors ready at once
     actors_released: int = 0  # actors the elastic pool stopped because no work was left for them
     actors_timeline: list = field(default_factory=list)  # [seconds since the pool started, actors ready] changes
@@ -133,13 +135,15 @@ class Summary:
             f"  failed {rows['failed']}",
             f"  images    {self.images}",
             f"  shards    {self.shards_committed}/{self.shards_total} committed ({self.shards_resumed} resumed, "
-            f"{self.rows_resumed} rows)" + (f", lost: {', '.join(self.shards_lost)}" if self.shards_lost else ""),
+            f"{self.rows_resumed} rows)" + (f", lost: {', '.join(self.shards_lost)}" if self.shards_lost else "")
+            + (f"; {self.rows_updated} rows updated in place" if self.rows_updated else ""),
             f"  faults    {self.shard_retries} shard retries, {self.actors_replaced} actors replaced, "
             f"{self.actors_retired} retired, {self.stragglers_reissued} straggler copies, {self.rows_repaired} "
             f"failed rows repaired",
             f"  this run  {self.rows_this_run} rows, {self.images_this_run} images in {self.wall_s:.1f} s "
             f"({self.startup_s:.1f} s start-up, {self.rendering_s:.1f} s rendering: {self.rows_per_s:.1f} rows/s, "
-            f"{self.images_per_s:.1f} images/s; model time {self.render_s:.1f} s)",
+            f"{self.images_per_s:.1f} images/s; model time {self.render_s:.1f} s), {self.actors_started} render "
+            f"actor(s) started",
             f"  model     {self.model.get('name', '?')} ({self.model.get('family', '?')} "
             f"{self.model.get('revision', '?')}, {self.model.get('device', '?')} {self.model.get('dtype', '?')})",
             f"  output    {self.out}",

@@ -84,6 +84,18 @@ class ModelDescription:
     # (`embedding_params`), `layers`, `head_layers`, and `kv_width` (key/value values per layer and position).
     # Empty when the family has none of these.
     architecture: dict = field(default_factory=dict)
+    # The device type ("cuda", "cpu", ...) and dtype the loaded model reports for the device and dtype described;
+    # None where only loading tells (device "auto": what the machine has).
+    device: str | None = None
+    dtype: str | None = None
+
+    def expected_info(self) -> dict | None:
+        """The ModelInfo fields `same_model` compares, as the loaded model will report them: what an output's job
+        record is checked against without loading anything. None when loading is the only way to know one."""
+        if self.revision is None or self.device is None or self.dtype is None:
+            return None
+        return {"name": self.name, "family": self.family, "revision": self.revision, "device": self.device,
+                "dtype": self.dtype, "settings": dict(self.settings)}
 
     def image_tokens(self, width: int, height: int) -> int:
         """Image tokens of one image of this size: one autoregressive step each."""

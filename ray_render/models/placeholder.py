@@ -124,7 +124,8 @@ def describe() -> ModelDescription:
     manifest's rule (multiples of 16), and it has no context to run out of."""
     model = PlaceholderModel()
     return ModelDescription(name=model.info.name, family=model.info.family, revision=model.info.revision,
-                            defaults=model.defaults(), down_factor=16, context_length=None, source="built in")
+                            defaults=model.defaults(), down_factor=16, context_length=None, source="built in",
+                            device=model.info.device, dtype=model.info.dtype)  # the same whatever it is given
 
 
 @functools.lru_cache(maxsize=64)

@@ -62,6 +62,7 @@ METADATA_FIELDS = [
     pa.field("worker", pa.string()),
     pa.field("created_at", pa.timestamp("ms", tz="UTC")),
     pa.field("row_fingerprint", pa.string()),  # engine.rows.RowTask.fingerprint: changes iff the row's images would
+    pa.field("passthrough_fingerprint", pa.string()),  # engine.rows.passthrough_fingerprint of the passthrough values
     pa.field("source_file", pa.string()),
     pa.field("source_row", pa.int64()),  # 0-based row in source_file
 ]

@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-ALL_SUITES = ("orchestration", "model", "driver_scale", "resume", "actor", "decode", "gpu")
+ALL_SUITES = ("orchestration", "model", "driver_scale", "resume", "actor", "tail", "decode", "gpu")
 CPU_SUITES = ALL_SUITES[:-1]
 ACTOR_BATCH_SIZES = (1, 4, 16, 32)
 GPU_BATCH_SIZES = (1, 8, 32)
@@ -56,6 +56,7 @@ FULL = {"orchestration": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "driver_scale": {"rows": 1_000_000, "base_rows": 10_000, "shard_size": 1000},
         "resume": {"rows": 20_000, "shard_size": 1000, "batch_size": 8},
         "actor": {"rows": 128},
+        "tail": {"rows": 10_000, "actors": 8, "row_s": 0.01, "batch_size": 8},
         "decode": {"layers": 48, "blocks": 12, "steps": 50, "batch": 8, "side": 256},
         "gpu": {"rows": 8, "steps": 50, "side": 512}}
 QUICK = {"orchestration": {"rows": 240, "shard_size": 60, "batch_size": 8},
@@ -63,6 +64,7 @@ QUICK = {"orchestration": {"rows": 240, "shard_size": 60, "batch_size": 8},
          "driver_scale": {"rows": 2_000, "base_rows": 200, "shard_size": 100},
          "resume": {"rows": 240, "shard_size": 60, "batch_size": 8},
          "actor": {"rows": 4},
+         "tail": {"rows": 160, "actors": 2, "row_s": 0.01, "batch_size": 8},
          "decode": {"layers": 2, "blocks": 1, "steps": 2, "batch": 2, "side": 32},
          "gpu": {"rows": 2, "steps": 4, "side": 256}}
 GOALS = {"orchestration": "ray-render >= 1.5x Ray Data in rows/s",
@@ -70,6 +72,7 @@ GOALS = {"orchestration": "ray-render >= 1.5x Ray Data in rows/s",
          "driver_scale": "peak driver RSS at 1,000,000 rows <= 1.3x that at 10,000 rows",
          "resume": "rerun of a finished job < 5% of the original wall time",
          "actor": ">= 90% of actor wall time in the model (encode and upload overlapped)",
+         "tail": ">= 0.90 rendering efficiency with default shard sizes (8 actors, 10 ms rows)",
          "decode": "compiled token step >= 5x faster per image than eager on CPU, images within 2 levels (p99)",
          "gpu": "reported only (images/s per batch size on the full-size architecture)"}
 ACTORS = 2
@@ -187,7 +190,8 @@ def _work_ray_render(manifest: str, out: str, model: str, actors: int, batch_siz
                     shard_size=shard_size, progress=False, device="cpu", **options)
     summary = driver.run(job).to_dict()
     keep = ("exit_code", "state", "message", "rows_total", "rows", "images", "shards_total", "shards_resumed",
-            "rows_this_run", "images_this_run", "startup_s", "render_s", "plan_s")
+            "rows_this_run", "images_this_run", "startup_s", "render_s", "rendering_s", "plan_s", "actors_peak",
+            "actors_timeline")
     result = {key: summary[key] for key in keep if key in summary}
     result["rows_ok"] = summary["rows"]["ok"]
     result["rows"] = summary["rows_this_run"]
@@ -331,9 +335,11 @@ def _compare(work: Path, name: str, contenders: dict[str, dict], repeat: int, ro
         figures = {}
         order = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))  # cancels load trends
         for contender in order:
-            spec = contenders[contender]
+            spec = dict(contenders[contender])
+            kind = spec.pop("work", contender)  # which _CHILD_WORK runs it: the contender's name unless given
             out = _fresh(work / f"{name}-{contender}-{round_index + 1}-out")
-            result = _child(f"{contender}:{name}", work, out=out, **spec)
+            result = _child(f"{kind}:{name}" if kind == contender else f"{kind}:{name}-{contender}", work, out=out,
+                            **spec)
             if result.get("rows_ok") != rows:
                 raise RuntimeError(f"{name}: {contender} rendered {result.get('rows_ok')} of {rows} rows ok; see "
                                    f"{work}/{contender}:{name}.log")
@@ -466,8 +472,46 @@ def suite_gpu(work: Path, sizes: dict, repeat: int = 1) -> dict:
             **result, "goal_met": None}
 
 
+def _ready_actor_s(figures: dict) -> float:
+    """Actor-seconds of ready actors during the rendering phase, from the pool's timeline of ready actors (seconds
+    since the pool started: actors ready). Rendering starts with the first ready actor."""
+    timeline = figures["actors_timeline"]
+    end = timeline[0][0] + figures["rendering_s"]
+    moments = [min(at, end) for at, _ in timeline[1:]] + [end]
+    return sum(count * (until - at) for (at, count), until in zip(timeline, moments))
+
+
+def suite_tail(work: Path, sizes: dict, repeat: int = 1) -> dict:
+    """Rows that each take `row_s` in the model, on `actors` actors: the default shard sizes against fixed shards
+    of 1,000 rows. Efficiency is the model time summed over actors over (actors x the rendering phase): 1.0 when
+    every actor renders from the first ready actor to the last row, lower for every actor-second spent idle in the
+    tail or on overhead. The ready utilisation leaves out the actors still loading their model: model time over the
+    actor-seconds of ready actors, what an idle GPU costs."""
+    rows, actors = sizes["rows"], sizes["actors"]
+    prompt = f"[placeholder:sleep={sizes['row_s']}] a {{}} on a plain background, variation {{}}"
+    manifest = make_manifest(work / f"slow-rows-{rows}.parquet", rows, prompt=prompt, row_group_size=1000)
+    # The actors sleep rather than compute: a CPU share small enough that all of them fit on any machine.
+    common = {"work": "ray-render", "manifest": manifest, "model": "placeholder", "actors": actors,
+              "batch_size": sizes["batch_size"], "cpus_per_actor": 0.1, "report": False}
+    contenders = {"default": {**common, "shard_size": None}, "fixed-1000": {**common, "shard_size": 1000}}
+    compared = _compare(work, "tail", contenders, repeat, rows)
+    for figures in [*(r for round_ in compared["rounds"] for r in round_.values()),
+                    *compared["contenders"].values()]:
+        figures["efficiency"] = round(figures["render_s"] / (actors * figures["rendering_s"]), 3)
+        figures["ready_utilisation"] = round(figures["render_s"] / _ready_actor_s(figures), 3)
+    efficiency = {name: statistics.median(r[name]["efficiency"] for r in compared["rounds"]) for name in contenders}
+    utilisation = {name: statistics.median(r[name]["ready_utilisation"] for r in compared["rounds"])
+                   for name in contenders}
+    return {"params": {"rows": rows, "actors": actors, "row_s": sizes["row_s"], "batch_size": sizes["batch_size"],
+                       "model": "placeholder", "repeat": repeat},
+            **compared, "ratios": {**{f"efficiency {name}": value for name, value in efficiency.items()},
+                                   **{f"ready utilisation {name}": value for name, value in utilisation.items()}},
+            "goal_met": efficiency["default"] >= 0.9}
+
+
 SUITES = {"orchestration": suite_orchestration, "model": suite_model, "driver_scale": suite_driver_scale,
-          "resume": suite_resume, "actor": suite_actor, "decode": suite_decode, "gpu": suite_gpu}
+          "resume": suite_resume, "actor": suite_actor, "tail": suite_tail, "decode": suite_decode,
+          "gpu": suite_gpu}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -530,6 +574,14 @@ def format_suite(name: str, result: dict) -> str:
         ratios = result["ratios"]
         body += (f"\ncompiled/eager: {ratios['per image']:.2f}x per image, {ratios['token step']:.2f}x per token "
                  f"step; images differ by at most {diff['max']} (p99 {diff['p99']:.0f})")
+    elif name == "tail":
+        body = _table(["shard sizes", "shards", "actors peak", "rendering s", "model s (sum)", "efficiency",
+                       "ready utilisation"],
+                      [[c, r["shards_total"], r.get("actors_peak"), r["rendering_s"], r["render_s"],
+                        f"{r['efficiency']:.2f}", f"{r['ready_utilisation']:.2f}"]
+                       for c, r in result["contenders"].items()])
+        body += ("\n(efficiency: model time summed over actors / (actors x rendering phase); ready utilisation: "
+                 "model time / actor-seconds of ready actors)")
     elif name == "gpu":
         if result.get("skipped"):
             body = f"SKIPPED: {result['reason']}"

@@ -10,9 +10,12 @@
   on another actor and it is retired; every row ends ok.
 - `retry_failed`: a job whose every row failed on a broken device, then `--retry-failed` twice: the failed rows are
   rendered once, and the second time nothing renders.
+- `node_loss`: a worker node of a three-node GPU cluster (tools/clusters.py) SIGKILLed mid-run, a replacement node
+  joining later: nothing lost or duplicated, and no row made a suspect for a death that was its node's.
 
-They need a Ray of this process's own (its actors are found among this process's descendants) started with
-$RAY_RENDER_BROKEN_DEVICE set for the last two; tools/soak.py runs them, tests/test_run_endings.py asserts them.
+The others need a Ray of this process's own (its actors are found among this process's descendants) started with
+$RAY_RENDER_BROKEN_DEVICE set for `broken_device` and `retry_failed`; `node_loss` starts its own cluster.
+tools/soak.py runs them, tests/test_run_endings.py asserts them.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ import time
 from dataclasses import replace
 
 from ray_render.output import layout, record
-from ray_render.tools.chaos import BROKEN_DEVICE_ENV, ActorKiller, Figures, check_output, lost_rows, write_manifest
+from ray_render.tools.chaos import (
+    ACTOR_PROCESS,
+    BROKEN_DEVICE_ENV,
+    ActorKiller,
+    Figures,
+    check_output,
+    lost_rows,
+    write_manifest,
+)
 
 BROKEN_MODEL = "ray_render.tools.chaos:PlaceholderOnBrokenDevice"
 
@@ -237,3 +248,64 @@ def retry_failed(workdir: str, *, rows: int = 12) -> Figures:
                    f"rows rendered per run {rendered}", len(manifest_rows), check.by_status.get("ok", 0),
                    check.duplicates, lost_rows(check), wall,
                    {"summaries": [run.to_dict() for run in runs], "check": check.__dict__})
+
+
+def node_loss(workdir: str, *, rows: int = 360, row_s: float = 0.1, workers: int = 3) -> Figures:
+    """`ray-render run --device cuda` on a head and `workers` one-GPU nodes; once an actor renders, its whole node is
+    SIGKILLed (raylet first: a preempted machine) and a replacement node is started."""
+    from ray_render.tools.clusters import LocalCluster
+
+    manifest_rows = _rows(rows, f"a circle [placeholder:sleep={row_s:g}]")
+    manifest = write_manifest(os.path.join(workdir, "node-loss.parquet"), manifest_rows)
+    out = os.path.join(workdir, "node-loss-out")
+    started = time.monotonic()
+    with LocalCluster(workers=workers) as cluster:
+        command = [sys.executable, "-m", "ray_render", "run", manifest, "--out", out, "--model", "placeholder",
+                   "--device", "cuda", "--max-actors", str(workers), "--address", cluster.address, "--no-progress"]
+        with open(os.path.join(workdir, "node-loss-driver.log"), "w") as log:
+            process = subprocess.Popen(command, env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                # Every node's actor renders before one is lost: the loss is mid-run, with work left for the rest.
+                busy = _wait_for(lambda: _all_rendering(cluster.workers), 180, "every node's actor to render")
+                victim = busy[0]
+                time.sleep(0.5)  # into its shard, not at its first row
+                killed = cluster.kill_worker(victim)
+                lost_at = time.monotonic() - started
+                replacement = cluster.add_worker()
+                process.wait(timeout=300)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    wall = time.monotonic() - started
+    summary = record.read_summary(out) or {}
+    check = check_output(out, [row["id"] for row in manifest_rows])
+    by_node = _rows_by_node(out)
+    details = {"exit_code": process.returncode, "summary": summary, "check": check.__dict__,
+               "killed_processes": len(killed), "lost_at_s": round(lost_at, 1), "rows_by_node": by_node,
+               "victim": victim.node_id, "replacement": replacement.node_id,
+               "replacement_rows": by_node.get(replacement.node_id[:8], 0)}
+    faults = (f"1 of {workers} GPU nodes SIGKILLed mid-run ({len(killed)} processes), a replacement added; "
+              f"{summary.get('node_losses', '?')} attempts lost with it, {summary.get('rows_suspected', '?')} rows "
+              f"suspected")
+    return Figures("a worker node lost mid-run", faults, rows, check.by_status.get("ok", 0), check.duplicates,
+                   lost_rows(check), wall, details)
+
+
+def _all_rendering(nodes: list) -> list:
+    """The nodes, the first of them rendering now, once every one has an actor in `render_shard`; else []."""
+    busy = [node for node in nodes if node.running(ACTOR_PROCESS + ".render_shard")]
+    return busy + [node for node in nodes if node not in busy] if len(busy) == len(nodes) else []
+
+
+def _rows_by_node(out: str) -> dict[str, int]:
+    """Metadata rows per node (the 8-character node id prefix in the `worker` column: host/node/actor/gpu)."""
+    import pyarrow.dataset as ds
+
+    workers = ds.dataset(os.path.join(out, layout.METADATA_DIR), format="parquet").to_table(
+        columns=["worker"]).column("worker").to_pylist()
+    counts: dict[str, int] = {}
+    for worker in workers:
+        node = (worker or "").split("/")[1] if (worker or "").count("/") >= 2 else "?"
+        counts[node] = counts.get(node, 0) + 1
+    return counts

@@ -55,7 +55,8 @@ def soak(minutes: float, *, seed: int = 0, workdir: str | None = None, actor_row
          log=print) -> list[Figures]:
     """Run every drill in rounds (new seed each round) until `minutes` have passed (at least one round).
 
-    Starts its own local Ray (2 CPUs) and an S3-compatible server (moto, a dev dependency) on 127.0.0.1.
+    Starts its own local Ray (2 CPUs) and an S3-compatible server (moto, a dev dependency) on 127.0.0.1; the node
+    loss drill starts a four-node cluster of its own on this machine (tools/clusters.py).
     """
     import ray
     from moto.server import ThreadedMotoServer
@@ -98,7 +99,8 @@ def soak(minutes: float, *, seed: int = 0, workdir: str | None = None, actor_row
                           ("hung", lambda: endings.hung_actor(scratch)),
                           ("systematic", lambda: endings.systematic_crash(scratch)),
                           ("broken device", lambda: endings.broken_device(scratch)),
-                          ("retry failed", lambda: endings.retry_failed(scratch))]
+                          ("retry failed", lambda: endings.retry_failed(scratch)),
+                          ("node loss", lambda: endings.node_loss(scratch))]
                 for name, drill in drills:
                     figure = drill()
                     results.setdefault(name, []).append(figure)
@@ -121,7 +123,7 @@ def add_soak_parser(subparsers) -> None:
                                                "ownership drills (two drivers on one output, a refresh over a run, "
                                                "a lease taken over and fenced, copies that render other bytes) and "
                                                "the drills of how runs end (stop signals, a frozen actor, systematic "
-                                               "crashes, a broken device, --retry-failed) in rounds until "
+                                               "crashes, a broken device, --retry-failed, a lost node) in rounds until "
                                                "--minutes have passed; print the figures as Markdown. "
                                                "Starts its own local Ray and S3-compatible server on 127.0.0.1.")
     _soak_options(parser)

@@ -8,23 +8,25 @@ the same functions here (`render_defaults`, `snapshot_revision`), so the two can
     down_factor  the VAE's spatial factor (2 ** (levels - 1)) times the latent patch size: 16 for every release
     context      config.json's max_position_embeddings: prompt + image prefix + image tokens must fit
     revision     the hub commit of a cached repo, else the content fingerprint of the snapshot (and an outside VAE)
+    dtype        the one asked for; "auto" is bfloat16 on CUDA and float32 elsewhere (`dtype_for`)
 
 Where it looks: "tiny", a local directory and a cached hub repo are read in place; an fsspec URL has its three
-JSON files read remotely (revision unknown until a load copies it); a NextStep repo id that is not cached gets the
-published facts of its name (the `source` says so).
+JSON files read remotely, and its revision from its listing and a few reads (`url_revision`: no weights copied); a
+NextStep repo id that is not cached gets the published facts of its name (the `source` says so) and no revision.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ray_render import storage
 from ray_render.models.base import ModelDescription
 from ray_render.models.nextstep import snapshot as snap
 from ray_render.models.nextstep.config import NextStepConfig
-from ray_render.models.nextstep.resolve import HUB_ID, Resolved, ResolveError, resolve, resolve_vae
+from ray_render.models.nextstep.resolve import HUB_ID, Resolved, ResolveError, remote_listing, resolve, resolve_vae
 
 # Published defaults (NEXTSTEP.md): NextStep-1 and NextStep-1.1; edit models add shift 3.2 and cfg_img 2.0.
 VERSION_DEFAULTS = {
@@ -35,6 +37,20 @@ VERSION_DEFAULTS = {
 }
 EDIT_DEFAULTS = {"timesteps_shift": 3.2, "cfg_img": 2.0}
 RELEASED_CH_MULT = (1, 2, 4, 4)  # the released f8ch16 VAE (vae.VAE_DEFAULTS): what a config without ch_mult means
+AUTO_DTYPES = {"cuda": "bfloat16"}  # dtype "auto" by device type; float32 on every other device
+
+
+def dtype_for(dtype: str, device_type: str) -> str:
+    """The dtype a model loads in on a device of `device_type` ("cuda", "cpu", "mps") when `dtype` is asked for."""
+    return AUTO_DTYPES.get(device_type, "float32") if dtype == "auto" else dtype
+
+
+def _device_and_dtype(device: str, dtype: str) -> dict:
+    """The device type and dtype a load with these options reports; None for both while the device is "auto"."""
+    if device == "auto":
+        return {"device": None, "dtype": None}
+    device_type = device.split(":")[0]
+    return {"device": device_type, "dtype": dtype_for(dtype, device_type)}
 
 
 def render_defaults(version: str, edit: bool, directory: Path | None) -> dict:
@@ -79,10 +95,16 @@ def architecture(config: NextStepConfig) -> dict:
 
 
 def describe_nextstep(name: str, *, vae: str | None = None, revision: str | None = None,
-                      storage_options: dict | None = None, **_ignored) -> ModelDescription:
-    """Describe the NextStep model `name` without loading it (see the module docstring). Options that only matter
-    once weights are on a device (device, dtype, noise, ...) are accepted and ignored. Raises ResolveError when
+                      storage_options: dict | None = None, device: str = "auto", dtype: str = "auto",
+                      **_ignored) -> ModelDescription:
+    """Describe the NextStep model `name` without loading it (see the module docstring). `device` and `dtype` say
+    what the description's device and dtype are (a concrete device: what a load there reports); the other options
+    that only matter once weights are on a device (noise, ...) are accepted and ignored. Raises ResolveError when
     nothing about the model can be found here."""
+    return dataclasses.replace(_describe(name, vae, revision, storage_options), **_device_and_dtype(device, dtype))
+
+
+def _describe(name: str, vae: str | None, revision: str | None, storage_options: dict | None) -> ModelDescription:
     if "://" in name and not name.startswith("file://"):
         return _describe_url(name, vae, storage_options or {})
     try:
@@ -119,7 +141,7 @@ def _describe_directory(name: str, found: Resolved, vae: str | None, storage_opt
 
 def _describe_url(url: str, vae: str | None, storage_options: dict) -> ModelDescription:
     """Read config.json, render_defaults.json and the VAE's config.json from the URL into a scratch directory named
-    like the snapshot (its name is one of the facts read_identity weighs); the revision waits for a load."""
+    like the snapshot (its name is one of the facts read_identity weighs); the revision from `url_revision`."""
     base = url.rstrip("/")
     wanted = {"config.json": storage.join(base, "config.json"),
               snap.RENDER_DEFAULTS_FILE: storage.join(base, snap.RENDER_DEFAULTS_FILE),
@@ -135,7 +157,34 @@ def _describe_url(url: str, vae: str | None, storage_options: dict) -> ModelDesc
                 continue
             (directory / relative).parent.mkdir(parents=True, exist_ok=True)
             (directory / relative).write_bytes(data)
-        return _describe_directory(url, Resolved(directory, "url"), None, storage_options, revision_known=False)
+        described = _describe_directory(url, Resolved(directory, "url"), None, storage_options,
+                                        revision_known=False)
+        config_vae_path = snap.read_config(directory).vae_name_or_path
+    return dataclasses.replace(described, revision=url_revision(url, vae, config_vae_path, storage_options))
+
+
+def url_revision(url: str, vae: str | None, config_vae_path: str | None, storage_options: dict,
+                 small: int = snap.FINGERPRINT_SMALL) -> str | None:
+    """The revision a load of the snapshot at `url` reports (`snapshot_revision` of the copy resolve.fetch_url
+    makes), without copying it: the fingerprint of the same files, from the listing's sizes, the small files and
+    the first and last MiB of the large ones. None when the VAE may come from elsewhere (--vae, a vae_name_or_path
+    that is a URL, a repo id or a path outside the snapshot): only a load tells which, and its files count too."""
+    import fsspec
+
+    name = config_vae_path or "vae"
+    if vae is not None or "://" in name or name.startswith(("/", "~")) or ".." in name.split("/"):
+        return None
+    fs, root = fsspec.core.url_to_fs(url.rstrip("/"), **storage_options)
+    listing = remote_listing(fs, root)
+    if not any(rel.startswith(name.rstrip("/") + "/") for rel in listing):
+        return None
+
+    def reader(rel: str):
+        return lambda start, stop: fs.cat_file(f"{root}/{rel}", start=start, end=stop)
+
+    # The order of the copy's sorted walk: paths compare part by part ("vae/x" before "vae.txt")
+    ordered = sorted(listing, key=lambda rel: PurePosixPath(rel).parts)
+    return snap.fingerprint_files([(rel, listing[rel], reader(rel)) for rel in ordered], small)
 
 
 def _describe_published(repo_id: str) -> ModelDescription | None:

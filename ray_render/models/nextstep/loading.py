@@ -18,7 +18,7 @@ from ray_render.models.nextstep import snapshot as snap
 from ray_render.models.nextstep import vae as vae_lib
 from ray_render.models.nextstep.config import NextStepConfig
 from ray_render.models.nextstep.decoder import resolve_compile
-from ray_render.models.nextstep.describe import render_defaults, snapshot_revision
+from ray_render.models.nextstep.describe import dtype_for, render_defaults, snapshot_revision
 from ray_render.models.nextstep.image_model import NextStepImageModel
 from ray_render.models.nextstep.model import NextStepModel, short_listing
 from ray_render.models.nextstep.resolve import resolve, resolve_vae
@@ -56,8 +56,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
         return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":  # the rule describe_nextstep reports without loading
+        return DTYPES[dtype_for("auto", device.type)]
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]

@@ -120,7 +120,8 @@ def hub_snapshot(repo_id: str, revision: str | None = None, download: bool = Tru
 
 # fsspec URLs -------------------------------------------------------------------------------------------------
 
-def _remote_listing(fs, root: str) -> dict[str, int]:
+def remote_listing(fs, root: str) -> dict[str, int]:
+    """Relative path -> size of every file under `root` that a copy of the URL holds (hidden ones are left out)."""
     found = fs.find(root, detail=True)
     listing = {}
     for full, info in found.items():
@@ -150,7 +151,7 @@ def fetch_url(url: str, storage_options: dict, cache_root: Path | None = None) -
     base = re.sub(r"[^A-Za-z0-9._-]", "_", url.rsplit("/", 1)[-1])[:64] or "model"
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
-        listing = _remote_listing(fs, root)
+        listing = remote_listing(fs, root)
     except Exception as e:  # noqa: BLE001 - any storage error: fall back to a cached copy
         copies = sorted(cache_root.glob(f"{base}-{url_key}-*/{COMPLETE_MARKER}"), key=lambda p: p.stat().st_mtime)
         if copies:

@@ -314,23 +314,41 @@ def read_render_defaults(directory) -> dict:
     return out
 
 
-def fingerprint(*directories, small: int = 64 << 20) -> str:
+FINGERPRINT_SMALL = 64 << 20  # files up to this size are hashed whole
+
+
+def fingerprint(*directories, small: int = FINGERPRINT_SMALL) -> str:
     """A content hash of snapshot files: full sha256 of files up to `small` bytes, size + first and last MiB of
     larger ones (hashing 50 GB of shards at every actor start would take minutes)."""
-    h = hashlib.sha256()
+    files = []
     for directory in directories:
         directory = Path(directory)
         for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-            rel = path.relative_to(directory).as_posix()
-            if rel.startswith(".") or "/." in rel or rel.endswith((".py", ".md", ".lock")):
-                continue
-            size = path.stat().st_size
-            h.update(f"{rel}\0{size}\0".encode())
-            with open(path, "rb") as f:
-                if size <= small:
-                    h.update(hashlib.sha256(f.read()).digest())
-                else:
-                    h.update(f.read(1 << 20))
-                    f.seek(size - (1 << 20))
-                    h.update(f.read(1 << 20))
+            files.append((path.relative_to(directory).as_posix(), path.stat().st_size, _local_reader(path)))
+    return fingerprint_files(files, small)
+
+
+def fingerprint_files(files, small: int = FINGERPRINT_SMALL) -> str:
+    """`fingerprint` of snapshot files given as (relative path, size, read(start, stop) -> bytes), in the order a
+    sorted walk of the directory visits them: the one hash, for a local directory and for files on object storage
+    (nextstep.describe reads a URL's revision without copying its weights)."""
+    h = hashlib.sha256()
+    for rel, size, read in files:
+        if rel.startswith(".") or "/." in rel or rel.endswith((".py", ".md", ".lock")):
+            continue
+        h.update(f"{rel}\0{size}\0".encode())
+        if size <= small:
+            h.update(hashlib.sha256(read(0, size)).digest())
+        else:
+            h.update(read(0, 1 << 20))
+            h.update(read(size - (1 << 20), size))
     return h.hexdigest()[:16]
+
+
+def _local_reader(path: Path):
+    def read(start: int, stop: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+
+    return read
