@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -102,6 +103,24 @@ def test_rerun_with_another_plan_or_settings_is_refused_unless_overwrite(ray_clu
     replaced = driver.run(job_for(str(tmp_path / "manifests" / "b.parquet"), out, overwrite=True))
     assert replaced.exit_code == exits.EXIT_OK
     assert sorted(row["id"] for row in rows_of(out)) == sorted(f"r{i}" for i in range(7))
+
+
+def test_an_output_recorded_before_a_setting_existed_resumes_at_its_default(ray_cluster, tmp_path, make_manifest):
+    out = str(tmp_path / "out")
+    manifest = make_manifest(n=6, name="a.parquet")
+    assert driver.run(job_for(manifest, out)).exit_code == exits.EXIT_OK
+    # As an older ray-render wrote it: no `compile` setting, so another settings fingerprint.
+    job_file = os.path.join(out, "_job.json")
+    with open(job_file) as handle:
+        old = json.load(handle)
+    del old["settings"]["compile"]
+    old["settings_fingerprint"] = "0" * 64
+    with open(job_file, "w") as handle:
+        json.dump(old, handle)
+    resumed = driver.run(job_for(manifest, out))
+    assert resumed.exit_code == exits.EXIT_OK and resumed.rows_this_run == 0  # every shard resumed
+    other = driver.run(job_for(manifest, out, compile="on"))
+    assert other.exit_code == exits.EXIT_ABORTED and "compile" in other.message
 
 
 def test_unreadable_manifest_aborts_before_any_work(ray_cluster, tmp_path):

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import MISSING
 
 from ray_render.config import PIXEL_SETTINGS, JobConfig
 from ray_render.engine import manifests, repairs
@@ -117,6 +118,13 @@ def run(job: JobConfig, select: Callable[[planning.Plan], planning.Plan] | None 
     return session.summary
 
 
+def _default(name: str):
+    """A JobConfig field's default, as a job record holds it."""
+    spec = JobConfig.__dataclass_fields__[name]
+    value = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+    return json.loads(json.dumps(value, default=str))
+
+
 def _check_same_job(previous: dict, plan: planning.Plan, job: JobConfig) -> None:
     if previous.get("refresh"):
         # Its shards no longer match any one plan: a run would render rows the refresh already holds, twice.
@@ -126,9 +134,13 @@ def _check_same_job(previous: dict, plan: planning.Plan, job: JobConfig) -> None
     if not differences and previous.get("plan_fingerprint") != plan.fingerprint:
         differences.append("the shards (--shard-size or --limit)")
     if previous.get("settings_fingerprint") != settings_fingerprint(job):
-        old = previous.get("settings", {})
-        changed = [name for name in PIXEL_SETTINGS if old.get(name) != json.loads(json.dumps(getattr(job, name)))]
-        differences.append(f"the render settings ({', '.join(changed) or 'see _job.json'})")
+        old = previous.get("settings") or {}
+        # A setting the record does not name was added since it was written: the record's job rendered with what
+        # is now its default.
+        changed = [name for name in PIXEL_SETTINGS
+                   if old.get(name, _default(name)) != json.loads(json.dumps(getattr(job, name), default=str))]
+        if changed or not old:
+            differences.append(f"the render settings ({', '.join(changed) or 'see _job.json'})")
     if differences:
         raise JobAborted(f"{job.out} holds another job: {'; '.join(differences)}; pass --overwrite to replace it, "
                          f"or choose another --out")

@@ -193,8 +193,11 @@ def jittered_copies(workdir: str, *, rows: int = 24, slow: int = 2) -> Figures:
     from ray_render.config import JobConfig
     from ray_render.engine import driver, pool
 
+    # The last slow row sleeps longest: whichever way the slow shards fall on the actors, one actor is idle while
+    # it runs (were they all equally slow, both actors could finish them together, leaving nothing to copy).
     manifest_rows = [{"id": f"r{i:05d}", "prompt": f"a jittered picture {i}"
-                      + (" [placeholder:sleep=3]" if i >= rows - 2 * slow and i % 2 else "")} for i in range(rows)]
+                      + (f" [placeholder:sleep={3 if i == rows - 1 else 1.5}]" if i >= rows - 2 * slow and i % 2
+                         else "")} for i in range(rows)]
     manifest = write_manifest(os.path.join(workdir, "jitter.parquet"), manifest_rows)
     out = os.path.join(workdir, "jitter-out")
     job = JobConfig(manifests=[manifest], out=out, model="ray_render.tools.ownership:JitteredPlaceholder",
