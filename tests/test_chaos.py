@@ -38,11 +38,12 @@ def test_actor_chaos_1000_rows_tiny_model_at_least_6_kills(ray_cluster, tmp_path
     assert len({row["image_uri"] for row in table}) == 1000
 
 
-def test_driver_killed_5_times_then_output_is_complete_and_exactly_once(ray_cluster, tmp_path):
-    figures = chaos.driver_chaos(str(tmp_path), ray_cluster, kills=5, seed=2)
+def test_driver_killed_3_times_then_output_is_complete_and_exactly_once(ray_cluster, tmp_path):
+    # The soak kills it 5 times (README); 3 here keeps the suite short.
+    figures = chaos.driver_chaos(str(tmp_path), ray_cluster, kills=3, seed=2)
     assert_complete(figures, figures.details["check"])
     kills = figures.details["kills"]
-    assert len(kills) == 5 and not any(kill["finished_before_kill"] for kill in kills), kills
+    assert len(kills) == 3 and not any(kill["finished_before_kill"] for kill in kills), kills
     assert kills[-1]["committed"] < 100  # the job was still running at the last kill
     # Redone work after each kill: only shards in flight (started, not committed); committed ones are never redone.
     assert figures.details["redone_max"] <= figures.details["in_flight_bound"], kills

@@ -50,8 +50,10 @@ def test_compiled_step_renders_the_official_pngs_with_one_compile(compiled_fixtu
 
 
 def test_deep_narrow_model_compiled_renders_as_eager_at_every_batch_size():
-    eager = deep_narrow(layers=8, blocks=2, compile="off")
-    compiled = deep_narrow(layers=8, blocks=2, compile="on")  # the same seed: the same weights
+    # Deep enough that rounding differences pass through several layers; the full depth is the bench's (a compile
+    # of 48 layers takes minutes).
+    eager = deep_narrow(layers=4, blocks=2, compile="off")
+    compiled = deep_narrow(layers=4, blocks=2, compile="on")  # the same seed: the same weights
     # As on CUDA: the batch size dynamic, so that one compile serves every batch bucket.
     compiled.parts.decoder = Decoder(compiled.parts.model, compiled.parts.device, compiled=True, dynamic_batch=True)
     requests = requests_for(3, width=64, height=64, steps=4, cfg=7.5)
