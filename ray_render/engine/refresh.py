@@ -81,10 +81,11 @@ from ray_render import storage
 from ray_render.config import JOB_PIXEL_SETTINGS, ConfigError, JobConfig
 from ray_render.engine import manifests, row_index
 from ray_render.engine import plan as planning
-from ray_render.engine.driver import job_record, same_model
+from ray_render.engine.driver import job_record
 from ray_render.engine.session import JobAborted, RunSession
 from ray_render.engine.summary import Summary
 from ray_render.models import describe_model
+from ray_render.models.base import same_model
 from ray_render.output import commits, layout, record
 from ray_render.output.schema import REMOVED, metadata_schema, reserved_columns
 
