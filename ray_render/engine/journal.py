@@ -10,7 +10,9 @@ The design (the smallest one that leaves the commit protocol alone):
 1. Each attempt keeps its own journal, `_journal/<shard>/<attempt>.json` (a straggler copy or a stale run's actor
    never writes another attempt's). Before each model call (and each input fetch) it names the rows it works on
    (`rendering`) and how many of its model calls have returned (`calls_done`), plus what earlier attempts learned
-   (`suspects`, `deaths`). After its last model call, and when it is cancelled, it writes `rendering: []`.
+   (`suspects`, `deaths`); an attempt that inherited suspects or deaths writes them at once, so an attempt killed
+   before its first call still hands them on. After its last model call, and when it is cancelled, it writes
+   `rendering: []`.
 2. The driver decides what a death means. Only a death the driver saw happen by itself, inside a model call of
    that attempt, is the rows' fault: not one after a cancel or kill the driver issued (a deadline, a shutdown), not
    one of a node that died. The next attempt inherits the previous attempt's journal, and its `rendering` rows only
