@@ -13,7 +13,7 @@ import pytest
 
 from ray_render.output import layout, record
 from ray_render.tools.chaos import check_output, write_manifest
-from ray_render.tools.clusters import FakeAutoscalingCluster, WorkerType, _living
+from ray_render.tools.clusters import FakeAutoscalingCluster, WorkerType, living_pids
 
 pytestmark = pytest.mark.cluster
 
@@ -46,7 +46,7 @@ def test_a_job_without_actors_grows_to_the_gpus_the_autoscaler_adds_and_leaves_t
         # The job ended: its actors are gone, the nodes are idle, the autoscaler removes them.
         assert wait_for(lambda: cluster.autoscaled_nodes() == 0, 60), f"{cluster.autoscaled_nodes()} nodes left"
         pids = cluster.head.pids()
-    assert _living(pids) == []  # the cluster's exit stopped every process of it
+    assert living_pids(pids) == []  # the cluster's exit stopped every process of it
 
     summary = record.read_summary(out)
     assert "3 GPU actor(s) asked for, the cluster has 0 GPU(s) now" in done.stdout + done.stderr  # it had none

@@ -142,7 +142,8 @@ def _signal_all(pids: list[int], signum: int) -> int:
     return sent
 
 
-def _living(pids: list[int]) -> list[int]:
+def living_pids(pids: list[int]) -> list[int]:
+    """The processes of `pids` still running (zombies count as gone)."""
     import psutil
 
     living = []
@@ -326,7 +327,7 @@ class LocalCluster:
         node.killed = True
         while True:
             pids = list(dict.fromkeys([*node.pids(), *_naming(node.temp_dir)]))
-            living = _living(pids)
+            living = living_pids(pids)
             if not living:
                 break
             if time.monotonic() > deadline:
@@ -351,9 +352,9 @@ class LocalCluster:
         pids = list(dict.fromkeys(pids))
         _signal_all(pids, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        while _living(pids) and time.monotonic() < deadline:
+        while living_pids(pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        _signal_all(_living(pids), signal.SIGKILL)
+        _signal_all(living_pids(pids), signal.SIGKILL)
         for node in nodes:
             try:
                 node.process.wait(timeout=KILL_TIMEOUT_S)
@@ -370,7 +371,7 @@ class LocalCluster:
             self._stop_nodes(nodes)
             deadline = time.monotonic() + KILL_TIMEOUT_S
             while time.monotonic() < deadline:  # a process that was being started while we stopped
-                left = _living(_naming(self.root))
+                left = living_pids(_naming(self.root))
                 if not left:
                     break
                 _signal_all(left, signal.SIGKILL)

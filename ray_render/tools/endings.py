@@ -40,6 +40,7 @@ from ray_render.tools.chaos import (
     lost_rows,
     write_manifest,
 )
+from ray_render.tools.clusters import LocalCluster, living_pids
 
 BROKEN_MODEL = "ray_render.tools.chaos:PlaceholderOnBrokenDevice"
 
@@ -68,19 +69,6 @@ def _rendering(out: str, row_id: str) -> bool:
         except (OSError, ValueError):  # being replaced this instant
             continue
     return False
-
-
-def _living(pids: list[int]) -> list[int]:
-    import psutil
-
-    living = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                living.append(pid)
-        except psutil.NoSuchProcess:
-            continue
-    return living
 
 
 def _descendants(pid: int) -> list[int]:
@@ -118,10 +106,10 @@ def stop_signal(workdir: str, signum: int = signal.SIGTERM, rerun: bool = True) 
     summary_path = os.path.join(out, layout.SUMMARY)
     summary_after_s = os.path.getmtime(summary_path) - signalled_at if os.path.exists(summary_path) else None
     try:
-        _wait_for(lambda: not _living(ray_processes), 30, "the local Ray's processes to end")
+        _wait_for(lambda: not living_pids(ray_processes), 30, "the local Ray's processes to end")
     except TimeoutError:
         pass
-    left = len(_living(ray_processes))
+    left = len(living_pids(ray_processes))
     details = {"exit_code": process.returncode, "summary": summary, "wind_down_s": round(wind_down_s, 2),
                "summary_after_s": None if summary_after_s is None else round(summary_after_s, 2),
                "ray_processes": len(ray_processes), "left_running": left, "output": output[-3000:]}
@@ -168,11 +156,11 @@ def hung_actor(workdir: str, *, rows: int = 8, call_timeout_s: float = 20.0) -> 
         summary = driver.run(job)
     finally:
         thread.join(5)
-        for pid in _living(frozen):
+        for pid in living_pids(frozen):
             os.kill(pid, signal.SIGCONT)
     wall = time.monotonic() - started
     try:
-        _wait_for(lambda: not _living(frozen), 30, "the frozen actor to be killed")
+        _wait_for(lambda: not living_pids(frozen), 30, "the frozen actor to be killed")
     except TimeoutError:
         pass
     check = check_output(out, [row["id"] for row in manifest_rows])
@@ -180,7 +168,7 @@ def hung_actor(workdir: str, *, rows: int = 8, call_timeout_s: float = 20.0) -> 
                    f"replaced, {summary.stragglers_reissued} copies", rows, check.by_status.get("ok", 0),
                    check.duplicates, lost_rows(check), wall,
                    {"summary": summary.to_dict(), "check": check.__dict__, "frozen": len(frozen),
-                    "frozen_left": len(_living(frozen))})
+                    "frozen_left": len(living_pids(frozen))})
 
 
 def systematic_crash(workdir: str, *, rows: int = 24, retries: int = 1) -> Figures:
@@ -253,7 +241,6 @@ def retry_failed(workdir: str, *, rows: int = 12) -> Figures:
 def node_loss(workdir: str, *, rows: int = 360, row_s: float = 0.1, workers: int = 3) -> Figures:
     """`ray-render run --device cuda` on a head and `workers` one-GPU nodes; once an actor renders, its whole node is
     SIGKILLed (raylet first: a preempted machine) and a replacement node is started."""
-    from ray_render.tools.clusters import LocalCluster
 
     manifest_rows = _rows(rows, f"a circle [placeholder:sleep={row_s:g}]")
     manifest = write_manifest(os.path.join(workdir, "node-loss.parquet"), manifest_rows)
