@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from pathlib import Path
 
-import pyarrow.dataset as ds
 from conftest import prompt_rows
+from test_refresh import image_files, metadata, metadata_files
 
 from ray_render.config import JobConfig
 from ray_render.engine import driver, refresh, row_index
@@ -22,20 +21,6 @@ def job_for(manifest: str, out: str, **options) -> JobConfig:
     options = {"model": "placeholder", "progress": False, "report": False, "batch_size": 64,
                "params": {"width": 16, "height": 16}, **options}
     return JobConfig(manifests=[manifest], out=out, **options)
-
-
-def metadata(out: str) -> list[dict]:
-    return ds.dataset(str(Path(out) / "metadata"), format="parquet").to_table().to_pylist()
-
-
-def image_files(out: str) -> dict[str, int]:
-    """Relative path -> mtime_ns of every stored image."""
-    root = Path(out) / "images"
-    return {str(path.relative_to(root)): path.stat().st_mtime_ns for path in root.rglob("*.png")}
-
-
-def metadata_files(out: str) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in (Path(out) / "metadata").iterdir()}
 
 
 def catalogue(n: int) -> list[dict]:

@@ -264,14 +264,8 @@ class TinyOutOfMemoryAbove4:
         self.info = ModelInfo(**{**self.inner.info.__dict__, "name": "ray_render.tools.chaos:TinyOutOfMemoryAbove4"})
         self.out_of_memory_calls = 0
 
-    def defaults(self) -> dict:
-        return self.inner.defaults()
-
-    def check(self, request):
-        return self.inner.check(request)
-
-    def batch_key(self, request):
-        return self.inner.batch_key(request)
+    def __getattr__(self, name: str):  # everything but render is the wrapped model's
+        return getattr(self.inner, name)
 
     def render(self, requests):
         if len(requests) > self.MAX_BATCH:

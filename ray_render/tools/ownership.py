@@ -173,14 +173,8 @@ class JitteredPlaceholder:
         self.info = ModelInfo(**{**self.inner.info.__dict__, "name": "ray_render.tools.ownership:JitteredPlaceholder"})
         self.offset = os.getpid() % 7 + 1
 
-    def defaults(self) -> dict:
-        return self.inner.defaults()
-
-    def check(self, request):
-        return self.inner.check(request)
-
-    def batch_key(self, request):
-        return self.inner.batch_key(request)
+    def __getattr__(self, name: str):  # everything but render is the wrapped model's
+        return getattr(self.inner, name)
 
     def render(self, requests):
         return [image + self.offset for image in self.inner.render(requests)]  # uint8 arithmetic wraps: still uint8
