@@ -188,13 +188,40 @@ def _write_local(path: str, data: bytes) -> None:
         raise
 
 
-def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write `data` to `url` atomically: local files via temp file + rename, object stores with one PUT."""
+# Local directories this process made or found: a render writes many files into one directory, and a makedirs
+# for each costs a stat of every parent. Forgotten when large; a directory removed since is made again on demand.
+_made_dirs: set[str] = set()
+MADE_DIRS_LIMIT = 10_000
+
+
+def _write_local_private(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path) or "."
+    if directory not in _made_dirs:
+        os.makedirs(directory, exist_ok=True)
+        if len(_made_dirs) >= MADE_DIRS_LIMIT:
+            _made_dirs.clear()
+        _made_dirs.add(directory)
+    try:
+        handle = open(path, "wb")
+    except FileNotFoundError:  # the directory went away since (a cleanup): make it again
+        _made_dirs.discard(directory)
+        os.makedirs(directory, exist_ok=True)
+        handle = open(path, "wb")
+    with handle:
+        handle.write(data)
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict | None = None, *, private: bool = False) -> None:
+    """Write `data` to `url` atomically: local files via temp file + rename, object stores with one PUT.
+
+    `private`: no reader opens `url` before this call has returned (an attempt's images, found only through metadata
+    written after them), so a local file is written in place: a half-written one is never read, and the temp file
+    and rename are saved (a fifth of a render actor's CPU per row at small images)."""
     fs, path = open_fs(url, storage_options)
 
     def write() -> None:
         if is_local(fs):
-            _write_local(path, data)
+            (_write_local_private if private else _write_local)(path, data)
         else:
             fs.pipe_file(path, data)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 
 import aiohttp
 import botocore.exceptions
@@ -42,6 +43,18 @@ def test_failed_local_write_keeps_old_content_and_cleans_up(tmp_path):
     assert storage.read_bytes(url) == b"complete"
     assert os.listdir(tmp_path) == ["file.bin"]
 
+
+
+def test_private_write_makes_a_removed_directory_again(tmp_path):
+    """An attempt's images are written in place; a directory a cleanup removed since is made again."""
+    url = str(tmp_path / "images" / "s0" / "a1" / "r0.png")
+    storage.write_bytes(url, b"first", private=True)
+    storage.write_bytes(url, b"second", private=True)
+    assert storage.read_bytes(url) == b"second"
+    shutil.rmtree(tmp_path / "images")
+    storage.write_bytes(url, b"third", private=True)
+    assert storage.read_bytes(url) == b"third"
+    assert os.listdir(tmp_path / "images" / "s0" / "a1") == ["r0.png"]
 
 def test_local_listing_exists_delete(tmp_path):
     root = str(tmp_path / "root")

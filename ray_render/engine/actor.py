@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -23,6 +24,7 @@ from ray_render.models import load_model
 from ray_render.output.schema import metadata_schema
 
 UPLOAD_THREADS = 8  # encode + upload run here while the model renders the next batch
+CANCEL_CHECK_S = 0.1  # how late a cancelled copy may notice; a batch on a GPU takes longer
 
 log = logging.getLogger("ray_render")
 
@@ -93,11 +95,13 @@ class RenderActor:
         steps = {"on": ", compiled token steps", "off": ", eager token steps"}.get(info.settings.get("compile"), "")
         log.info("%s: model %s loaded on %s (%s)%s", self.worker, job.model, info.device, info.dtype, steps)
         self._in_ray = _in_ray_actor()
+        self._cancel_checked = float("-inf")  # monotonic time of Ray's last "not cancelled"
         schema = metadata_schema(passthrough_schema, quality_columns=job.scores_quality)
         self.renderer = ShardRenderer(
             self.model, job, schema, self.worker, input_roots=input_roots,
             uploads=ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload"),
             metrics=RenderMetrics(job.model) if self._in_ray else None, cancelled=self._cancelled)
+        self.renderer.warm_up()
 
     def ping(self) -> str:
         return self.worker
@@ -117,8 +121,17 @@ class RenderActor:
         return self.renderer.render_shard(shard, attempt, attempt_id, inherit, base)
 
     def _cancelled(self) -> bool:
+        """Whether the driver cancelled the running call (a straggler copy whose twin finished). Asked of Ray at
+        most every CANCEL_CHECK_S: the renderer asks before every batch, and Ray's answer costs as much CPU as
+        a small image's encode."""
         if not self._in_ray:
+            return False
+        now = time.monotonic()
+        if now - self._cancel_checked < CANCEL_CHECK_S:
             return False
         import ray
 
-        return ray.get_runtime_context().is_canceled()
+        cancelled = ray.get_runtime_context().is_canceled()
+        if not cancelled:  # a yes is never cached: it belongs to this call, and the next call is another task
+            self._cancel_checked = now
+        return cancelled

@@ -84,6 +84,7 @@ class ShardJournal:
         self._written: tuple | None = None  # (rendering, calls_done) as the journal in storage says
         self._local: str | None = None  # the journal's local path, "" on an object store; None until first written
         self._size = 0
+        self._fd: int | None = None  # the local journal's open file while rendering
         if rendering:
             log.warning("shard %s: the last attempt died rendering %s; rendering them one at a time", shard_id,
                         ", ".join(rendering[:8]) + (" ..." if len(rendering) > 8 else ""))
@@ -119,14 +120,11 @@ class ShardJournal:
         state written so far (JSON ignores them): no temp file, rename or directory lookups, which cost more than
         a fast model call. A crash cannot tear it: the write is in the page cache once the call returns, and only
         a dead actor's journal is read."""
-        if not self._size:
+        if self._fd is None:  # kept open until rendering is done: an open costs as much as the write
             os.makedirs(os.path.dirname(self._local), exist_ok=True)
+            self._fd = os.open(self._local, os.O_WRONLY | os.O_CREAT, 0o644)
         data = data.ljust(self._size)
-        fd = os.open(self._local, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            os.pwrite(fd, data, 0)
-        finally:
-            os.close(fd)
+        os.pwrite(self._fd, data, 0)
         self._size = len(data)
 
     def call_returned(self) -> None:
@@ -136,3 +134,10 @@ class ShardJournal:
     def done_rendering(self) -> None:
         """No model call is running any more: a death from here on blames no row."""
         self.rendering([])
+        self.close()
+
+    def close(self) -> None:
+        """Close the local journal's file (it stays where it is); a later write opens it again."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -42,11 +42,16 @@ IO_THREADS = 16
 def write_attempt_metadata(root: str, shard_id: str, attempt_id: str, table: pa.Table,
                            storage_options: dict | None = None) -> str:
     """Write an attempt's metadata Parquet (one atomic write) under its own name; returns its URL."""
+    url = layout.attempt_metadata_url(root, shard_id, attempt_id)
+    storage.write_bytes(url, encode_metadata(table), storage_options)
+    return url
+
+
+def encode_metadata(table: pa.Table) -> bytes:
+    """A metadata table as the bytes of a Parquet file."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    url = layout.attempt_metadata_url(root, shard_id, attempt_id)
-    storage.write_bytes(url, buffer.getvalue(), storage_options)
-    return url
+    return buffer.getvalue()
 
 
 def publish(root: str, shard_id: str, attempt_id: str, storage_options: dict | None = None) -> str:
@@ -58,10 +63,8 @@ def publish(root: str, shard_id: str, attempt_id: str, storage_options: dict | N
 
 def write_shard_metadata(root: str, shard_id: str, table: pa.Table, storage_options: dict | None = None) -> str:
     """Replace a committed shard's published metadata (a refresh rewriting superseded rows); one atomic write."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
     url = layout.metadata_url(root, shard_id)
-    storage.write_bytes(url, buffer.getvalue(), storage_options)
+    storage.write_bytes(url, encode_metadata(table), storage_options)
     return url
 
 

@@ -37,7 +37,9 @@ def sha256_hex(data: bytes) -> str:
 
 def write_image(root: str, shard_id: str, attempt_id: str, row_id: str, image_index: int, fmt: str, data: bytes,
                 storage_options: dict | None = None) -> str:
-    """Store encoded image bytes at their key under the attempt that rendered them; returns the image's full URL."""
+    """Store encoded image bytes at their key under the attempt that rendered them; returns the image's full URL.
+    Private writes: readers find an attempt's images through its metadata, which is written after they are stored
+    and committed after that (output/commits.py)."""
     url = image_url(root, shard_id, attempt_id, row_id, image_index, fmt)
-    storage.write_bytes(url, data, storage_options)
+    storage.write_bytes(url, data, storage_options, private=True)
     return url
