@@ -232,6 +232,21 @@ def test_a_journal_carries_what_earlier_attempts_learned_before_its_first_call_a
     assert third.deaths == {"r1": 1} and third.suspects == {"r0", "r1", "r2"}
 
 
+def test_a_journal_keeps_one_file_open_while_rendering_and_none_after(tmp_path):
+    root, shard_id = str(tmp_path / "out"), "00000-m-0000000000"
+    opened = len(os.listdir("/proc/self/fd"))
+    attempt = journal.ShardJournal(root, shard_id, f"{RUN_ID}-1", retries=2)
+    for rows in (["r0", "r1"], ["r2"], ["r3", "r4", "r5"]):
+        attempt.rendering(rows)
+        attempt.call_returned()
+        assert journal.read(root, shard_id, f"{RUN_ID}-1")["rendering"] == rows  # durable before each call
+    assert len(os.listdir("/proc/self/fd")) == opened + 1
+    attempt.done_rendering()
+    assert journal.read(root, shard_id, f"{RUN_ID}-1") == {"rendering": [], "calls_done": 3, "suspects": [],
+                                                             "deaths": {}}
+    assert len(os.listdir("/proc/self/fd")) == opened
+
+
 def test_another_attempt_of_a_shard_never_touches_the_first_attempts_files(tmp_path, make_manifest):
     root = str(tmp_path / "out")
     rows = [[{"id": f"r{i}", "prompt": "p", "num_images": 2} for i in range(3)]]

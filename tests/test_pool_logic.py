@@ -449,3 +449,24 @@ def test_an_actor_whose_model_differs_from_the_jobs_is_refused(clock):
     runtime.start(other, {**expected, "dtype": "float32", "worker": "w1"})  # another dtype: other pixels
     pool.wait(0)
     assert pool.num_ready == 1 and other.killed and pool.actors_refused == 1
+
+
+def test_while_calls_run_that_may_need_a_repair_one_spare_actor_stays(clock):
+    runtime = FakeRuntime()
+    pool = RenderPool(runtime.make_actor, 4, 1, runtime=runtime)
+    first, second, third, fourth = runtime.actors
+    for actor in (first, second, third):
+        runtime.start(actor)
+    pool.wait(0)
+    pool.submit(shard(0), 1)
+    pool.submit(shard(1), 1)
+    clock.now += 31.0  # the third has been idle long enough, the fourth is still starting
+    # A repair of shard 0 or 1 would go to another actor: the idle ready one stays, the starting one goes.
+    assert pool.release_idle(idle_s=30.0, keep_spare=True) == 1 and fourth.killed and not third.killed
+    assert pool.has_other(0) and pool.release_idle(idle_s=30.0, keep_spare=True) == 0
+    for actor in (first, second):
+        (ref,) = actor.pending()
+        runtime.finish(ref, result(ref))
+    pool.wait(0)
+    clock.now += 31.0
+    assert pool.release_idle(idle_s=30.0) == 3 and third.killed  # nothing runs: no repair can come

@@ -97,15 +97,19 @@ class Dispatcher:
                 pool.submit(repair.shard_for_repair(), self._next_attempt(repair.shard.shard_id), base=repair.base,
                             avoid=repair.avoid)
                 self.repairing[repair.shard.shard_id] = repair
-            elif not pool.has_other_ready(repair.avoid) and time.monotonic() - since > REPAIR_WAIT_S:
-                log.warning("shard %s: no actor but the one that rendered it for %.0f s: its %d failed rows stay "
-                            "failed", repair.shard.shard_id, REPAIR_WAIT_S, len(repair.rows))
+            elif not pool.has_other(repair.avoid) or (not pool.has_other_ready(repair.avoid)
+                                                       and time.monotonic() - since > REPAIR_WAIT_S):
+                log.warning("shard %s: no actor but the one that rendered it %s: its %d failed rows stay failed",
+                            repair.shard.shard_id, f"for {REPAIR_WAIT_S:.0f} s" if pool.has_other(repair.avoid)
+                            else "is left", len(repair.rows))
                 self._keep_base(repair)
             else:
                 self.waiting.append((repair, since))
         if not self.pending and not self.waiting:
             pool.reissue_stragglers()
-            pool.release_idle()  # what is left has an actor: the others' nodes can go
+            # What is left has an actor: the others' nodes can go, but for one that a repair of a call still
+            # running may need.
+            pool.release_idle(keep_spare=self.repairs_on and pool.has_work())
 
     def _next_attempt(self, shard_id: str) -> int:
         self.attempts[shard_id] = self.attempts.get(shard_id, 0) + 1

@@ -141,3 +141,7 @@ class ShardJournal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def __del__(self) -> None:  # an attempt that raised before rendering ended does not keep its file open
+        if getattr(self, "_fd", None) is not None:  # (not set when __init__ raised)
+            self.close()

@@ -325,6 +325,10 @@ class RenderPool:
         """Whether a ready actor other than `avoid` exists (one a repair can go to)."""
         return any(index != avoid for index in self._in_flight)
 
+    def has_other(self, avoid: int | None) -> bool:
+        """Whether an actor other than `avoid` is ready or starting (one a repair can wait for)."""
+        return self.has_other_ready(avoid) or any(index != avoid for index in self._starting.values())
+
     def submit(self, shard: Any, attempt: int, inherit: tuple | None = None, *, base: str | None = None,
                avoid: int | None = None) -> None:
         """Queue `shard` on the ready actor with the least work (not `avoid`); call only when `can_submit(avoid)`.
@@ -509,18 +513,22 @@ class RenderPool:
         if not self.ready_timeline or self.ready_timeline[-1][1] != len(self._in_flight):
             self.ready_timeline.append((moment, len(self._in_flight)))
 
-    def release_idle(self, idle_s: float = RELEASE_IDLE_S) -> int:
+    def release_idle(self, idle_s: float = RELEASE_IDLE_S, keep_spare: bool = False) -> int:
         """No work is left to hand out: stop the actors still starting (their nodes need not come) and the ready
         ones idle for `idle_s`, so an autoscaler can remove their nodes. Returns how many were released.
 
         Not while a shard waits in an actor's queue behind another: a starting actor, or one that is idle, takes it
-        over (reissue_stragglers); nor while calls wait for the verdict on a node: their shards come back to render."""
+        over (reissue_stragglers); nor while calls wait for the verdict on a node: their shards come back to render.
+        `keep_spare`: a running call may still end with failed rows, whose repair goes to another actor, so one
+        actor besides the busy ones stays (an idle ready one rather than one still starting)."""
         if self._undecided or any(len(refs) > 1 for refs in self._in_flight.values()):
             return 0
         now = time.monotonic()
-        doomed = [index for index in self._starting.values()]
-        doomed += [index for index, refs in self._in_flight.items()
-                   if not refs and now - self._idle_since.get(index, now) >= idle_s]
+        idle = [index for index, refs in self._in_flight.items() if not refs]
+        doomed = [index for index in idle if now - self._idle_since.get(index, now) >= idle_s]
+        doomed += [index for index in self._starting.values()]
+        if keep_spare and doomed and len(idle) + len(self._starting) == len(doomed):
+            doomed.pop(0)  # nothing else would be left for a repair: keep the first (ready before starting)
         for ref, index in list(self._starting.items()):
             if index in doomed:
                 del self._starting[ref]
