@@ -93,15 +93,15 @@ class Dispatcher:
             pool.submit(shard, self._next_attempt(shard.shard_id), self.inherit.get(shard.shard_id))
         for _ in range(len(self.waiting)):
             repair, since = self.waiting.popleft()
+            alone = not pool.has_other(repair.avoid)  # no other actor is ready or coming
             if pool.can_submit(repair.avoid):
                 pool.submit(repair.shard_for_repair(), self._next_attempt(repair.shard.shard_id), base=repair.base,
                             avoid=repair.avoid)
                 self.repairing[repair.shard.shard_id] = repair
-            elif not pool.has_other(repair.avoid) or (not pool.has_other_ready(repair.avoid)
-                                                       and time.monotonic() - since > REPAIR_WAIT_S):
+            elif alone or (not pool.has_other_ready(repair.avoid) and time.monotonic() - since > REPAIR_WAIT_S):
                 log.warning("shard %s: no actor but the one that rendered it %s: its %d failed rows stay failed",
-                            repair.shard.shard_id, f"for {REPAIR_WAIT_S:.0f} s" if pool.has_other(repair.avoid)
-                            else "is left", len(repair.rows))
+                            repair.shard.shard_id, "is left" if alone else f"for {REPAIR_WAIT_S:.0f} s",
+                            len(repair.rows))
                 self._keep_base(repair)
             else:
                 self.waiting.append((repair, since))

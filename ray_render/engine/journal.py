@@ -70,6 +70,7 @@ class ShardJournal:
 
     def __init__(self, root: str, shard_id: str, attempt_id: str, retries: int, storage_options: dict | None = None,
                  inherit: tuple[str, bool] | None = None) -> None:
+        self._fd: int | None = None  # the local journal's open file while rendering
         self.url = journal_url(root, shard_id, attempt_id)
         self.so = storage_options
         self.retries = retries
@@ -84,7 +85,6 @@ class ShardJournal:
         self._written: tuple | None = None  # (rendering, calls_done) as the journal in storage says
         self._local: str | None = None  # the journal's local path, "" on an object store; None until first written
         self._size = 0
-        self._fd: int | None = None  # the local journal's open file while rendering
         if rendering:
             log.warning("shard %s: the last attempt died rendering %s; rendering them one at a time", shard_id,
                         ", ".join(rendering[:8]) + (" ..." if len(rendering) > 8 else ""))
@@ -143,5 +143,4 @@ class ShardJournal:
             self._fd = None
 
     def __del__(self) -> None:  # an attempt that raised before rendering ended does not keep its file open
-        if getattr(self, "_fd", None) is not None:  # (not set when __init__ raised)
-            self.close()
+        self.close()
