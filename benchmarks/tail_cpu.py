@@ -1,0 +1,161 @@
+"""Where the CPU goes in the tail benchmark's job (BENCHMARKS.md, section 9): cores used by each kind of process.
+
+    python benchmarks/tail_cpu.py --rows 10000 --actors 8
+
+One local Ray without a dashboard, started here as `ray-render bench` starts its own (workers at niceness 0), and
+one `ray-render run` of `--rows` rows of 10 ms (placeholder model, 64x64 PNG, batch 8, 0.1 CPU per actor, default
+shard sizes) connected to it, while every process's CPU ticks are read from /proc twice a second. The run's own
+summary says when the pool started, when each actor was ready and how long the rendering took; the cores are
+reported for the start-up (pool started to last actor ready) and the rest of the rendering, by kind of process,
+and the commits say how much of each call was the model's and how long actors waited between calls.
+Then one RenderActor in this process renders `--rows` rows with no sleep: its CPU per row (every thread: model,
+encode, write, journal, metadata), what 8 actors at 100 rows/s each ask of the machine. Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SAMPLE_S = 0.5
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+KINDS = (("RenderActor", "render actors"), ("ray::IDLE", "idle Ray workers"), ("ray_render run", "driver"),
+         ("raylet", "Ray (raylet, GCS, agents)"), ("gcs_server", "Ray (raylet, GCS, agents)"),
+         ("ray::", "Ray (raylet, GCS, agents)"), ("ray/", "Ray (raylet, GCS, agents)"))
+
+
+def _kind(cmdline: str) -> str:
+    for needle, kind in KINDS:
+        if needle in cmdline:
+            return kind
+    return "other"
+
+
+def _snapshot() -> dict[str, tuple[int, str]]:
+    """pid -> (user + system ticks, kind) of every process readable now."""
+    snap = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 0, utime 11, stime 12
+        snap[pid] = (int(fields[11]) + int(fields[12]), _kind(cmdline))
+    return snap
+
+
+def _sample(samples: list, stop: threading.Event) -> None:
+    while not stop.is_set():
+        samples.append((time.time(), _snapshot()))
+        stop.wait(SAMPLE_S)
+
+
+def _cores(samples: list, start: float, end: float) -> dict[str, float]:
+    """Cores used by each kind of process between `start` and `end` (epoch seconds), from the samples nearest."""
+    inside = [s for s in samples if start <= s[0] <= end]
+    if len(inside) < 2:
+        return {}
+    (t0, first), (t1, last) = inside[0], inside[-1]
+    used = collections.Counter()
+    for pid, (ticks, kind) in last.items():
+        used[kind] += ticks - first.get(pid, (0, kind))[0]  # a process started in between counts from 0
+    return {kind: round(ticks * TICK_S / (t1 - t0), 2) for kind, ticks in used.most_common()}
+
+
+def call_shares(out: Path) -> dict:
+    """From the committed shards (each commit carries its call's start, end, wall and model time): the model's share
+    of the time inside calls, and the share of each actor's span spent between calls."""
+    from ray_render.output.log import read_state
+
+    calls = collections.defaultdict(list)
+    for entry in read_state(str(out)).committed.values():
+        calls[entry["info"]["worker"]].append(entry["info"])
+    model = in_call = between = 0.0
+    for infos in calls.values():
+        infos.sort(key=lambda info: info["started_at"])
+        model += sum(info["render_ms"] for info in infos) / 1e3
+        in_call += sum(info["wall_ms"] for info in infos) / 1e3
+        between += sum(max(0.0, b["started_at"] - a["finished_at"]) for a, b in zip(infos, infos[1:]))
+    return {"model share of call time": round(model / in_call, 3),
+            "share of actor time between calls": round(between / (in_call + between), 3)}
+
+
+def run_job(work: Path, rows: int, actors: int) -> dict:
+    from ray_render.tools.bench import make_manifest
+
+    manifest = make_manifest(work / "slow.parquet", rows, prompt="[placeholder:sleep=0.01] a {} on a plain "
+                                                                 "background, variation {}")
+    out = work / "out"
+    samples: list = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample, args=(samples, stop), daemon=True)
+    sampler.start()
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "ray_render", "run", manifest, "--out", str(out), "--model", "placeholder",
+                    "--actors", str(actors), "--batch-size", "8", "--cpus-per-actor", "0.1", "--device", "cpu",
+                    "--no-progress", "--no-report"], check=True, stdout=subprocess.DEVNULL)
+    stop.set()
+    sampler.join()
+    summary = json.loads((out / "_summary.json").read_text())
+    # The pool's timeline is in seconds since the pool started, which is start-up_s minus the first ready's offset.
+    timeline = summary["actors_timeline"]
+    pool_started = started + summary["startup_s"] - timeline[0][0]
+    first_ready, last_ready = pool_started + timeline[0][0], pool_started + timeline[-1][0]
+    end = first_ready + summary["rendering_s"]
+    return {"ready_s": [at for at, _ in timeline], "rendering_s": round(summary["rendering_s"], 1),
+            "cores while actors start": _cores(samples, pool_started, last_ready),
+            "cores after all are ready": _cores(samples, last_ready, end),
+            "cores during rendering": _cores(samples, first_ready, end),
+            "efficiency": round(summary["render_s"] / (actors * summary["rendering_s"]), 3), **call_shares(out)}
+
+
+def cpu_per_row(work: Path, rows: int) -> float:
+    """Milliseconds of CPU (every thread of this process) per row of one RenderActor, the model not sleeping."""
+    from ray_render.config import JobConfig
+    from ray_render.engine.actor import RenderActor
+    from ray_render.engine.plan import plan as make_plan
+    from ray_render.tools.bench import make_manifest
+
+    manifest = make_manifest(work / "fast.parquet", rows + 100)
+    plan = make_plan([manifest], rows)
+    job = JobConfig(manifests=[manifest], out=str(work / "out-alone"), model="placeholder", device="cpu",
+                    progress=False, batch_size=8)
+    actor = RenderActor(job, 0, plan.passthrough_schema, [])
+    actor.render_shard(plan.shards[1], 1, "warm-1")  # the 100-row remainder: first-call costs
+    before = time.process_time()
+    actor.render_shard(plan.shards[0], 1, "timed-1")
+    return round((time.process_time() - before) / rows * 1e3, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--actors", type=int, default=8)
+    args = parser.parse_args()
+    os.environ["RAY_worker_niceness"] = "0"
+    from ray_render.tools.bench import _start_shared_cluster, _stop_shared_cluster
+
+    with tempfile.TemporaryDirectory(prefix="tail-cpu-") as tmp:
+        _start_shared_cluster()  # sets RAY_ADDRESS for the run
+        try:
+            figures = run_job(Path(tmp), args.rows, args.actors)
+        finally:
+            _stop_shared_cluster()
+        figures["cpu ms per row, one actor alone"] = cpu_per_row(Path(tmp), min(args.rows, 2000))
+    figures["machine cores"] = os.cpu_count()
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
