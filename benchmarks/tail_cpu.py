@@ -4,10 +4,10 @@
 
 One local Ray without a dashboard, started here as `ray-render bench` starts its own (workers at niceness 0), and
 one `ray-render run` of `--rows` rows of 10 ms (placeholder model, 64x64 PNG, batch 8, 0.1 CPU per actor, default
-shard sizes) connected to it, while every process's CPU ticks are read from /proc twice a second. The run's own
-summary says when the pool started, when each actor was ready and how long the rendering took; the cores are
-reported for the start-up (pool started to last actor ready) and the rest of the rendering, by kind of process,
-and the commits say how much of each call was the model's and how long actors waited between calls.
+shard sizes) connected to it, while every process's CPU ticks are read from /proc twice a second. The commits say
+when each actor's first call started (the moment it was ready), how much of each call was the model's and how long
+actors waited between calls; with the pool's timeline from the run's summary, the cores are reported for the
+start-up (pool started to last actor ready) and the rest of the rendering, by kind of process.
 Then one RenderActor in this process renders `--rows` rows with no sleep: its CPU per row (every thread: model,
 encode, write, journal, metadata), what 8 actors at 100 rows/s each ask of the machine. Linux only (/proc).
 """
@@ -73,17 +73,23 @@ def _cores(samples: list, start: float, end: float) -> dict[str, float]:
     return {kind: round(ticks * TICK_S / (t1 - t0), 2) for kind, ticks in used.most_common()}
 
 
-def call_shares(out: Path) -> dict:
-    """From the committed shards (each commit carries its call's start, end, wall and model time): the model's share
-    of the time inside calls, and the share of each actor's span spent between calls."""
+def _calls(out: Path) -> dict[str, list[dict]]:
+    """The committed calls of each actor, in order (each commit carries its call's start, end, wall and model time,
+    stamped by the actor)."""
     from ray_render.output.log import read_state
 
     calls = collections.defaultdict(list)
     for entry in read_state(str(out)).committed.values():
         calls[entry["info"]["worker"]].append(entry["info"])
-    model = in_call = between = 0.0
     for infos in calls.values():
         infos.sort(key=lambda info: info["started_at"])
+    return calls
+
+
+def call_shares(calls: dict[str, list[dict]]) -> dict:
+    """The model's share of the time inside calls, and the share of the actors' time spent between calls."""
+    model = in_call = between = 0.0
+    for infos in calls.values():
         model += sum(info["render_ms"] for info in infos) / 1e3
         in_call += sum(info["wall_ms"] for info in infos) / 1e3
         between += sum(max(0.0, b["started_at"] - a["finished_at"]) for a, b in zip(infos, infos[1:]))
@@ -101,23 +107,24 @@ def run_job(work: Path, rows: int, actors: int) -> dict:
     stop = threading.Event()
     sampler = threading.Thread(target=_sample, args=(samples, stop), daemon=True)
     sampler.start()
-    started = time.time()
     subprocess.run([sys.executable, "-m", "ray_render", "run", manifest, "--out", str(out), "--model", "placeholder",
                     "--actors", str(actors), "--batch-size", "8", "--cpus-per-actor", "0.1", "--device", "cpu",
                     "--no-progress", "--no-report"], check=True, stdout=subprocess.DEVNULL)
     stop.set()
     sampler.join()
     summary = json.loads((out / "_summary.json").read_text())
-    # The pool's timeline is in seconds since the pool started, which is start-up_s minus the first ready's offset.
-    timeline = summary["actors_timeline"]
-    pool_started = started + summary["startup_s"] - timeline[0][0]
-    first_ready, last_ready = pool_started + timeline[0][0], pool_started + timeline[-1][0]
-    end = first_ready + summary["rendering_s"]
+    timeline = summary["actors_timeline"]  # (seconds since the pool started, actors ready)
+    # An actor's first call starts the moment it is ready (a shard waits for it), on the actor's own clock.
+    calls = _calls(out)
+    first_calls = sorted(infos[0]["started_at"] for infos in calls.values())
+    first_ready, last_ready = first_calls[0], first_calls[-1]
+    end = max(infos[-1]["finished_at"] for infos in calls.values())
+    pool_started = first_ready - timeline[0][0]
     return {"ready_s": [at for at, _ in timeline], "rendering_s": round(summary["rendering_s"], 1),
             "cores while actors start": _cores(samples, pool_started, last_ready),
             "cores after all are ready": _cores(samples, last_ready, end),
             "cores during rendering": _cores(samples, first_ready, end),
-            "efficiency": round(summary["render_s"] / (actors * summary["rendering_s"]), 3), **call_shares(out)}
+            "efficiency": round(summary["render_s"] / (actors * summary["rendering_s"]), 3), **call_shares(calls)}
 
 
 def cpu_per_row(work: Path, rows: int) -> float:
