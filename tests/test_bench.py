@@ -122,4 +122,5 @@ def test_tail_compares_default_shard_sizes_with_fixed_ones(quick_run):
     assert contenders["default"]["shards_total"] > result["params"]["actors"]  # several shards per actor
     for figures in contenders.values():
         assert figures["rows_ok"] == result["params"]["rows"] and 0 < figures["efficiency"] <= 1.0
+        assert figures["ready_spread_s"] >= 0  # the table says how long the actors took to become ready
     assert result["ratios"]["efficiency default"] == contenders["default"]["efficiency"]

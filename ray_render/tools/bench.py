@@ -499,6 +499,8 @@ def suite_tail(work: Path, sizes: dict, repeat: int = 1) -> dict:
                     *compared["contenders"].values()]:
         figures["efficiency"] = round(figures["render_s"] / (actors * figures["rendering_s"]), 3)
         figures["ready_utilisation"] = round(figures["render_s"] / _ready_actor_s(figures), 3)
+        timeline = figures["actors_timeline"]  # what the efficiency loses that the utilisation does not
+        figures["ready_spread_s"] = round(timeline[-1][0] - timeline[0][0], 1)
     efficiency = {name: statistics.median(r[name]["efficiency"] for r in compared["rounds"]) for name in contenders}
     utilisation = {name: statistics.median(r[name]["ready_utilisation"] for r in compared["rounds"])
                    for name in contenders}
@@ -576,12 +578,12 @@ def format_suite(name: str, result: dict) -> str:
                  f"step; images differ by at most {diff['max']} (p99 {diff['p99']:.0f})")
     elif name == "tail":
         body = _table(["shard sizes", "shards", "actors peak", "rendering s", "model s (sum)", "efficiency",
-                       "ready utilisation"],
+                       "ready utilisation", "actors ready over s"],
                       [[c, r["shards_total"], r.get("actors_peak"), r["rendering_s"], r["render_s"],
-                        f"{r['efficiency']:.2f}", f"{r['ready_utilisation']:.2f}"]
+                        f"{r['efficiency']:.2f}", f"{r['ready_utilisation']:.2f}", r.get("ready_spread_s")]
                        for c, r in result["contenders"].items()])
         body += ("\n(efficiency: model time summed over actors / (actors x rendering phase); ready utilisation: "
-                 "model time / actor-seconds of ready actors)")
+                 "model time / actor-seconds of ready actors; actors ready over: from the first ready to the last)")
     elif name == "gpu":
         if result.get("skipped"):
             body = f"SKIPPED: {result['reason']}"
