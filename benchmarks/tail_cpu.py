@@ -2,14 +2,15 @@
 
     python benchmarks/tail_cpu.py --rows 10000 --actors 8
 
-One local Ray without a dashboard, started here as `ray-render bench` starts its own (workers at niceness 0), and
-one `ray-render run` of `--rows` rows of 10 ms (placeholder model, 64x64 PNG, batch 8, 0.1 CPU per actor, default
-shard sizes) connected to it, while every process's CPU ticks are read from /proc twice a second. The commits say
-when each actor's first call started (the moment it was ready), how much of each call was the model's and how long
-actors waited between calls; with the pool's timeline from the run's summary, the cores are reported for the
-start-up (pool started to last actor ready) and the rest of the rendering, by kind of process.
-Then one RenderActor in this process renders `--rows` rows with no sleep: its CPU per row (every thread: model,
-encode, write, journal, metadata), what 8 actors at 100 rows/s each ask of the machine. Linux only (/proc).
+One local Ray without a dashboard, started here as `ray-render bench` starts its own (workers at its niceness), and
+one `ray-render run` of the tail suite's job (its manifest, batch size and CPU share per actor: `--rows` rows of
+10 ms on the placeholder model, 64x64 PNG, default shard sizes) connected to it, while every process's CPU ticks
+are read from /proc twice a second. The commits say when each actor's first call started (the moment it was
+ready), how much of each call was the model's and how long actors waited between calls; with the pool's timeline
+from the run's summary, the cores are reported for the start-up (pool started to last actor ready) and the rest of
+the rendering, by kind of process. Then one RenderActor in this process renders up to 2,000 rows with no sleep:
+its CPU per row (every thread: model, encode, write, journal, metadata), what 8 actors at 100 rows/s each ask of
+the machine. Linux only (/proc).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from pathlib import Path
 
 SAMPLE_S = 0.5
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+RAY = "Ray (raylet, GCS, agents)"
+# Command-line needles, first match wins: Ray names a worker process after what it runs (ray::RenderActor...).
 KINDS = (("RenderActor", "render actors"), ("ray::IDLE", "idle Ray workers"), ("ray_render run", "driver"),
-         ("raylet", "Ray (raylet, GCS, agents)"), ("gcs_server", "Ray (raylet, GCS, agents)"),
-         ("ray::", "Ray (raylet, GCS, agents)"), ("ray/", "Ray (raylet, GCS, agents)"))
+         ("raylet", RAY), ("gcs_server", RAY), ("ray::", RAY), ("ray/", RAY))
 
 
 def _kind(cmdline: str) -> str:
@@ -98,17 +100,18 @@ def call_shares(calls: dict[str, list[dict]]) -> dict:
 
 
 def run_job(work: Path, rows: int, actors: int) -> dict:
-    from ray_render.tools.bench import make_manifest
+    from ray_render.tools.bench import FULL, TAIL_CPUS_PER_ACTOR, tail_manifest
 
-    manifest = make_manifest(work / "slow.parquet", rows, prompt="[placeholder:sleep=0.01] a {} on a plain "
-                                                                 "background, variation {}")
+    sizes = FULL["tail"]
+    manifest = tail_manifest(work, rows, sizes["row_s"])
     out = work / "out"
     samples: list = []
     stop = threading.Event()
     sampler = threading.Thread(target=_sample, args=(samples, stop), daemon=True)
     sampler.start()
     subprocess.run([sys.executable, "-m", "ray_render", "run", manifest, "--out", str(out), "--model", "placeholder",
-                    "--actors", str(actors), "--batch-size", "8", "--cpus-per-actor", "0.1", "--device", "cpu",
+                    "--actors", str(actors), "--batch-size", str(sizes["batch_size"]),
+                    "--cpus-per-actor", str(TAIL_CPUS_PER_ACTOR), "--device", "cpu",
                     "--no-progress", "--no-report"], check=True, stdout=subprocess.DEVNULL)
     stop.set()
     sampler.join()
@@ -146,12 +149,13 @@ def cpu_per_row(work: Path, rows: int) -> float:
 
 
 def main() -> None:
+    from ray_render.tools.bench import FULL, WORKER_NICENESS, _start_shared_cluster, _stop_shared_cluster
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=10_000)
-    parser.add_argument("--actors", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=FULL["tail"]["rows"])
+    parser.add_argument("--actors", type=int, default=FULL["tail"]["actors"])
     args = parser.parse_args()
-    os.environ["RAY_worker_niceness"] = "0"
-    from ray_render.tools.bench import _start_shared_cluster, _stop_shared_cluster
+    os.environ["RAY_worker_niceness"] = WORKER_NICENESS  # read by the Ray started below, as the bench's
 
     with tempfile.TemporaryDirectory(prefix="tail-cpu-") as tmp:
         _start_shared_cluster()  # sets RAY_ADDRESS for the run

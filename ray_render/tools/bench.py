@@ -481,6 +481,16 @@ def _ready_actor_s(figures: dict) -> float:
     return sum(count * (until - at) for (at, count), until in zip(timeline, moments))
 
 
+# The tail's actors sleep rather than compute: a CPU share small enough that all of them fit on any machine.
+TAIL_CPUS_PER_ACTOR = 0.1
+
+
+def tail_manifest(work: Path, rows: int, row_s: float) -> str:
+    """The tail suite's manifest (also benchmarks/tail_cpu.py's): `rows` placeholder rows that sleep `row_s` each."""
+    prompt = f"[placeholder:sleep={row_s}] a {{}} on a plain background, variation {{}}"
+    return make_manifest(work / f"slow-rows-{rows}.parquet", rows, prompt=prompt, row_group_size=1000)
+
+
 def suite_tail(work: Path, sizes: dict, repeat: int = 1) -> dict:
     """Rows that each take `row_s` in the model, on `actors` actors: the default shard sizes against fixed shards
     of 1,000 rows. Efficiency is the model time summed over actors over (actors x the rendering phase): 1.0 when
@@ -488,11 +498,9 @@ def suite_tail(work: Path, sizes: dict, repeat: int = 1) -> dict:
     tail or on overhead. The ready utilisation leaves out the actors still loading their model: model time over the
     actor-seconds of ready actors, what an idle GPU costs."""
     rows, actors = sizes["rows"], sizes["actors"]
-    prompt = f"[placeholder:sleep={sizes['row_s']}] a {{}} on a plain background, variation {{}}"
-    manifest = make_manifest(work / f"slow-rows-{rows}.parquet", rows, prompt=prompt, row_group_size=1000)
-    # The actors sleep rather than compute: a CPU share small enough that all of them fit on any machine.
+    manifest = tail_manifest(work, rows, sizes["row_s"])
     common = {"work": "ray-render", "manifest": manifest, "model": "placeholder", "actors": actors,
-              "batch_size": sizes["batch_size"], "cpus_per_actor": 0.1, "report": False}
+              "batch_size": sizes["batch_size"], "cpus_per_actor": TAIL_CPUS_PER_ACTOR, "report": False}
     contenders = {"default": {**common, "shard_size": None}, "fixed-1000": {**common, "shard_size": 1000}}
     compared = _compare(work, "tail", contenders, repeat, rows)
     for figures in [*(r for round_ in compared["rounds"] for r in round_.values()),
