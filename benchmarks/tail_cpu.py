@@ -2,15 +2,16 @@
 
     python benchmarks/tail_cpu.py --rows 10000 --actors 8
 
-One local Ray without a dashboard, started here as `ray-render bench` starts its own (workers at its niceness), and
-one `ray-render run` of the tail suite's job (its manifest, batch size and CPU share per actor: `--rows` rows of
-10 ms on the placeholder model, 64x64 PNG, default shard sizes) connected to it, while every process's CPU ticks
-are read from /proc twice a second. The commits say when each actor's first call started (the moment it was
-ready), how much of each call was the model's and how long actors waited between calls; with the pool's timeline
-from the run's summary, the cores are reported for the start-up (pool started to last actor ready) and the rest of
-the rendering, by kind of process. Then one RenderActor in this process renders up to 2,000 rows with no sleep:
-its CPU per row (every thread: model, encode, write, journal, metadata), what 8 actors at 100 rows/s each ask of
-the machine. Linux only (/proc).
+A standing local Ray, as a job on a cluster finds one: started here as `ray-render bench` starts the Ray its
+suites share (no dashboard, workers at the bench's niceness 0; the tail suite itself gives each run its own Ray).
+Then one `ray-render run` of the tail suite's job (its manifest, batch size and CPU share per actor: `--rows` rows
+of 10 ms on the placeholder model, 64x64 PNG, default shard sizes) connected to it, while every process's CPU
+ticks are read from /proc twice a second. The commits say when each actor's first call started (the moment it was
+ready), when each call had the model (an actor's two calls take it in turns) and how much of that was in the
+model, and how long no call of an actor had it; with the pool's timeline from the run's summary, the cores are
+reported for the start-up (pool started to last actor ready) and the rest of the rendering, by kind of process.
+Then one RenderActor in this process renders up to 2,000 rows with no sleep: its CPU per row (every thread: model,
+encode, write, journal, metadata), what 8 actors at 100 rows/s each ask of the machine. Linux only (/proc).
 """
 
 from __future__ import annotations
@@ -89,14 +90,15 @@ def _calls(out: Path) -> dict[str, list[dict]]:
 
 
 def call_shares(calls: dict[str, list[dict]]) -> dict:
-    """The model's share of the time inside calls, and the share of the actors' time spent between calls."""
-    model = in_call = between = 0.0
+    """The model's share of the turns (an actor's two calls take its model in turns: each commit says when its call
+    had it), and the share of the actors' time, from each one's first turn to its last, that no call had it."""
+    model = turns = spans = 0.0
     for infos in calls.values():
         model += sum(info["render_ms"] for info in infos) / 1e3
-        in_call += sum(info["wall_ms"] for info in infos) / 1e3
-        between += sum(max(0.0, b["started_at"] - a["finished_at"]) for a, b in zip(infos, infos[1:]))
-    return {"model share of call time": round(model / in_call, 3),
-            "share of actor time between calls": round(between / (in_call + between), 3)}
+        turns += sum(info["rendering_until"] - info["rendering_from"] for info in infos)
+        spans += max(info["rendering_until"] for info in infos) - min(info["rendering_from"] for info in infos)
+    return {"model share of the turns": round(model / turns, 3),
+            "share of actor time without a turn": round(1 - turns / spans, 3)}
 
 
 def run_job(work: Path, rows: int, actors: int) -> dict:

@@ -24,6 +24,7 @@ from ray_render.engine import summary as exits
 from ray_render.engine.actor import RenderActor
 from ray_render.engine.pool import RenderPool, ShardDone
 from ray_render.engine.session import RunSession
+from ray_render.engine.shard import ShardCancelled
 from ray_render.models.placeholder import PlaceholderModel
 from ray_render.output import commits, layout
 
@@ -102,6 +103,109 @@ def test_actor_batches_no_more_than_the_model_plans(tmp_path, make_manifest):
     small.renderer.model = capped = PlannedPlaceholder()
     small.render_shard(plan.shards[0], 1, "000000000000-9")
     assert capped.calls == [2, 2, 2, 2]  # --batch-size stays a cap below the planner's
+
+
+class TurnWatcher(PlaceholderModel):
+    """Records which thread (call) each model call came from, and whether two calls were ever inside at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callers: list[str] = []
+        self.inside = 0
+        self.overlapped = False
+        self.second_call_rendering = threading.Event()
+        self._lock = threading.Lock()
+
+    def render(self, requests):
+        caller = threading.current_thread().name
+        with self._lock:
+            self.inside += 1
+            self.overlapped |= self.inside > 1
+            self.callers.append(caller)
+        if caller == "second":
+            self.second_call_rendering.set()
+        try:
+            return super().render(requests)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+def test_an_actors_two_calls_take_the_model_in_turns_and_one_writes_while_the_other_renders(tmp_path,
+                                                                                          make_manifest):
+    rows = [{"id": f"r{i}", "prompt": f"a red square {i}" + (" [placeholder:sleep=0.05]" if i < 16 else "")}
+            for i in range(32)]  # the first shard renders long enough for the second to prepare meanwhile
+    job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", batch_size=4,
+                    shard_size=16)
+    plan = planning.plan(job.manifests, job.shard_size, job.storage_options)
+    actor = RenderActor(job, 0, plan.passthrough_schema)
+    actor.renderer.model = watcher = TurnWatcher()
+    finish = actor.renderer.finish
+    overlapped_write = []
+
+    def finish_once_the_other_renders(work, *args):
+        if work.attempt_id == "000000000000-1":  # the first call's metadata waits for the second call's model
+            overlapped_write.append(watcher.second_call_rendering.wait(timeout=30))
+        return finish(work, *args)
+
+    actor.renderer.finish = finish_once_the_other_renders
+    results = {}
+
+    def call(name: str, number: int) -> None:
+        results[name] = actor.render_shard(plan.shards[number], 1, f"000000000000-{number + 1}")
+
+    first = threading.Thread(target=call, args=("first", 0), name="first")
+    first.start()
+    deadline = time.monotonic() + 30
+    while "first" not in watcher.callers and time.monotonic() < deadline:  # the first call has the model
+        time.sleep(0.01)
+    second = threading.Thread(target=call, args=("second", 1), name="second")
+    second.start()
+    for thread in (first, second):
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert overlapped_write == [True]  # the first call wrote its metadata while the second one rendered
+    assert not watcher.overlapped  # never two model calls at once ...
+    assert watcher.callers == ["first"] * 4 + ["second"] * 4  # ... and one shard's batches at a time
+    assert [results[name].counts["ok"] for name in ("first", "second")] == [16, 16]
+    one, two = results["first"], results["second"]
+    assert one.rendering_until <= two.rendering_from < one.finished_at  # the second took the model as it was passed
+    assert two.waited_ms > 0 and two.started_at < one.rendering_until  # ... after preparing beside the first
+    for name, number in (("first", 0), ("second", 1)):
+        commits.publish(job.out, plan.shards[number].shard_id, results[name].attempt_id)
+    assert sorted(row["id"] for row in metadata(job.out)) == sorted(row["id"] for row in rows)
+
+
+def test_a_call_cancelled_while_it_waits_for_the_model_stops_without_rendering(tmp_path, make_manifest):
+    rows = [{"id": f"r{i}", "prompt": f"a red square {i} [placeholder:sleep=0.2]"} for i in range(16)]
+    job = JobConfig(manifests=[make_manifest(rows)], out=str(tmp_path / "out"), model="placeholder", batch_size=4,
+                    shard_size=8)
+    plan = planning.plan(job.manifests, job.shard_size, job.storage_options)
+    actor = RenderActor(job, 0, plan.passthrough_schema)
+    actor.renderer.model = watcher = TurnWatcher()
+    cancelled = threading.Event()
+    actor.renderer._cancelled = lambda: cancelled.is_set() and threading.current_thread().name == "second"
+    outcome = {}
+
+    def call(name: str, number: int) -> None:
+        try:
+            outcome[name] = actor.render_shard(plan.shards[number], 1, f"000000000000-{number + 1}")
+        except ShardCancelled as exc:
+            outcome[name] = exc
+
+    first = threading.Thread(target=call, args=("first", 0), name="first")
+    first.start()
+    deadline = time.monotonic() + 30
+    while "first" not in watcher.callers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = threading.Thread(target=call, args=("second", 1), name="second")
+    second.start()
+    cancelled.set()  # the pool moved it to another actor while it waited for the turn
+    second.join(timeout=30)
+    assert first.is_alive()  # it stopped waiting at once, not when the first call passed the model on
+    first.join(timeout=30)
+    assert isinstance(outcome["second"], ShardCancelled) and "second" not in watcher.callers
+    assert outcome["first"].counts["ok"] == 8
 
 
 START_AN_ACTOR = """

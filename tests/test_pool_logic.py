@@ -99,6 +99,39 @@ def test_a_lost_actor_returns_its_running_and_queued_shards_and_is_replaced(cloc
     assert pool.num_ready == 2
 
 
+def test_the_calls_of_a_lost_actor_name_each_other_so_their_journals_can_tell_which_had_the_model(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=1, max_in_flight=3)
+    for number in range(3):
+        pool.submit(shard(number), 1)
+    held = {ref.args[0].shard_id: ref.args[2] for ref in runtime.actors[0].pending()}  # shard id -> attempt id
+    runtime.lose_actor(runtime.actors[0])
+    events = {event.shard.shard_id: event for event in pool.wait(0)}
+    assert set(events) == {"s0", "s1", "s2"}
+    for shard_id, event in events.items():
+        assert set(event.siblings) == {(other, held[other]) for other in held if other != shard_id}
+
+
+def test_a_head_gets_the_deadline_of_the_call_beside_it_whose_turn_on_the_model_may_come_first(clock):
+    runtime = FakeRuntime()
+    pool = started_pool(runtime, actors=1, max_in_flight=3)
+    pool.submit(shard(0), 1)
+    first = runtime.actors[0].pending()[0]
+    clock.now += 1.0
+    runtime.finish(first, result(first, wall_ms=1000.0))  # 0.1 s a row: the floor sets the deadlines
+    pool.wait(0)
+    for number in (1, 2, 3):
+        pool.submit(shard(number), 1)
+    # s1 is the head; s2 runs beside it (CALLS_AT_ONCE) and may render first; s3 waits in Ray's queue.
+    assert pool_module.CALLS_AT_ONCE == 2
+    clock.now += 2 * pool_module.DEADLINE_MIN_S - 1
+    assert pool.wait(0) == []
+    clock.now += 2
+    events = pool.wait(0)
+    assert {(e.shard.shard_id, e.killed, e.started) for e in events} == {("s1", True, True), ("s2", True, False),
+                                                                         ("s3", True, False)}
+
+
 def test_a_shard_that_raises_fails_without_replacing_the_actor(clock):
     runtime = FakeRuntime()
     pool = started_pool(runtime, actors=1)

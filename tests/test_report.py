@@ -154,3 +154,14 @@ def test_the_timeline_draws_the_last_run_one_lane_per_actor():
     assert picture.count('class="shard"') == 3 and picture.count('class="lane"') == 2
     assert "n/actor0 (75% busy)" in picture and "n/actor1 (25% busy)" in picture  # 15 s and 5 s of 20
     assert timeline.svg([]) == "" and len(timeline.bars(infos, since=5000.0)) == 4  # nothing newer: all of them
+
+
+def test_the_timeline_draws_a_shard_while_it_had_the_model_not_while_it_waited_for_it():
+    # One actor, two calls at once: b read its rows while a rendered, then rendered while a wrote its metadata.
+    infos = {"a": {"worker": "h/n/actor0", "started_at": 1000.0, "finished_at": 1011.0, "rendering_from": 1000.5,
+                   "rendering_until": 1010.0, "rows": 4, "counts": {"ok": 4}},
+             "b": {"worker": "h/n/actor0", "started_at": 1001.0, "finished_at": 1020.5, "rendering_from": 1010.0,
+                   "rendering_until": 1020.0, "rows": 4, "counts": {"ok": 4}}}
+    drawn = timeline.bars(infos)
+    assert [(bar.start, bar.end) for bar in drawn] == [(1000.5, 1010.0), (1010.0, 1020.0)]
+    assert "n/actor0 (100% busy)" in timeline.svg(drawn)  # the bars do not overlap: the device was never idle

@@ -3,6 +3,10 @@
 A plain class; the pool wraps it with `ray.remote`, and tests may call it directly. The actor reads its own rows,
 so prompts and images never travel through the driver: it receives an `engine.plan.Shard` and returns a small
 `ShardResult`. The work itself is `engine.shard.ShardRenderer`'s.
+
+The pool starts it with Ray's `max_concurrency` at engine.pool.CALLS_AT_ONCE: its two queued calls run in threads
+of their own and take the model in turns (engine/shard.py), so one call's row reads and metadata writes overlap
+the other's model calls.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -95,7 +100,7 @@ class RenderActor:
         steps = {"on": ", compiled token steps", "off": ", eager token steps"}.get(info.settings.get("compile"), "")
         log.info("%s: model %s loaded on %s (%s)%s", self.worker, job.model, info.device, info.dtype, steps)
         self._in_ray = _in_ray_actor()
-        self._cancel_checked = float("-inf")  # monotonic time of Ray's last "not cancelled"
+        self._cancel_checked = threading.local()  # per call's thread: monotonic time of Ray's last "not cancelled"
         schema = metadata_schema(passthrough_schema, quality_columns=job.scores_quality)
         self.renderer = ShardRenderer(
             self.model, job, schema, self.worker, input_roots=input_roots,
@@ -127,11 +132,11 @@ class RenderActor:
         if not self._in_ray:
             return False
         now = time.monotonic()
-        if now - self._cancel_checked < CANCEL_CHECK_S:
+        if now - getattr(self._cancel_checked, "at", float("-inf")) < CANCEL_CHECK_S:
             return False
         import ray
 
-        cancelled = ray.get_runtime_context().is_canceled()
+        cancelled = ray.get_runtime_context().is_canceled()  # of the task this thread runs
         if not cancelled:  # a yes is never cached: it belongs to this call, and the next call is another task
-            self._cancel_checked = now
+            self._cancel_checked.at = now
         return cancelled

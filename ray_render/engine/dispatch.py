@@ -179,7 +179,10 @@ class Dispatcher:
         if not event.actor_lost and event.error.startswith("StorageError"):
             commits.committed_shard_ids(job.out, job.storage_options)  # raises if the storage is gone
         entry = journal.read(job.out, shard_id, event.attempt_id, job.storage_options) if event.actor_lost else {}
-        verdict = self.ledger.judge(event, entry)
+        sibling_working = event.actor_lost and not entry.get("rendering") and any(  # another call had the model
+            journal.read(job.out, shard, attempt, job.storage_options).get("rendering")
+            for shard, attempt in event.siblings)
+        verdict = self.ledger.judge(event, entry, sibling_working)
         if entry or not event.actor_lost or shard_id not in self.inherit:
             self.inherit[shard_id] = verdict.inherit
         # else the attempt died before writing a journal: the next one learns what this one was to learn

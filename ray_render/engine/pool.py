@@ -2,7 +2,10 @@
 
 In the spirit of Ray's `ActorPool` (same plain names), plus what it lacks:
 
-- backpressure: at most `max_in_flight` shards are queued on an actor; `can_submit()` is the one predicate;
+- backpressure: at most `max_in_flight` shards are queued on an actor; `can_submit()` is the one predicate. An
+  actor runs CALLS_AT_ONCE of them at once, taking the model in turns (engine/shard.py), so the head of its queue
+  (the oldest call) may wait for the model while a younger call renders: which call had the model when an actor
+  died is what the calls' journals say, not their places in the queue;
 - fault handling: an actor that dies (`ActorDiedError`, `ActorUnavailableError`, any `RayActorError`) is killed
   for good and replaced by a fresh one, and each shard it held comes back to the driver as a `ShardFailed`, so the
   driver decides whether to try it again;
@@ -18,8 +21,9 @@ In the spirit of Ray's `ActorPool` (same plain names), plus what it lacks:
   retired: killed and replaced by one placed on another node (Ray's `label_selector` on `ray.io/node-id`); the
   calls it held come back uncharged (`ShardFailed.retired`);
 - deadlines: a call running past its deadline (a multiple of the recent time per row times its rows, within a
-  floor and --call-timeout; a first call on an actor gets a generous allowance for warm-up and compilation) has
-  its actor killed: a wedged kernel or a hung read never holds the job. The driver counts that attempt against the
+  floor and --call-timeout; a first call on an actor gets a generous allowance for warm-up and compilation; plus
+  the deadlines of the younger calls running beside it, whose turn on the model may come first) has its actor
+  killed: a wedged kernel or a hung read never holds the job. The driver counts that attempt against the
   shard, not against its rows (`ShardFailed.killed`), as it does for an actor whose node died (`node_lost`);
 - lost nodes: an actor whose node vanished is first only unreachable (`ActorUnavailableError`, within a second or
   two), while Ray's GCS marks the node dead only after its health checks fail (about 13 s with Ray's defaults). So
@@ -56,6 +60,7 @@ DEADLINE_FACTOR = 5.0  # a call may take this many times the recent time per row
 DEADLINE_MIN_S = 60.0  # ... but never less than this (short calls have noisy times) ...
 FIRST_CALL_S = 900.0  # ... and an actor's first call gets this long: caches, kernels, compilation
 ROW_TIMES = 200  # recent calls whose time per row sets the deadlines
+CALLS_AT_ONCE = 2  # an actor runs this many of its calls at once: one on the model, one reading or writing
 RETIRE_MIN_ROWS = 8  # judge an actor's failure rate once it rendered this many rows, and the others as many
 RETIRE_RATE = 0.5  # an actor whose rows fail at least this often ...
 RETIRE_FACTOR = 4.0  # ... and this many times as often as the other actors' is retired
@@ -87,11 +92,14 @@ class ShardFailed:
     attempt: int
     error: str
     actor_lost: bool
-    started: bool = True  # False: it was still queued behind another shard when its actor died (it never ran)
+    started: bool = True  # False: it was not its actor's head when the actor died (it had the model only if its
+    #                       journal names rows: the actor's other call was finishing)
     attempt_id: str = ""
     killed: bool = False  # the pool killed its actor: it ran past its deadline
     node_lost: bool = False  # its actor died with its node (a preemption, a lost machine)
     retired: bool = False  # the pool retired its actor for failing far more rows than the others
+    siblings: tuple = ()  # (shard id, attempt id) of the other calls its actor held when it died: one of them may
+    #                       have had the model
 
 
 @dataclass
@@ -387,7 +395,9 @@ class RenderPool:
             if not refs:
                 continue
             call = self._future_to_actor[refs[0]]
-            if call.running_since is None or now - call.running_since <= call.deadline_s:
+            beside = [self._future_to_actor[ref] for ref in refs[1:CALLS_AT_ONCE]]  # may have taken the model first
+            if call.running_since is None or \
+                    now - call.running_since <= call.deadline_s + sum(self._deadline(index, b) for b in beside):
                 continue
             message = (f"actor {index} killed: shard {call.shard.shard_id} ran {now - call.running_since:.0f} s, "
                        f"past its deadline of {call.deadline_s:.0f} s (a hung call: a wedged kernel, a stuck read)")
@@ -547,7 +557,7 @@ class RenderPool:
 
     def _on_finished(self, ref: Any) -> list[ShardDone | ShardFailed]:
         call = self._future_to_actor.pop(ref)
-        call.started = self._in_flight[call.actor][0] == ref  # an actor runs its calls in submission order
+        call.started = self._in_flight[call.actor][0] == ref  # its actor's head (the oldest call it holds)
         self._in_flight[call.actor].remove(ref)
         if not self._in_flight[call.actor]:
             self._idle_since[call.actor] = time.monotonic()
@@ -577,9 +587,11 @@ class RenderPool:
             self._cancelled.add(other)
             self._runtime.cancel(other)
         self._drop_undecided(call.shard.shard_id)  # a copy lost with its node: this one won
-        self._shard_wall_s.append(getattr(result, "wall_ms", 0.0) / 1000.0)
+        # The time the call took, less its wait for the model while its actor's other call had it.
+        own_s = (getattr(result, "wall_ms", 0.0) - getattr(result, "waited_ms", 0.0)) / 1000.0
+        self._shard_wall_s.append(own_s)
         if getattr(result, "rows", 0):
-            self._row_s.append(result.wall_ms / 1000.0 / result.rows)
+            self._row_s.append(own_s / result.rows)
         rendered = getattr(result, "rendered", None) or {}
         self._count_rows(call.actor, rendered.get("ok", 0) + rendered.get("failed", 0), rendered.get("failed", 0))
         return [ShardDone(call.shard, call.attempt, result, call.attempt_id, call.actor)] + self._retire_outliers()
@@ -644,7 +656,9 @@ class RenderPool:
         message = f"actor {actor} lost{' with its node' if node_lost else ''}: {error}"
         events: list[ShardFailed] = []
         for held in calls:
-            events += self._failed_unless_copied(held, message, actor_lost=True, node_lost=node_lost)
+            siblings = tuple((other.shard.shard_id, other.attempt_id) for other in calls if other is not held)
+            events += self._failed_unless_copied(held, message, actor_lost=True, node_lost=node_lost,
+                                                 siblings=siblings)
         return events
 
     def _decide_undecided(self) -> list[ShardFailed]:
@@ -673,7 +687,8 @@ class RenderPool:
             _quietly(self._runtime.kill, entry.actor)
 
     def _failed_unless_copied(self, call: _Call, error: str, actor_lost: bool, killed: bool = False,
-                              node_lost: bool = False, retired: bool = False) -> list[ShardFailed]:
+                              node_lost: bool = False, retired: bool = False,
+                              siblings: tuple = ()) -> list[ShardFailed]:
         # Another live copy of this shard may still succeed: then this failure does not count. A copy held for the
         # verdict on its node is live too: it comes back when the verdict does.
         live = [ref for ref in self._shard_futures.get(call.shard.shard_id, []) if ref not in self._cancelled]
@@ -682,7 +697,7 @@ class RenderPool:
         if live or held:
             return []
         return [ShardFailed(call.shard, call.attempt, error, actor_lost, call.started, call.attempt_id, killed,
-                            node_lost, retired)]
+                            node_lost, retired, siblings)]
 
     def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> set[tuple[str, str]]:
         """Stop every actor (their models go with them); return the (shard id, attempt id)s a killed actor may still

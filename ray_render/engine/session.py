@@ -350,7 +350,7 @@ def _start_pool(job: JobConfig, plan: Plan, run_id: str, shards: int, expected_m
     import ray
 
     from ray_render.engine.actor import RenderActor
-    from ray_render.engine.pool import RenderPool
+    from ray_render.engine.pool import CALLS_AT_ONCE, RenderPool
     from ray_render.models.base import same_model
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
@@ -365,7 +365,7 @@ def _start_pool(job: JobConfig, plan: Plan, run_id: str, shards: int, expected_m
         num_actors = job.actors or 1
     options = {"num_cpus": job.cpus_per_actor, "num_gpus": job.gpus_per_actor if use_gpus else 0,
                # The driver sees every failure and decides: no restarts behind its back, no silent re-runs.
-               "max_restarts": 0, "max_task_retries": 0}
+               "max_restarts": 0, "max_task_retries": 0, "max_concurrency": CALLS_AT_ONCE}
     actor_class = ray.remote(RenderActor)
     actor_job = dataclasses.replace(job, device=device)  # never "auto" in an actor: no GPU Ray did not reserve
     log.info("starting %d render actor(s) (%s, model %s)", num_actors,

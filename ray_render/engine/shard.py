@@ -10,16 +10,24 @@ copies of a shard never touch each other's files. The render actor (engine/actor
 shard; the benchmark baselines (tools/baselines.py) reuse them without the actor's safety nets, so a comparison
 measures orchestration, not different work.
 
+An actor runs two attempts at once (engine/actor.py): they take the model in turns, one shard's batches at a time,
+so that one attempt's prepare, or its last uploads and its metadata, run while the other's batches render: the
+model does not wait for a shard's reads and writes. The turn goes to the attempt that is ready for it first, not
+always the older one (the pool's deadlines allow for that). An attempt's journal names rows only while it has the
+model, so a death in one attempt's model call is never blamed on the other's rows.
+
 Inside `render_batches`, a batch that raises is split in halves until the request that raised is alone; that one is
 tried `--retries` more times and then ends failed with its error; an out-of-memory halves the batch size for good.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
@@ -48,6 +56,7 @@ from ray_render.output.schema import empty_counts, metadata_table
 log = logging.getLogger("ray_render")
 
 MAX_PENDING_IMAGES = 256  # rendered images waiting for encode/upload; bounds the actor's memory
+TURN_CHECK_S = 0.1  # how often an attempt waiting for the model asks whether it was cancelled
 
 
 class ShardCancelled(Exception):
@@ -73,8 +82,11 @@ class ShardResult:
     worker: str = ""
     model: dict = field(default_factory=dict)  # ModelInfo as a dict
     batch_size: int = 0  # the renderer's batch size when it finished (smaller after an out-of-memory)
-    started_at: float = 0.0  # epoch seconds: when this attempt began reading its rows (the report's timeline)
+    started_at: float = 0.0  # epoch seconds: when this attempt began reading its rows
     finished_at: float = 0.0  # epoch seconds: when it committed
+    waited_ms: float = 0.0  # time spent waiting for the model while the actor's other call had it (in wall_ms)
+    rendering_from: float = 0.0  # epoch seconds: when it took the model (the report's timeline) ...
+    rendering_until: float = 0.0  # ... and passed it on
 
 
 @dataclass
@@ -111,7 +123,10 @@ class ShardWork:
     pending: deque = field(default_factory=deque)  # image stores not yet waited for
     render_ms: float = 0.0
     started: float = field(default_factory=time.monotonic)
-    started_at: float = field(default_factory=time.time)  # epoch seconds, for the commit's timeline entry
+    started_at: float = field(default_factory=time.time)  # epoch seconds, for the commit's entry
+    waited_ms: float = 0.0  # for the model's turn
+    rendering_from: float = 0.0  # epoch seconds: the turn, for the commit's timeline entry
+    rendering_until: float = 0.0
 
 
 class _Inline:
@@ -155,6 +170,7 @@ class ShardRenderer:
         self._use_journal = journal
         self._metrics = metrics
         self._cancelled = cancelled
+        self._model_turn = threading.Lock()  # held by the attempt whose batches render (see the module docstring)
 
     def warm_up(self) -> None:
         """Pay now, before the actor says it is ready, what its first shard would pay while its device waits: the
@@ -241,22 +257,24 @@ class ShardRenderer:
 
     def render_batches(self, work: ShardWork) -> None:
         """Render the requests in batches of compatible ones (the model's batch key), the edit rows a batch of
-        inputs at a time; images are stored meanwhile.
+        inputs at a time, holding the model's turn; images are stored meanwhile, and the last of them after the turn
+        passed to the actor's other attempt.
 
         Returns once every image is stored, or raises: ShardCancelled when cancelled, a storage error when a store
         failed for good (the driver retries the shard; nothing is committed)."""
         try:
-            for batch in self._batches(work, work.items):
-                self._render_batch(batch, work)
-            for start in range(0, len(work.edits), self.batch_size):
-                self._stop_if_cancelled(work)
-                items = self._fetch_and_check(work, work.edits[start:start + self.batch_size])
-                work.items += items
-                for batch in self._batches(work, items):
+            with self._turn(work):
+                for batch in self._batches(work, work.items):
                     self._render_batch(batch, work)
+                for start in range(0, len(work.edits), self.batch_size):
+                    self._stop_if_cancelled(work)
+                    items = self._fetch_and_check(work, work.edits[start:start + self.batch_size])
+                    work.items += items
+                    for batch in self._batches(work, items):
+                        self._render_batch(batch, work)
+                self._done_rendering(work)  # before the turn passes: a death in the next attempt's call is not ours
             for future in work.pending:
                 future.result()  # storage errors fail the shard: the driver retries it, nothing is committed
-            self._done_rendering(work)
         finally:
             for future in work.pending:
                 future.cancel()
@@ -264,6 +282,19 @@ class ShardRenderer:
             if work.journal is not None:
                 work.journal.close()
         self._stop_if_cancelled(work)
+
+    @contextlib.contextmanager
+    def _turn(self, work: ShardWork) -> Iterator[None]:
+        """Hold the model for this attempt's batches; a copy cancelled while it waits stops waiting."""
+        waiting = time.monotonic()
+        while not self._model_turn.acquire(timeout=TURN_CHECK_S):
+            self._stop_if_cancelled(work)
+        work.waited_ms, work.rendering_from = (time.monotonic() - waiting) * 1000.0, time.time()
+        try:
+            yield
+        finally:
+            work.rendering_until = time.time()
+            self._model_turn.release()
 
     def _batches(self, work: ShardWork, items: list[_Item]) -> list[list[_Item]]:
         """Items in batches of one batch key and at most _batch_limit; then each suspect alone, fewest deaths first,
@@ -432,7 +463,8 @@ class ShardRenderer:
                              render_ms=work.render_ms,
                              wall_ms=(time.monotonic() - work.started) * 1000.0, worker=self.worker,
                              model=asdict(self.model.info), batch_size=self.batch_size,
-                             started_at=work.started_at, finished_at=time.time())
+                             started_at=work.started_at, finished_at=time.time(), waited_ms=work.waited_ms,
+                             rendering_from=work.rendering_from, rendering_until=work.rendering_until)
         if self._metrics is not None:
             self._metrics.shard_done(counts)
         return result

@@ -1,7 +1,9 @@
 """The report's timeline: when each render actor ran which shard, drawn as an SVG, so idle GPUs show as gaps.
 
 One lane per worker (the actor and its device, as the metadata's `worker` names it), one bar per committed shard
-from its start to its commit (the markers' `started_at` / `finished_at`), coloured by how its rows ended. Only the
+while it had the model (the markers' `rendering_from` / `rendering_until`; an actor reads the next shard's rows
+and writes the last one's metadata beside it; older markers: `started_at` / `finished_at`), coloured by how its
+rows ended. Only the
 last run's shards are drawn (a resumed job's earlier runs would squeeze it); each lane says how busy it was.
 """
 
@@ -31,7 +33,8 @@ def bars(commit_infos: dict, since: float | None = None) -> list[Bar]:
     last run's start) are left out, unless that would leave none."""
     found = []
     for shard_id, info in commit_infos.items():
-        start, end = info.get("started_at"), info.get("finished_at")
+        start = info.get("rendering_from") or info.get("started_at")
+        end = info.get("rendering_until") or info.get("finished_at")
         if not start or not end or not info.get("worker"):
             continue  # written before markers carried times
         counts = info.get("counts") or {}

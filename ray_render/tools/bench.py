@@ -19,6 +19,8 @@ the CPU in the kernel and ran 1.5-2x slower. Each round of each contender writes
     driver_scale   plan and dispatch 1,000,000 rows vs 10,000: the driver's peak RSS, planning time
     resume         rerun a finished 20,000-row job: its wall time against the original's
     actor          one RenderActor, tiny model, batch 1/4/16/32: images/s, share of wall time in the model
+    tail           10,000 rows of 10 ms on 8 actors: default shard sizes vs 1,000-row shards, rendering
+                   efficiency (each run a `ray-render run` with its own Ray, as a user runs it on one machine)
     decode         the token step eager and compiled, side by side on one model: NextStep-1-Large's depth at
                    tiny widths, batch 8 with guidance, 50 steps: host time and dispatched ops per token step
     gpu            full-size NextStep-1-Large architecture with random bf16 weights; skipped without CUDA
@@ -79,6 +81,10 @@ ACTORS = 2
 # Suites that measure one model in one process: no Ray for them, whose idle processes would take CPU from the
 # figures.
 WITHOUT_RAY = ("decode", "gpu")
+# The tail's goal is the job as a user runs it on one machine: `ray-render run` with default options, which starts
+# its own Ray with Ray's own worker niceness (not WORKER_NICENESS). On a standing local Ray at niceness 0 its 8
+# actors start over seconds on 2 cores (BENCHMARKS.md, section 9; benchmarks/tail_cpu.py measures that case).
+OWN_RAY = ("tail",)
 # Ray starts its workers at niceness 15 by default. On a machine shared with other work at niceness 0, that leaves
 # the actors (ray-render's and Ray Data's) a few percent of a busy core while the loop, a plain process, gets its
 # full share: the bench's Ray runs its workers at the loop's priority instead, so all contenders compete alike.
@@ -493,10 +499,11 @@ def tail_manifest(work: Path, rows: int, row_s: float) -> str:
 
 def suite_tail(work: Path, sizes: dict, repeat: int = 1) -> dict:
     """Rows that each take `row_s` in the model, on `actors` actors: the default shard sizes against fixed shards
-    of 1,000 rows. Efficiency is the model time summed over actors over (actors x the rendering phase): 1.0 when
-    every actor renders from the first ready actor to the last row, lower for every actor-second spent idle in the
-    tail or on overhead. The ready utilisation leaves out the actors still loading their model: model time over the
-    actor-seconds of ready actors, what an idle GPU costs."""
+    of 1,000 rows, each run a `ray-render run` with its own Ray and Ray's worker niceness (OWN_RAY). Efficiency is
+    the model time summed over actors over (actors x the rendering phase): 1.0 when every actor renders from the
+    first ready actor to the last row, lower for every actor-second spent idle in the tail or on overhead. The ready
+    utilisation leaves out the actors still loading their model: model time over the actor-seconds of ready actors,
+    what an idle GPU costs."""
     rows, actors = sizes["rows"], sizes["actors"]
     manifest = tail_manifest(work, rows, sizes["row_s"])
     common = {"work": "ray-render", "manifest": manifest, "model": "placeholder", "actors": actors,
@@ -513,7 +520,8 @@ def suite_tail(work: Path, sizes: dict, repeat: int = 1) -> dict:
     utilisation = {name: statistics.median(r[name]["ready_utilisation"] for r in compared["rounds"])
                    for name in contenders}
     return {"params": {"rows": rows, "actors": actors, "row_s": sizes["row_s"], "batch_size": sizes["batch_size"],
-                       "model": "placeholder", "repeat": repeat},
+                       "model": "placeholder", "repeat": repeat,
+                       "ray": "each run its own, Ray's worker niceness"},
             **compared, "ratios": {**{f"efficiency {name}": value for name, value in efficiency.items()},
                                    **{f"ready utilisation {name}": value for name, value in utilisation.items()}},
             "goal_met": efficiency["default"] >= 0.9}
@@ -693,6 +701,13 @@ def _stop_shared_cluster() -> None:
     ray.shutdown()
 
 
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def _suites(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if names == ["all"]:
@@ -736,7 +751,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"-- {name}: {', '.join(f'{k} {v:,}' for k, v in sizes.items())} ...", flush=True)
             started = time.monotonic()
             try:
-                if args.cluster == "shared" and name not in WITHOUT_RAY:
+                if name in OWN_RAY:  # the niceness this machine's runs get
+                    _set_env("RAY_worker_niceness", niceness_before)
+                elif args.cluster == "shared" and name not in WITHOUT_RAY:
                     # A fresh one per suite: what earlier suites left in the cluster must not weigh on this one.
                     _start_shared_cluster()
                 result = SUITES[name](work, sizes, args.repeat)
@@ -744,7 +761,9 @@ def main(args: argparse.Namespace) -> int:
                 failed = True
                 result = {"error": f"{type(exc).__name__}: {exc}", "goal_met": False}
             finally:
-                if args.cluster == "shared" and name not in WITHOUT_RAY:
+                if name in OWN_RAY:
+                    os.environ["RAY_worker_niceness"] = WORKER_NICENESS
+                elif args.cluster == "shared" and name not in WITHOUT_RAY:
                     _stop_shared_cluster()
             result = {"suite": name, "goal": GOALS[name], "sizes": sizes,
                       "suite_s": round(time.monotonic() - started, 1), **result}
@@ -753,10 +772,7 @@ def main(args: argparse.Namespace) -> int:
             (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
             print(format_suite(name, result), flush=True)
     finally:
-        if niceness_before is None:
-            os.environ.pop("RAY_worker_niceness", None)
-        else:
-            os.environ["RAY_worker_niceness"] = niceness_before
+        _set_env("RAY_worker_niceness", niceness_before)
         summary["machine"]["load_average_end"] = _load_average()
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         _remove_outputs(work)

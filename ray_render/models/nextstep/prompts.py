@@ -16,6 +16,7 @@ differ in length (e.g. 5*8 and 4*10) aligned on their last token.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,9 @@ class PromptBuilder:
 
     def __init__(self, tokenizer, boi: int, eoi: int, placeholder: int, pad_id: int, add_bos_text: bool = False):
         self.tokenizer = tokenizer
+        # An actor checks one call's rows (count) while its other call renders (build): a fast tokenizer must not
+        # be entered from two threads at once (its Rust object is borrowed mutably per call).
+        self._tokenizing = threading.Lock()
         self.boi, self.eoi, self.placeholder, self.pad_id = boi, eoi, placeholder, pad_id
         # NextStep-1.1 prepends the BOS string to every row when the tokenizer has one.
         self.bos_text = tokenizer.bos_token if (add_bos_text and tokenizer.bos_token) else ""
@@ -45,7 +49,8 @@ class PromptBuilder:
     def image_string(self, grid_h: int, grid_w: int) -> str:
         """`<|image_area|>h*w<|begin_of_image|>` + one placeholder per token + `<|end_of_image|>`."""
         ids = [self.boi] + [self.placeholder] * (grid_h * grid_w) + [self.eoi]
-        return f"{IMAGE_AREA}{grid_h}*{grid_w}" + self.tokenizer.decode(ids)
+        with self._tokenizing:
+            return f"{IMAGE_AREA}{grid_h}*{grid_w}" + self.tokenizer.decode(ids)
 
     def rows(self, prompt: str, positive: str, negative: str, branches: int, image_str: str | None) -> list[str]:
         """The texts of one image's rows, one per guidance branch."""
@@ -60,19 +65,22 @@ class PromptBuilder:
         return [caption, (image_str or "") + negative, negative]
 
     def prefix_ids(self, grid_h: int, grid_w: int) -> list[int]:
-        ids = self.tokenizer(f"{IMAGE_AREA}{grid_h}*{grid_w}", add_special_tokens=True)["input_ids"]
+        with self._tokenizing:
+            ids = self.tokenizer(f"{IMAGE_AREA}{grid_h}*{grid_w}", add_special_tokens=True)["input_ids"]
         if self.tokenizer.bos_token is not None:  # the reference drops the prefix's BOS only
             ids = ids[1:]
         return ids + [self.boi]
 
     def count(self, text: str) -> int:
         """Token count of one row's text (used to check the context length)."""
-        return len(self.tokenizer(self.bos_text + text, add_special_tokens=True)["input_ids"])
+        with self._tokenizing:
+            return len(self.tokenizer(self.bos_text + text, add_special_tokens=True)["input_ids"])
 
     def build(self, texts: list[str], grids: list[tuple[int, int]]) -> PromptIds:
         """Ids for rows `texts`, row r ending with the image prefix of `grids[r]` (patch-grid height, width)."""
         texts = [self.bos_text + t for t in texts]
-        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        with self._tokenizing:
+            encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         prefixes: dict[tuple[int, int], list[int]] = {}
         rows = []
         for ids, grid in zip(encoded, grids):
