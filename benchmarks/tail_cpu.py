@@ -3,13 +3,14 @@
     python benchmarks/tail_cpu.py --rows 10000 --actors 8
 
 A standing local Ray, as a job on a cluster finds one: started here as `ray-render bench` starts the Ray its
-suites share (no dashboard, workers at the bench's niceness 0; the tail suite itself gives each run its own Ray).
-Then one `ray-render run` of the tail suite's job (its manifest, batch size and CPU share per actor: `--rows` rows
-of 10 ms on the placeholder model, 64x64 PNG, default shard sizes) connected to it, while every process's CPU
-ticks are read from /proc twice a second. The commits say when each actor's first call started (the moment it was
-ready), when each call had the model (an actor's two calls take it in turns) and how much of that was in the
-model, and how long no call of an actor had it; with the pool's timeline from the run's summary, the cores are
-reported for the start-up (pool started to last actor ready) and the rest of the rendering, by kind of process.
+suites share (no dashboard; workers at the bench's niceness 0, or with `--niceness ray` at Ray's own; the tail
+suite itself gives each run its own Ray). Then one `ray-render run` of the tail suite's job (its manifest, batch
+size and CPU share per actor: `--rows` rows of 10 ms on the placeholder model, 64x64 PNG, default shard sizes)
+connected to it, while every process's CPU ticks are read from /proc twice a second. The commits say when each
+actor's first call started (the moment it was ready), when each call had the model (an actor's two calls take it
+in turns) and how much of that was in the model, and how long no call of an actor had it; with the pool's
+timeline from the run's summary, the cores are reported for the start-up (pool started to last actor ready) and
+the rest of the rendering, by kind of process.
 Then one RenderActor in this process renders up to 2,000 rows with no sleep: its CPU per row (every thread: model,
 encode, write, journal, metadata), what 8 actors at 100 rows/s each ask of the machine. Linux only (/proc).
 """
@@ -156,8 +157,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=FULL["tail"]["rows"])
     parser.add_argument("--actors", type=int, default=FULL["tail"]["actors"])
+    parser.add_argument("--niceness", default=WORKER_NICENESS,
+                        help=f"of the Ray's workers (default {WORKER_NICENESS}, the bench's; 'ray': Ray's own)")
     args = parser.parse_args()
-    os.environ["RAY_worker_niceness"] = WORKER_NICENESS  # read by the Ray started below, as the bench's
+    if args.niceness != "ray":
+        os.environ["RAY_worker_niceness"] = args.niceness  # read by the Ray started below
 
     with tempfile.TemporaryDirectory(prefix="tail-cpu-") as tmp:
         _start_shared_cluster()  # sets RAY_ADDRESS for the run

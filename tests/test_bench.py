@@ -55,6 +55,7 @@ def test_comparisons_have_every_contender_and_the_ratios(quick_run, name):
         assert figures["rows"] == rows and figures["rows_ok"] == rows and figures["images"] == rows
     assert set(result["ratios"]) == {"ray-render/ray-data", "ray-render/loop"}
     assert all(ratio > 0 for ratio in result["ratios"].values())
+    assert result["contenders"]["ray-render"]["own_ray"] is False  # the Ray the bench started for the suite
 
 
 def test_driver_scale_reports_rss_of_both_runs_and_planning_time(quick_run):
@@ -123,4 +124,6 @@ def test_tail_compares_default_shard_sizes_with_fixed_ones(quick_run):
     for figures in contenders.values():
         assert figures["rows_ok"] == result["params"]["rows"] and 0 < figures["efficiency"] <= 1.0
         assert figures["ready_spread_s"] >= 0  # the table says how long the actors took to become ready
+        # The job as a user runs it on one machine: its own Ray, Ray's worker niceness (the others share one).
+        assert figures["own_ray"] and figures["worker_niceness"] != bench.WORKER_NICENESS
     assert result["ratios"]["efficiency default"] == contenders["default"]["efficiency"]

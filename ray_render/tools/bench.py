@@ -202,6 +202,8 @@ def _work_ray_render(manifest: str, out: str, model: str, actors: int, batch_siz
     result["rows_ok"] = summary["rows"]["ok"]
     result["rows"] = summary["rows_this_run"]
     result["driver_wall_s"] = summary["wall_s"]
+    result["own_ray"] = "RAY_ADDRESS" not in os.environ and not job.address  # it started a Ray of its own
+    result["worker_niceness"] = os.environ.get("RAY_worker_niceness", "Ray's own")
     return result
 
 
@@ -520,8 +522,7 @@ def suite_tail(work: Path, sizes: dict, repeat: int = 1) -> dict:
     utilisation = {name: statistics.median(r[name]["ready_utilisation"] for r in compared["rounds"])
                    for name in contenders}
     return {"params": {"rows": rows, "actors": actors, "row_s": sizes["row_s"], "batch_size": sizes["batch_size"],
-                       "model": "placeholder", "repeat": repeat,
-                       "ray": "each run its own, Ray's worker niceness"},
+                       "model": "placeholder", "repeat": repeat},
             **compared, "ratios": {**{f"efficiency {name}": value for name, value in efficiency.items()},
                                    **{f"ready utilisation {name}": value for name, value in utilisation.items()}},
             "goal_met": efficiency["default"] >= 0.9}
