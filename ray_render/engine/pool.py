@@ -395,12 +395,14 @@ class RenderPool:
             if not refs:
                 continue
             call = self._future_to_actor[refs[0]]
+            if call.running_since is None:
+                continue
             beside = [self._future_to_actor[ref] for ref in refs[1:CALLS_AT_ONCE]]  # may have taken the model first
-            if call.running_since is None or \
-                    now - call.running_since <= call.deadline_s + sum(self._deadline(index, b) for b in beside):
+            limit = call.deadline_s + sum(self._deadline(index, other) for other in beside)
+            if now - call.running_since <= limit:
                 continue
             message = (f"actor {index} killed: shard {call.shard.shard_id} ran {now - call.running_since:.0f} s, "
-                       f"past its deadline of {call.deadline_s:.0f} s (a hung call: a wedged kernel, a stuck read)")
+                       f"past its deadline of {limit:.0f} s (a hung call: a wedged kernel, a stuck read)")
             log.warning("%s; replacing it", message)
             self.actors_lost += 1
             for held in self._retire(index):

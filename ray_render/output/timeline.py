@@ -3,8 +3,8 @@
 One lane per worker (the actor and its device, as the metadata's `worker` names it), one bar per committed shard
 while it had the model (the markers' `rendering_from` / `rendering_until`; an actor reads the next shard's rows
 and writes the last one's metadata beside it; older markers: `started_at` / `finished_at`), coloured by how its
-rows ended. Only the
-last run's shards are drawn (a resumed job's earlier runs would squeeze it); each lane says how busy it was.
+rows ended. Only the last run's shards are drawn (a resumed job's earlier runs would squeeze it); each lane says
+how busy it was.
 """
 
 from __future__ import annotations

@@ -64,23 +64,25 @@ class PromptBuilder:
             return [caption, negative]
         return [caption, (image_str or "") + negative, negative]
 
-    def prefix_ids(self, grid_h: int, grid_w: int) -> list[int]:
+    def _encode(self, texts):
+        """The tokenizer's ids of a text (or of each of a list of texts), special tokens added."""
         with self._tokenizing:
-            ids = self.tokenizer(f"{IMAGE_AREA}{grid_h}*{grid_w}", add_special_tokens=True)["input_ids"]
+            return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+    def prefix_ids(self, grid_h: int, grid_w: int) -> list[int]:
+        ids = self._encode(f"{IMAGE_AREA}{grid_h}*{grid_w}")
         if self.tokenizer.bos_token is not None:  # the reference drops the prefix's BOS only
             ids = ids[1:]
         return ids + [self.boi]
 
     def count(self, text: str) -> int:
         """Token count of one row's text (used to check the context length)."""
-        with self._tokenizing:
-            return len(self.tokenizer(self.bos_text + text, add_special_tokens=True)["input_ids"])
+        return len(self._encode(self.bos_text + text))
 
     def build(self, texts: list[str], grids: list[tuple[int, int]]) -> PromptIds:
         """Ids for rows `texts`, row r ending with the image prefix of `grids[r]` (patch-grid height, width)."""
         texts = [self.bos_text + t for t in texts]
-        with self._tokenizing:
-            encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        encoded = self._encode(texts)
         prefixes: dict[tuple[int, int], list[int]] = {}
         rows = []
         for ids, grid in zip(encoded, grids):
