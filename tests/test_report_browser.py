@@ -32,7 +32,8 @@ def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_report_leads_with_the_outcome_in_a_real_browser(ray_cluster, tmp_path, make_manifest):
-    rows = [{"id": f"r{i}", "prompt": f"a shape number {i}"} for i in range(24)]
+    # Slow enough rows (2 s a shard) that both actors render, whichever is ready first: the timeline has two lanes.
+    rows = [{"id": f"r{i}", "prompt": f"a shape number {i} [placeholder:sleep=0.5]"} for i in range(24)]
     rows[5]["width"], rows[17]["width"] = 100, 30  # two invalid rows, one kind of error
     rows[9]["prompt"] = "a shape [placeholder:raise]"  # one failed row
     job = JobConfig(manifests=[make_manifest(rows, name="catalogue.parquet")], out=str(tmp_path / "out"),
